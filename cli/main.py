@@ -1,0 +1,48 @@
+"""`dantinox-eqx`: the command group. Each subcommand lives in its own module of `cli/`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dantinox_eqx import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dantinox-eqx")
+def app() -> None:
+    """Train, fine-tune and sample GPT-style language models in JAX with Equinox.
+
+    \b
+    dantinox-eqx train                      train the default config on Shakespeare
+    dantinox-eqx train --config C --data_path FILE [--FIELD VALUE ...]
+    dantinox-eqx generate RUN_DIR --prompt "..."
+    """
+
+
+def _register() -> None:
+    # Each subcommand module is optional while the project grows: a missing one simply
+    # does not appear in --help.
+    import importlib
+
+    for name in ("train", "generate", "evaluate", "export", "find_lr", "sweep", "plot"):
+        try:
+            module = importlib.import_module(f"cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"cli.{name}":
+                raise
+            continue
+        for command in module.COMMANDS:
+            app.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="dantinox-eqx")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

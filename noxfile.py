@@ -1,0 +1,42 @@
+"""nox sessions: tests, lint, typecheck, benchmarks. `nox -s tests` is what CI runs."""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite (the slow end-to-end tests included), in parallel on 2 workers."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-n", "2", "--dist", "loadfile", *session.posargs,
+                env={"WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.17")
+    session.run("ruff", "check", "src", "cli", "tests", "benchmarks")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Import every module with jaxtyping's runtime shape checker (beartype) switched on, then
+    run the fast tests under it: shapes in annotations are checked, not only documented."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-c",
+                "from jaxtyping import install_import_hook\n"
+                "with install_import_hook('dantinox_eqx', 'beartype.beartype'):\n"
+                "    import pkgutil, importlib, dantinox_eqx\n"
+                "    [importlib.import_module('dantinox_eqx.' + m.name)"
+                " for m in pkgutil.iter_modules(dantinox_eqx.__path__)]\n"
+                "print('all modules import with shape checking on')")
+    session.run("pytest", "-m", "not slow", "-q", *session.posargs)
+
+
+@nox.session
+def benchmarks(session: nox.Session) -> None:
+    """ms/step, tokens/s, MFU, compile time, peak memory. `nox -s benchmarks -- --quick`."""
+    session.install("-e", ".[dev]")
+    session.run("python", "benchmarks/run.py", *session.posargs, env={"WANDB_MODE": "offline"})

@@ -1,0 +1,434 @@
+"""One frozen, flat `Config` for every part of dantinox-eqx.
+
+Field names and defaults are the original DantinoX ones (its users have these YAML files on
+disk), plus a few of ours, marked "ours". Files load flat or in DantinoX's sectioned layout
+(`model:`, `training:`, ... sections that are flattened on load).
+
+A `Config` is immutable: build a changed copy with `config.replace(field=value)`. Every
+field is checked at construction and a bad one raises `ConfigError` naming the field.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import tempfile
+import types
+import typing
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "SECTIONS", "IGNORED_FIELDS", "MODEL_SHAPE_FIELDS"]
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, mistyped or inconsistent. The message names the field."""
+
+
+class ImmutableConfigError(ConfigError, dataclasses.FrozenInstanceError):
+    """Raised by `config.field = value`: configs are immutable, use `config.replace`."""
+
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+TOKENIZERS = ("char", "bpe")
+LORA_TARGETS = ("attention", "mlp", "all")
+SHARDINGS = ("dp", "fsdp")
+REMATS = ("none", "dots", "full")
+ACTIVATIONS = ("gelu", "relu", "silu")
+NORMS = ("rmsnorm", "layernorm")
+
+# Sections of DantinoX's YAML layout. Loading flattens them; a field may appear in one only.
+SECTIONS = ("model", "moe", "mla", "attention", "tokenizer", "data", "training", "lora",
+            "logging", "devices", "optimizer")
+
+# Fields of the original outside our scope (diffusion, flow matching, differential and linear
+# attention, hub datasets). Its config files must still load: we warn that they are ignored.
+IGNORED_FIELDS = frozenset({
+    "diffusion", "use_diffusion", "diffusion_steps", "noise_schedule", "mask_token",
+    "flow_matching", "use_flow_matching", "flow_steps",
+    "differential", "diff_attn", "use_diff_attn", "differential_attention", "use_differential",
+    "linear_attention", "use_linear_attention", "linear_attn", "feature_map",
+    "hf_dataset", "dataset_name", "dataset_config", "dataset_split", "hub_dataset",
+    "use_hf_dataset", "streaming", "text_column",
+})
+
+# Fields that fix the shapes of the parameters: a resumed run or a fine-tune must keep them.
+MODEL_SHAPE_FIELDS = (
+    "dim", "n_heads", "head_size", "num_blocks", "vocab_size", "kv_heads", "weight_tying",
+    "use_swiglu", "expansion", "use_moe", "n_experts", "shared_expert", "mla", "down_dim_q",
+    "down_dim_kv", "rope_dim", "absolute_pos", "trainable_pos", "norm_type", "max_context",
+    "tokenizer_type",
+)
+
+
+# no_type_check: our own validation (ConfigError naming the field) must run, not the test
+# suite's generic runtime type checker, which would otherwise wrap __init__.
+@typing.no_type_check
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run. Immutable; see the module docstring."""
+
+    # --- model -----------------------------------------------------------------------------
+    dim: int = 512  # residual width; must equal n_heads * head_size
+    n_heads: int = 16
+    head_size: int = 32
+    num_blocks: int = 12
+    vocab_size: int | None = None  # None: taken from the tokenizer when training starts
+    max_context: int = 512  # training sequence length, and the KV-cache size when sampling
+    kv_heads: int | None = None  # None = n_heads; fewer = grouped-query attention (GQA)
+    weight_tying: bool = True  # the output head reuses the token embedding
+    activation: str = "gelu"  # MLP non-linearity when use_swiglu is false
+    use_swiglu: bool = True  # gated SiLU MLP (LLaMA); the width is still expansion * dim
+    norm_type: str = "rmsnorm"
+    dropout_rate: float = 0.0
+    gradient_checkpointing: bool = False  # DantinoX's name for remat: "full"
+    # --- positions / attention -------------------------------------------------------------
+    use_rotary_pos: bool = True
+    trainable_pos: bool = False  # a learned absolute position table (with absolute_pos)
+    absolute_pos: bool = False  # add absolute position embeddings (sinusoidal unless trainable)
+    rope_scale_factor: float = 1.0  # NTK-aware RoPE base scaling; > 1 to sample past max_context
+    sliding_window: bool = False  # attend only to the last context_window tokens
+    context_window: int = 4
+    no_sink: bool = False  # with sliding_window: do not keep token 0 visible as attention sink
+    # --- mixture of experts ----------------------------------------------------------------
+    use_moe: bool = False
+    n_experts: int = 4
+    top_k_mlp: int = 2
+    expansion: int = 4  # MLP hidden width = expansion * dim (per expert for MoE)
+    alpha_balance: float = 0.1  # weight of the load-balancing loss added to the LM loss
+    shared_expert: bool = False  # ours: one always-on expert beside the routed ones
+    capacity_factor: float = 0.0  # ours: 0 = dropless; > 0 caps tokens per expert
+    # --- multi-head latent attention -------------------------------------------------------
+    mla: bool = False
+    inference: bool = False  # MLA: absorbed (cached-latent) form instead of the naive one
+    down_dim_q: int = 256
+    down_dim_kv: int = 256
+    rope_dim: int = 32
+    # --- data / tokenizer ------------------------------------------------------------------
+    tokenizer_type: str = "char"
+    tokenizer_path: str | None = None  # a tokenizer.json to reuse instead of training one
+    bpe_vocab_size: int = 2048  # ours: target vocabulary of a trained BPE tokenizer
+    init_from: str = ""  # a run directory whose weights initialise this run (fine-tuning)
+    max_train_tokens: int = 10_000_000
+    val_fraction: float = 0.1  # ours: the tail of the corpus held out for validation
+    # --- training --------------------------------------------------------------------------
+    lr: float = 3e-4
+    batch_size: int = 32  # sequences per micro-batch; a step sees batch_size * grad_accum
+    grad_accum: int = 1
+    seed: int = 42
+    optimizer: str = "adamw"
+    epochs: float = 100  # passes over the training tokens; max_steps wins when set
+    max_steps: int | None = None  # ours
+    warmup_steps: int = 400
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables it
+    patience: int = 0  # evaluations without val improvement before stopping; 0 = never
+    use_bf16: bool = False
+    master_weights: bool = False  # ours: with use_bf16, keep float32 master params
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.01  # ours: decaying schedules end at lr * min_lr_ratio
+    wsd_stable_fraction: float = 0.4  # ours: share of post-warmup steps held at peak in wsd
+    weight_decay: float = 0.1  # ours: decoupled, on matrices only (not norms/embeddings)
+    beta1: float = 0.9  # ours
+    beta2: float = 0.95  # ours
+    eval_interval: int = 50  # ours: the seed evaluates every 50 steps
+    checkpoint_interval: int | None = None  # ours: None = eval_interval
+    eval_iters: int = 20
+    # --- LoRA ------------------------------------------------------------------------------
+    use_lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attention"
+    # --- devices / performance -------------------------------------------------------------
+    n_devices: int = 0  # 0 = every visible device
+    sharding: str = "dp"  # ours: "dp" replicates params, "fsdp" shards them over devices
+    remat: str = "none"  # ours: rematerialisation of each block: none | dots | full
+    scan_unroll: int = 1  # ours: layers unrolled per lax.scan iteration (compile vs speed)
+    # --- logging ---------------------------------------------------------------------------
+    log_file: str = "training_log.csv"
+    summary_file: str = "model_summary.json"
+    wandb: bool = False  # ours
+    wandb_project: str | None = None  # ours; setting it turns wandb on
+
+    # ---------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = _check_type(f.name, getattr(self, f.name), _hints()[f.name])
+            object.__setattr__(self, f.name, value)
+        _validate(self)
+
+    # dataclass(frozen=True) generates __setattr__; we replace it below with a clearer error.
+
+    @property
+    def effective_kv_heads(self) -> int:
+        return self.n_heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def effective_remat(self) -> str:
+        return "full" if self.gradient_checkpointing and self.remat == "none" else self.remat
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.max_context
+
+    def total_steps(self, n_train_tokens: int) -> int:
+        """Optimizer steps of the run: `max_steps`, else `epochs` passes over the train tokens."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * n_train_tokens / self.tokens_per_step))
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with `overrides` applied (and validated). Unknown names raise ConfigError."""
+        _check_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Build from a flat or sectioned mapping (see `flatten`)."""
+        return cls(**flatten(data))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        """The flat YAML text of every field; written atomically to `path` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            atomic_write_text(Path(path), text)
+        return text
+
+    @staticmethod
+    def coerce(name: str, text: str) -> Any:
+        """Parse a command-line string for field `name` (`"True"`, `"3e-4"`, `"None"`, ...)."""
+        _check_names({name: None})
+        hint = _hints()[name]
+        base, optional = _unwrap_optional(hint)
+        if optional and text.strip().lower() in ("none", "null", ""):
+            return None
+        if base is bool:
+            low = text.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{name}: expected true or false, got {text!r}")
+        if base is int:
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    as_float = float(text)
+                except ValueError:
+                    as_float = math.nan
+                if as_float.is_integer():
+                    return int(as_float)
+                raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+        if base is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got {text!r}") from None
+        return text
+
+
+def _immutable_setattr(self: Config, name: str, value: Any) -> None:
+    raise ImmutableConfigError(
+        f"Config is immutable: cannot set {name!r}; use config = config.replace({name}={value!r})"
+    )
+
+
+_dataclass_init = Config.__init__
+
+
+def _checked_init(self: Config, *args: Any, **kwargs: Any) -> None:
+    _check_names(kwargs)  # an unknown keyword gets a did-you-mean, not a bare TypeError
+    _dataclass_init(self, *args, **kwargs)
+
+
+Config.__setattr__ = _immutable_setattr  # type: ignore[method-assign]
+Config.__init__ = _checked_init  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------------------------------
+_HINTS: dict[str, Any] | None = None
+
+
+def _hints() -> dict[str, Any]:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = {f.name: f.type for f in fields(Config)}  # real types: no __future__ annotations here
+    return _HINTS
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(Config)]
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    base, optional = _unwrap_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: must not be null (expected {base.__name__})")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name}: expected {base.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_names(data: dict[str, Any]) -> None:
+    names = _field_names()
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see Config's fields"
+            raise ConfigError(f"unknown config field {key!r}{hint}")
+
+
+def flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """Flatten DantinoX's sectioned layout into one mapping; drop out-of-scope fields (warned).
+
+    A top-level key in `SECTIONS` whose value is a mapping is a section. A field defined in two
+    sections, or both in a section and at top level, raises ConfigError.
+    """
+    flat: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in data.items():
+        items = value.items() if key in SECTIONS and isinstance(value, dict) else [(key, value)]
+        where = key if key in SECTIONS and isinstance(value, dict) else "top level"
+        for name, v in items:
+            if name in flat:
+                raise ConfigError(f"{name}: set twice (in {origin[name]} and in {where}); keep one")
+            flat[name], origin[name] = v, where
+    ignored = sorted(k for k in flat if k in IGNORED_FIELDS)
+    if ignored:
+        warnings.warn(f"config fields outside dantinox-eqx's scope are ignored: {', '.join(ignored)}",
+                      stacklevel=3)
+    flat = {k: v for k, v in flat.items() if k not in IGNORED_FIELDS}
+    _check_names(flat)
+    return flat
+
+
+def _positive(cfg: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
+
+
+def _non_negative(cfg: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {value}")
+
+
+def _choice(cfg: Config, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{name}: unknown value {value!r}{hint}; choose one of {', '.join(allowed)}")
+
+
+def _validate(cfg: Config) -> None:
+    _positive(cfg, "dim", "n_heads", "head_size", "num_blocks", "vocab_size", "max_context",
+              "kv_heads", "context_window", "n_experts", "top_k_mlp", "expansion", "down_dim_q",
+              "down_dim_kv", "rope_dim", "bpe_vocab_size", "max_train_tokens", "lr", "batch_size",
+              "grad_accum", "epochs", "max_steps", "eval_interval", "checkpoint_interval",
+              "eval_iters", "lora_rank", "lora_alpha", "rope_scale_factor", "scan_unroll")
+    _non_negative(cfg, "warmup_steps", "grad_clip", "patience", "weight_decay", "n_devices",
+                  "alpha_balance", "capacity_factor", "min_lr_ratio")
+    for name in ("dropout_rate", "lora_dropout"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name}: must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("val_fraction", "wsd_stable_fraction", "beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name}: must be in [0, 1), got {getattr(cfg, name)}")
+    _choice(cfg, "lr_schedule", SCHEDULES)
+    _choice(cfg, "optimizer", OPTIMIZERS)
+    _choice(cfg, "tokenizer_type", TOKENIZERS)
+    _choice(cfg, "lora_targets", LORA_TARGETS)
+    _choice(cfg, "sharding", SHARDINGS)
+    _choice(cfg, "remat", REMATS)
+    _choice(cfg, "activation", ACTIVATIONS)
+    _choice(cfg, "norm_type", NORMS)
+    if cfg.dim != cfg.n_heads * cfg.head_size:
+        raise ConfigError(
+            f"dim: must equal n_heads * head_size = {cfg.n_heads} * {cfg.head_size} = "
+            f"{cfg.n_heads * cfg.head_size}, got {cfg.dim}; change dim, n_heads or head_size"
+        )
+    if cfg.n_heads % cfg.effective_kv_heads:
+        raise ConfigError(
+            f"kv_heads: n_heads={cfg.n_heads} must be a multiple of kv_heads={cfg.kv_heads}; "
+            f"pick kv_heads from the divisors of n_heads"
+        )
+    if cfg.use_moe and cfg.top_k_mlp > cfg.n_experts:
+        raise ConfigError(f"top_k_mlp: {cfg.top_k_mlp} exceeds n_experts={cfg.n_experts}")
+    if cfg.use_rotary_pos and cfg.head_size % 2:
+        raise ConfigError(f"head_size: rotary positions need an even head_size, got {cfg.head_size}")
+    if cfg.mla and cfg.rope_dim % 2:
+        raise ConfigError(f"rope_dim: must be even for rotary positions, got {cfg.rope_dim}")
+    if cfg.n_devices and cfg.batch_size % cfg.n_devices:
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} is not divisible by n_devices={cfg.n_devices}; "
+            f"use a multiple of {cfg.n_devices}"
+        )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,112 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dantinox_eqx.config import Config
+from dantinox_eqx.model import Transformer, attend, causal_mask
+
+from .conftest import TINY
+
+
+def _model(**kw) -> Transformer:
+    return Transformer(Config(**{**TINY, **kw}), key=jax.random.key(0))
+
+
+def _tokens(b=2, t=16, seed=1, vocab=37):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+
+
+def test_shapes_and_dtypes():
+    logits, bal = _model()(_tokens())
+    assert logits.shape == (2, 16, 37) and logits.dtype == jnp.float32
+    assert bal.shape == () and float(bal) == 0.0
+
+
+@pytest.mark.parametrize("kw", [{}, {"kv_heads": 1}, {"use_swiglu": False}, {"weight_tying": False},
+                                {"sliding_window": True, "context_window": 4},
+                                {"absolute_pos": True, "trainable_pos": True, "use_rotary_pos": False}])
+def test_causal_mask_holds(kw):
+    model = _model(**kw)
+    toks = _tokens()
+    base, _ = model(toks)
+    t = 9
+    changed = toks.at[:, t].set((toks[:, t] + 1) % 37)
+    out, _ = model(changed)
+    np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(base[:, :t]))
+    assert np.abs(np.asarray(out[:, t:] - base[:, t:])).max() > 1e-4
+
+
+def test_gqa_with_all_kv_heads_is_plain_multi_head_attention():
+    """Reference MHA written from scratch (per head, no grouping) vs the grouped kernel."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    B, T, H, E = 2, 5, 4, 8
+    q, k, v = (jax.random.normal(kk, (B, T, H, E)) for kk in (k1, k2, k3))
+    mask = causal_mask(jnp.arange(T), jnp.arange(T))
+    grouped = attend(q.reshape(B, T, H, 1, E), k, v, mask).reshape(B, T, H, E)
+    scores = jnp.einsum("bthe,bshe->bhts", q, k) / np.sqrt(E)
+    scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf)
+    ref = jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(scores, -1), v)
+    np.testing.assert_allclose(grouped, ref, atol=1e-5)
+
+
+def test_gqa_kv_heads_equal_n_heads_matches_repeated_kv():
+    """kv_heads=1: every query head reads the same K/V, i.e. MHA with K/V repeated H times."""
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    B, T, H, E = 2, 5, 4, 8
+    q = jax.random.normal(k1, (B, T, H, E))
+    k, v = jax.random.normal(k2, (B, T, 1, E)), jax.random.normal(k3, (B, T, 1, E))
+    mask = causal_mask(jnp.arange(T), jnp.arange(T))
+    mqa = attend(q.reshape(B, T, 1, H, E), k, v, mask).reshape(B, T, H, E)
+    mha = attend(q.reshape(B, T, H, 1, E), jnp.repeat(k, H, 2), jnp.repeat(v, H, 2), mask).reshape(B, T, H, E)
+    np.testing.assert_allclose(mqa, mha, atol=1e-6)
+    logits, _ = _model(kv_heads=1)(_tokens())
+    assert logits.shape == (2, 16, 37) and bool(jnp.isfinite(logits).all())
+
+
+def test_blocks_are_stacked_and_scanned():
+    model = _model(num_blocks=3)
+    assert model.blocks.attn.qkv.weight.shape == (3, 32, 96)
+    jaxpr = str(jax.make_jaxpr(lambda m, t: m(t))(model, _tokens()))
+    assert jaxpr.count("scan[") == 1  # one scanned block, not three inlined copies
+    jaxpr8 = str(jax.make_jaxpr(lambda m, t: m(t))(_model(num_blocks=8), _tokens()))
+    assert len(jaxpr8) == len(jaxpr)  # program size does not grow with depth
+
+
+def test_kv_cache_equals_full_forward():
+    model = _model(kv_heads=2)
+    toks = _tokens(t=16)
+    full, _ = model(toks)
+    cache = model.init_cache(2)
+    out, cache = model.decode(toks[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache)
+    pieces = [out]
+    for t in range(7, 16):
+        o, cache = model.decode(toks[:, t:t + 1], jnp.full((2, 1), t), cache)
+        pieces.append(o)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4)
+
+
+def test_rope_scaling_and_window_off_leave_logits_unchanged():
+    toks = _tokens()
+    base, _ = _model()(toks)
+    same, _ = _model(rope_scale_factor=1.0, sliding_window=False, context_window=3)(toks)
+    np.testing.assert_array_equal(base, same)
+    wide, _ = _model(sliding_window=True, context_window=16)(toks)  # window >= T: no effect
+    np.testing.assert_allclose(wide, base, atol=1e-6)
+
+
+def test_wrong_shape_is_rejected_readably():
+    model = _model()
+    with pytest.raises(Exception) as err:  # jaxtyping's TypeCheckError under beartype
+        model(jnp.zeros((16,), jnp.int32))
+    assert "tokens" in str(err.value) and "B T" in str(err.value)
+
+
+def test_bf16_cast_keeps_float32_softmax():
+    from dantinox_eqx.model import cast_floating
+
+    model = cast_floating(_model(), jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    logits, _ = model(_tokens())
+    assert logits.dtype == jnp.bfloat16 and bool(jnp.isfinite(logits.astype(jnp.float32)).all())

@@ -1,0 +1,70 @@
+import jax
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from dantinox_eqx import data, tokenizer
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_round_trip_exact(kind, shakespeare, tmp_path):
+    text = shakespeare.read_text(encoding="utf-8")[:200_000] + "\nnaïve café — ünïcødé ✓\r\n\tend\n"
+    tok = tokenizer.build_tokenizer(kind, text, vocab_size=1000)
+    tokenizer.save_tokenizer(tok, tmp_path / "tokenizer.json")
+    loaded = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # the standard loader
+    ids = loaded.encode(text).ids
+    assert loaded.decode(ids) == text
+    if kind == "bpe":
+        assert loaded.get_vocab_size() == 1000 and len(ids) < 0.55 * len(text)
+    else:
+        assert len(ids) == len(text) and loaded.get_vocab_size() == len(set(text))
+
+
+def test_char_rejects_unknown_characters():
+    tok = tokenizer.char_tokenizer("abc")
+    with pytest.raises(tokenizer.TokenizerError, match="outside the char vocabulary"):
+        tokenizer.encode(tok, "abz")
+
+
+def test_token_cache_reused_and_invalidated(small_corpus):
+    tok = tokenizer.char_tokenizer(small_corpus.read_text())
+    a = data.encode_corpus(small_corpus, tok)
+    caches = list(small_corpus.parent.glob("*.tokens.npy"))
+    assert len(caches) == 1 and isinstance(a, np.memmap)
+    b = data.encode_corpus(small_corpus, tok)
+    np.testing.assert_array_equal(a, b)
+    assert len(list(small_corpus.parent.glob("*.tokens.npy"))) == 1  # reused
+    small_corpus.write_text(small_corpus.read_text() + "more")
+    data.encode_corpus(small_corpus, tok)
+    assert len(list(small_corpus.parent.glob("*.tokens.npy"))) == 2  # changed corpus: new cache
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.read_corpus(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(data.DataError, match="empty"):
+        data.read_corpus(tmp_path / "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(b"hello \xff\xfe world")
+    with pytest.raises(data.DataError, match="offset 6"):
+        data.read_corpus(tmp_path / "bin.txt")
+    (tmp_path / "short.txt").write_text("short text here")
+    with pytest.raises(data.DataError, match="max_context"):
+        data.prepare_data(tmp_path / "short.txt", tokenizer_type="char", max_context=64)
+
+
+def test_batches_are_pure_functions_of_the_key(small_corpus):
+    ds = data.prepare_data(small_corpus, tokenizer_type="char", max_context=16)
+    tokens = jax.numpy.asarray(ds.train)
+    k = jax.random.key(3)
+    a = data.sample_batch(tokens, k, 4, 16, accum=2)
+    b = data.sample_batch(tokens, k, 4, 16, accum=2)
+    c = data.sample_batch(tokens, jax.random.key(4), 4, 16, accum=2)
+    assert a.shape == (2, 4, 17) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # every window is a contiguous slice of the corpus
+    row = np.asarray(a[0, 0])
+    starts = [i for i in range(len(ds.train) - 16) if ds.train[i] == row[0] and
+              np.array_equal(ds.train[i:i + 17], row)]
+    assert starts
