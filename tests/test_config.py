@@ -68,8 +68,8 @@ def test_field_in_two_sections_is_an_error():
 def test_out_of_scope_fields_warn_and_load():
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        c = Config.from_dict({"model": {"use_diffusion": True, "dim": 512}})
-    assert c.dim == 512 and any("use_diffusion" in str(x.message) for x in w)
+        c = Config.from_dict({"model": {"diffusion_steps": 10, "use_flash_attention": True, "dim": 512}})
+    assert c.dim == 512 and any("diffusion_steps" in str(x.message) for x in w)
 
 
 def test_shipped_configs_load():

@@ -46,15 +46,18 @@ NORMS = ("rmsnorm", "layernorm")
 SECTIONS = ("model", "moe", "mla", "attention", "tokenizer", "data", "training", "lora",
             "logging", "devices", "optimizer")
 
-# Fields of the original outside our scope (diffusion, flow matching, differential and linear
-# attention, hub datasets). Its config files must still load: we warn that they are ignored.
+# Fields of DantinoX 0.4.14 outside our scope (its diffusion and flow-matching paradigms,
+# differential / linear / flash attention switches, latent MoE, tensor parallelism, hub
+# datasets). Its config files must still load: we warn that they are ignored.
 IGNORED_FIELDS = frozenset({
-    "diffusion", "use_diffusion", "diffusion_steps", "noise_schedule", "mask_token",
-    "flow_matching", "use_flow_matching", "flow_steps",
-    "differential", "diff_attn", "use_diff_attn", "differential_attention", "use_differential",
-    "linear_attention", "use_linear_attention", "linear_attn", "feature_map",
-    "hf_dataset", "dataset_name", "dataset_config", "dataset_split", "hub_dataset",
-    "use_hf_dataset", "streaming", "text_column",
+    "model_type", "attention_type", "diffusion_steps", "noise_schedule", "mask_token_id",
+    "num_sampling_steps", "time_emb_dim", "embed_dim", "bottleneck_dim", "num_time_tokens",
+    "num_cfg_tokens", "num_mode_tokens", "denoiser_pmean", "denoiser_pstd", "denoiser_noise_scale",
+    "decoder_pmean", "decoder_pstd", "decoder_noise_scale", "denoiser_prob", "self_cond_prob",
+    "cfg_scale_min", "cfg_scale_max", "flow_cfg_scale", "flow_n_steps", "sde_gamma", "t5_model_name",
+    "moe_latent", "moe_latent_dim", "differential", "lambda_init", "use_flash_attention",
+    "use_linear_attention", "dataset_source", "dataset_name", "dataset_config", "dataset_text_field",
+    "dataset_split", "streaming", "tp_size",
 })
 
 # Fields that fix the shapes of the parameters: a resumed run or a fine-tune must keep them.
@@ -331,14 +334,16 @@ def _check_names(data: dict[str, Any]) -> None:
 def flatten(data: dict[str, Any]) -> dict[str, Any]:
     """Flatten DantinoX's sectioned layout into one mapping; drop out-of-scope fields (warned).
 
-    A top-level key in `SECTIONS` whose value is a mapping is a section. A field defined in two
+    A top-level key whose value is a mapping is a section (`SECTIONS` lists DantinoX's). A field defined in two
     sections, or both in a section and at top level, raises ConfigError.
     """
     flat: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in data.items():
-        items = value.items() if key in SECTIONS and isinstance(value, dict) else [(key, value)]
-        where = key if key in SECTIONS and isinstance(value, dict) else "top level"
+        # Like DantinoX, any mapping-valued top-level key is a section (no field holds a mapping).
+        section = isinstance(value, dict)
+        items = value.items() if section else [(key, value)]
+        where = f"section {key!r}" if section else "top level"
         for name, v in items:
             if name in flat:
                 raise ConfigError(f"{name}: set twice (in {origin[name]} and in {where}); keep one")
