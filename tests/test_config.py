@@ -96,3 +96,16 @@ def test_total_steps_from_epochs():
     c = Config(batch_size=4, max_context=8, epochs=2.0)
     assert c.total_steps(n_train_tokens=320) == 20
     assert c.replace(max_steps=7).total_steps(320) == 7
+
+
+def test_loads_a_config_written_by_dantinox_0_4_14():
+    """tests/data holds Config().save_yaml() output of the original (pip dantinox==0.4.14)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "dantinox_0.4.14_default.yaml"
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        c = Config.from_yaml(path)
+    # same names and defaults for everything in our scope (it stores kv_heads resolved to n_heads)
+    assert c.kv_heads == 16 and c.replace(kv_heads=None) == Config()
+    assert any("diffusion_steps" in str(x.message) for x in w)
