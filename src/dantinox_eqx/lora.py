@@ -34,6 +34,7 @@ without one. A `LoRALinear` therefore uses its `dropout_key` field, None in ever
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import equinox as eqx
@@ -256,13 +257,18 @@ def load_adapter(model: Any, adapter: PyTree) -> Any:
     return eqx.combine(new, frozen, static)
 
 
-def lora_summary(model: Any) -> dict[str, float]:
+def lora_summary(model: Any) -> dict[str, int | float]:
     """{"trainable": LoRA parameters, "total": all parameters of the adapted model (base +
-    adapters), "percent": 100 * trainable / total}."""
-    params = eqx.filter(model, eqx.is_array)
-    mask = lora_trainable(model)
-    sizes = [(x.size, t) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
-             if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
-    total = sum(s for s, _ in sizes)
-    trainable = sum(s for s, t in sizes if t)
+    adapters), "percent": 100 * trainable / total}.
+
+    Also counts an abstract model (`eqx.filter_eval_shape(apply_lora, ...)`), so the share of a
+    large model needs no memory."""
+
+    def is_param(x: Any) -> bool:
+        return (eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)) and not jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(model, is_param))[0]
+    total = sum(math.prod(x.shape) for _, x in leaves)
+    trainable = sum(math.prod(x.shape) for p, x in leaves if getattr(p[-1], "name", None) in ADAPTER_FIELDS)
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total if total else 0.0}
