@@ -171,7 +171,8 @@ def apply_lora(model: Any, targets: str = "attention", rank: int = 8, alpha: flo
     found = [hit for part in TARGETS[targets] for hit in _linears(model.blocks, (jax.tree_util.GetAttrKey(part),))]
     if not found:
         raise ConfigError(f"lora_targets: {targets!r} matches no Linear in this model's blocks; "
-                          f"choose one of {', '.join(TARGETS)} that the model has")
+                          f"choose one of {', '.join(TARGETS)} that the model has (only model.Linear fields are "
+                          f"adapted: MoE routers and stacked expert weights are not)")
     for path, lin in found:
         d_in, d_out = lin.weight.shape[-2:]
         if rank > min(d_in, d_out):
