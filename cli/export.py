@@ -1,0 +1,50 @@
+"""`dantinox-eqx export RUN_DIR OUT_DIR`: a self-contained run directory plus model.safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import fail, handle_errors
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--merge-lora", is_flag=True,
+              help="Merge a LoRA run's adapters into the base weights (required for LoRA runs).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Cast the exported weights (default: keep the run's dtype).")
+@handle_errors
+def export(run_dir: Path, out_dir: Path, merge_lora: bool, dtype: str | None) -> None:
+    """Write OUT_DIR: config (use_lora: false), tokenizer, checkpoints and model.safetensors.
+
+    OUT_DIR loads with from_pretrained / generate without any reference to RUN_DIR or its base
+    run. OUT_DIR must not exist or be empty.
+    """
+    from dantinox_eqx.config import Config
+    from dantinox_eqx.export import export_run
+    from dantinox_eqx.lora import has_lora
+    from dantinox_eqx.tokenizer import load_tokenizer
+
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        fail(f"OUT_DIR {str(out_dir)!r} exists and is not empty; export never overwrites, choose a new directory")
+    if not (run_dir / "config.yaml").is_file():
+        fail(f"RUN_DIR {str(run_dir)!r} is not a run directory (no config.yaml)")
+    try:
+        from dantinox_eqx.pretrained import from_pretrained
+    except ModuleNotFoundError as e:
+        if e.name != "dantinox_eqx.pretrained":
+            raise
+        fail("export needs dantinox_eqx.pretrained.from_pretrained, which this installation lacks")
+    model = from_pretrained(run_dir)
+    if has_lora(model) and not merge_lora:
+        fail(f"{str(run_dir)!r} is a LoRA run: pass --merge-lora to export its merged weights")
+    config = Config.from_yaml(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    out = export_run(model, config, tokenizer, out_dir, dtype)
+    click.echo(f"exported {run_dir} -> {out} (model.safetensors, checkpoints, config.yaml, tokenizer.json)")
+
+
+COMMANDS = [export]
