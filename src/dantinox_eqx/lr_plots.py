@@ -35,7 +35,10 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggested: float,
+Floats = Sequence[float] | np.ndarray
+
+
+def plot_lr_finder(lrs: Floats, losses: Floats, suggested: float,
                    path: str | os.PathLike) -> Path:
     """The smoothed loss against the LR (log x axis) with a vertical marker at `suggested`."""
     fig = Figure(figsize=(7, 4.5), layout="tight")
@@ -82,7 +85,7 @@ def plot_lr_schedule(config: Config, total_steps: int, path: str | os.PathLike,
     return save_figure(fig, path)
 
 
-def plot_sweep(trials: Sequence[int], values: Sequence[float], metric: str, goal: str,
+def plot_sweep(trials: Sequence[int] | np.ndarray, values: Floats, metric: str, goal: str,
                path: str | os.PathLike) -> Path:
     """A sweep's metric per completed trial (dots) and the best so far (step line)."""
     fig = Figure(figsize=(7, 4.5), layout="tight")
