@@ -260,8 +260,15 @@ def _make_sampler(sweep: SweepConfig, seed: int) -> Any:
     import optuna
 
     if sweep.method == "grid":
+
+        class AskTellGridSampler(optuna.samplers.GridSampler):
+            # optuna's GridSampler calls study.stop() after the last point, which raises outside
+            # study.optimize; with ask/tell the loop checks is_exhausted() before each ask.
+            def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+                return None
+
         space = {name: p.grid_values() for name, p in sweep.parameters.items() if p.distribution != "constant"}
-        return optuna.samplers.GridSampler(space, seed=seed)
+        return AskTellGridSampler(space, seed=seed)
     if sweep.method == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)

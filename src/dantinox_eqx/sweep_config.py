@@ -75,11 +75,11 @@ class Param:
     name: str
     distribution: str
     values: tuple = ()  # categorical choices; constant: the one value
-    min: float | None = None
-    max: float | None = None
-    q: float | None = None
-    mu: float = 0.0
-    sigma: float = 1.0
+    min: int | float | None = None
+    max: int | float | None = None
+    q: int | float | None = None
+    mu: int | float = 0.0
+    sigma: int | float = 1.0
 
     def grid_values(self) -> list[Any]:
         """The discrete values a grid search walks (ConfigError for continuous distributions)."""
@@ -123,7 +123,7 @@ class Param:
         raise AssertionError(d)
 
 
-def _round_q(x: float, q: float) -> float | int:
+def _round_q(x: int | float, q: int | float) -> int | float:
     value = round(x / q) * q
     return int(round(value)) if float(q).is_integer() else round(value, 12)
 
@@ -198,7 +198,7 @@ def parse_sweep_config(data: Mapping[str, Any]) -> SweepConfig:
                        raw=json.loads(json.dumps(dict(data))), run_cap=run_cap)
 
 
-def _number(name: str, key: str, value: Any) -> float:
+def _number(name: str, key: str, value: Any) -> int | float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return value
     if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
@@ -278,7 +278,7 @@ def _parse_param(name: str, spec: Any) -> Param:
     return param
 
 
-def _q(name: str, dist: str, spec: dict[str, Any]) -> float | None:
+def _q(name: str, dist: str, spec: dict[str, Any]) -> int | float | None:
     if not dist.startswith("q_"):
         if "q" in spec:
             raise ConfigError(f"sweep parameter {name}: q only applies to q_ distributions, not {dist}")
