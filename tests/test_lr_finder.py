@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import matplotlib.image as mpimg
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 from dantinox_eqx.config import SCHEDULES, Config, ConfigError
 from dantinox_eqx.lr_finder import exponential_ramp, find_lr, prepare_config_data, smooth_losses, steepest_descent
 from dantinox_eqx.lr_plots import plot_lr_finder, plot_lr_schedule, schedule_values
+from dantinox_eqx.model import Transformer
 from dantinox_eqx.optim import make_optimizer
 
 from .conftest import TINY
@@ -202,3 +205,18 @@ def test_finder_key_is_the_config_seed(small_corpus):
     c = find_lr(config.replace(seed=7), data, 1e-4, 1e-2, 6)
     np.testing.assert_allclose(a[2], b[2], rtol=1e-6)
     assert not np.allclose(a[2], c[2], rtol=1e-6)
+
+
+def test_given_model_is_used_and_left_unchanged(small_corpus):
+    # The fresh model of find_lr is Transformer(config, key=split(key(seed), 3)[0]): passing that
+    # same model gives the same curve, and the caller's arrays are not donated or modified.
+    config = Config(**FINDER)
+    data = prepare_config_data(config, small_corpus)
+    config = config.replace(vocab_size=data.vocab_size)
+    model = Transformer(config, key=jax.random.split(jax.random.key(config.seed), 3)[0])
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
+    fresh = find_lr(config, data, 1e-4, 1e-2, 6)
+    given = find_lr(config, data, 1e-4, 1e-2, 6, model=model)
+    np.testing.assert_allclose(given[2], fresh[2], rtol=1e-6)
+    after = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))

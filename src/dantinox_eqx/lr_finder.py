@@ -94,9 +94,12 @@ def _check_args(min_lr: float, max_lr: float, num_steps: int, smoothing: float, 
 
 
 def find_lr(config: Config, data: Dataset, min_lr: float = 1e-6, max_lr: float = 1e-2, num_steps: int = 100,
-            *, smoothing: float = 0.98, diverge_factor: float = 4.0
-            ) -> tuple[float, list[float], list[float]]:
-    """Run the range test on `data` (a `prepare_data` Dataset) with a fresh model of `config`.
+            *, smoothing: float = 0.98, diverge_factor: float = 4.0, model: Transformer | None = None,
+            trainable: Any = None) -> tuple[float, list[float], list[float]]:
+    """Run the range test on `data` (a `prepare_data` Dataset) with a fresh model of `config`
+    (or a copy of `model`, e.g. pretrained weights to fine-tune; `trainable` is the bool pytree
+    of `make_train_step`, e.g. LoRA's, to test only those leaves). The caller's model is not
+    changed: the test updates its own copy of the arrays.
 
     Returns `(suggested_lr, lr_history, loss_history)`: the LR of each step taken and the
     smoothed (bias-corrected EMA) training loss after it; both lists stop at the step where the
@@ -111,11 +114,14 @@ def find_lr(config: Config, data: Dataset, min_lr: float = 1e-6, max_lr: float =
         raise ConfigError(f"vocab_size: {config.vocab_size} is smaller than the tokenizer's "
                           f"{data.vocab_size}; remove vocab_size or raise it")
     model_key, data_key, step_key = jax.random.split(jax.random.key(config.seed), 3)
-    params, static = eqx.partition(Transformer(config, key=model_key), eqx.is_array)
+    if model is None:
+        model = Transformer(config, key=model_key)
+    params, static = eqx.partition(model, eqx.is_array)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs: never the caller's arrays
     schedule = exponential_ramp(min_lr, max_lr, num_steps)
     optimizer = make_optimizer(config, num_steps, schedule=schedule)
-    opt_state = init_opt_state(optimizer, params)
-    step = make_train_step(static, optimizer, alpha_balance=config.alpha_balance)
+    opt_state = init_opt_state(optimizer, params, trainable)
+    step = make_train_step(static, optimizer, alpha_balance=config.alpha_balance, trainable=trainable)
     train = jnp.asarray(data.train)
 
     lrs, smoothed = [], []
@@ -156,9 +162,11 @@ def prepare_config_data(config: Config, data_path: str | os.PathLike) -> Dataset
 
 
 def find_lr_on_path(config: Config, data_path: str | os.PathLike, min_lr: float = 1e-6, max_lr: float = 1e-2,
-                    num_steps: int = 100, *, smoothing: float = 0.98, diverge_factor: float = 4.0
+                    num_steps: int = 100, *, smoothing: float = 0.98, diverge_factor: float = 4.0,
+                    model: Transformer | None = None, trainable: Any = None
                     ) -> tuple[float, list[float], list[float]]:
     """`find_lr` on the corpus at `data_path` (what `Trainer(config).find_lr(data_path, ...)` does)."""
     _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor)
     data = prepare_config_data(config, data_path)
-    return find_lr(config, data, min_lr, max_lr, num_steps, smoothing=smoothing, diverge_factor=diverge_factor)
+    return find_lr(config, data, min_lr, max_lr, num_steps, smoothing=smoothing, diverge_factor=diverge_factor,
+                   model=model, trainable=trainable)
