@@ -66,14 +66,17 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) -> the chosen optimizer with the config's schedule.
 
     `mu_dtype` sets the dtype of first moments (bfloat16 for use_bf16, as the seed does).
+    `schedule` replaces the config's schedule (the LR finder's exponential ramp) and leaves
+    everything else (betas, clipping, weight decay and its mask) as a real run has it.
     """
-    schedule = make_schedule(config.lr_schedule, config.lr, config.warmup_steps, total_steps,
-                             config.min_lr_ratio, config.wsd_stable_fraction)
+    if schedule is None:
+        schedule = make_schedule(config.lr_schedule, config.lr, config.warmup_steps, total_steps,
+                                 config.min_lr_ratio, config.wsd_stable_fraction)
     if config.optimizer == "adamw":
         opt = optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
                           mask=decay_mask, mu_dtype=mu_dtype)

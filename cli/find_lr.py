@@ -1,0 +1,85 @@
+"""`dantinox-eqx find-lr` (the LR range test) and `dantinox-eqx plot-lr-schedule`."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from cli.common import fail, handle_errors
+from cli.overrides import OVERRIDES, load_config
+from dantinox_eqx.config import SCHEDULES, atomic_write_text
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new directory `parent/prefix_YYYYMMDD_HHMMSS` (suffixed _1, _2... if taken)."""
+    stem = f"{prefix}_{datetime.now():%Y%m%d_%H%M%S}"
+    path, n = parent / stem, 0
+    while path.exists():
+        n += 1
+        path = parent / f"{stem}_{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+@click.command("find-lr", context_settings=OVERRIDES)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True, help="Config YAML.")
+@click.option("--data_path", required=True, help="Training corpus (UTF-8 text).")
+@click.option("--min_lr", type=float, default=1e-6, show_default=True, help="LR of the first step.")
+@click.option("--max_lr", type=float, default=1e-2, show_default=True, help="LR of the last step.")
+@click.option("--num_steps", type=int, default=100, show_default=True, help="Steps of the exponential ramp.")
+@click.option("--plot", is_flag=True, help="Write lr_finder.png (and lr_finder.csv).")
+@click.option("--out_dir", default=None, help="Where --plot writes [default: a new runs/lr_finder_<time>/].")
+@click.pass_context
+@handle_errors
+def find_lr(ctx: click.Context, config_path: str, data_path: str, min_lr: float, max_lr: float, num_steps: int,
+            plot: bool, out_dir: str | None) -> None:
+    """LR range test: train briefly with an exponentially rising LR and suggest the LR of the
+    steepest loss descent. Changes no run. Extra --FIELD VALUE options override the config."""
+    from dantinox_eqx.lr_finder import find_lr_on_path
+    from dantinox_eqx.lr_plots import plot_lr_finder
+
+    config = load_config(config_path, ctx.args)
+    suggested, lrs, losses = find_lr_on_path(config, data_path, min_lr, max_lr, num_steps)
+    if len(lrs) < num_steps:
+        click.echo(f"Stopped after {len(lrs)} of {num_steps} steps: the loss diverged at lr={lrs[-1]:.2e}")
+    click.echo(f"Suggested LR: {suggested:.2e}")
+    if plot:
+        folder = Path(out_dir) if out_dir else _new_dir(Path("runs"), "lr_finder")
+        folder.mkdir(parents=True, exist_ok=True)
+        png = plot_lr_finder(lrs, losses, suggested, folder / "lr_finder.png")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["lr", "smoothed_loss"])
+        writer.writerows(zip(lrs, losses))
+        atomic_write_text(folder / "lr_finder.csv", buf.getvalue())
+        click.echo(f"Wrote {png}")
+
+
+@click.command("plot-lr-schedule", context_settings=OVERRIDES)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True, help="Config YAML.")
+@click.option("--total_steps", type=int, default=None, help="Steps of the run [default: the config's max_steps].")
+@click.option("--out", default="lr_schedule.png", show_default=True, help="PNG to write.")
+@click.option("--all", "all_schedules", is_flag=True, help=f"Overlay every schedule ({', '.join(SCHEDULES)}).")
+@click.pass_context
+@handle_errors
+def plot_lr_schedule(ctx: click.Context, config_path: str, total_steps: int | None, out: str,
+                     all_schedules: bool) -> None:
+    """Plot the LR against the step for the config's schedule (warmup, then cosine / linear /
+    constant / wsd). Extra --FIELD VALUE options override the config (e.g. --lr_schedule wsd)."""
+    from dantinox_eqx.lr_plots import plot_lr_schedule as plot
+
+    config = load_config(config_path, ctx.args)
+    if total_steps is None:
+        if config.max_steps is None:
+            fail("--total_steps: the config sets no max_steps (its step count depends on the corpus); "
+                 "pass --total_steps N")
+        total_steps = config.max_steps
+    png = plot(config, total_steps, out, schedules=SCHEDULES if all_schedules else None)
+    click.echo(f"Wrote {png}")
+
+
+COMMANDS = [find_lr, plot_lr_schedule]

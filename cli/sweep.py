@@ -1,0 +1,59 @@
+"""`dantinox-eqx sweep`: a hyperparameter sweep on a W&B server, or offline with optuna."""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from cli.common import fail, handle_errors
+from cli.overrides import OVERRIDES, load_config
+
+
+@click.command("sweep", context_settings=OVERRIDES)
+@click.option("--sweep_config", required=True, type=click.Path(dir_okay=False), help="W&B-format sweep YAML.")
+@click.option("--data_path", required=True, help="Training corpus (UTF-8 text).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Base config YAML the trials' values override [default: the library defaults].")
+@click.option("--wandb_project", default="dantinox-eqx", show_default=True, help="W&B project (wandb backend).")
+@click.option("--entity", default=None, help="W&B entity (wandb backend).")
+@click.option("--count", type=int, default=10, show_default=True, help="Trials to run now.")
+@click.option("--backend", type=click.Choice(["wandb", "local"]), default="wandb", show_default=True,
+              help="wandb: a W&B sweep agent (needs a server); local: optuna, offline.")
+@click.option("--sweep_dir", default=None, help="Sweep directory; an existing one is continued "
+              "[default: a new runs/sweep_<time>/].")
+@click.option("--sweep_id", default=None, help="wandb backend: join this existing W&B sweep.")
+@click.option("--seed", type=int, default=None, help="Sampler seed (local backend) [default: the config's].")
+@click.pass_context
+@handle_errors
+def sweep(ctx: click.Context, sweep_config: str, data_path: str, config_path: str | None, wandb_project: str,
+          entity: str | None, count: int, backend: str, sweep_dir: str | None, sweep_id: str | None,
+          seed: int | None) -> None:
+    """Run COUNT trials of a sweep; each trains the base config with the trial's values and
+    reports the sweep's metric. Writes sweep_results.csv (best first) and sweep.png.
+    Extra --FIELD VALUE options override the base config (e.g. --max_steps 300)."""
+    from dantinox_eqx import sweep as sw
+
+    spec = sw.load_sweep_config(sweep_config)  # every check before anything runs
+    base = load_config(config_path, ctx.args)
+    if importlib.util.find_spec("dantinox_eqx.train") is None:
+        fail("sweep: the Trainer (dantinox_eqx.train) is not installed")
+    folder = Path(sweep_dir) if sweep_dir else Path("runs") / f"sweep_{datetime.now():%Y%m%d_%H%M%S}"
+    click.echo(f"Sweep directory: {folder}")
+    if backend == "local":
+        records = sw.run_local_sweep(spec, base, data_path, folder, count, sw.trainer_train_fn, seed=seed,
+                                     log=click.echo)
+    else:
+        records = sw.run_wandb_sweep(spec, base, data_path, folder, count, sw.trainer_train_fn,
+                                     project=wandb_project, entity=entity, sweep_id=sweep_id, log=click.echo)
+    done = [r for r in records if r["status"] == "complete"]
+    click.echo(f"Results: {folder / 'sweep_results.csv'} ({len(done)} of {len(records)} trials complete)")
+    if not done:
+        raise click.ClickException("no trial completed; see the reasons in sweep_results.csv")
+    best = done[0]
+    click.echo(f"Best: trial {best['trial']} {spec.metric}={best['metric']:.6g} ({folder / best['run_dir']})")
+
+
+COMMANDS = [sweep]
