@@ -20,8 +20,15 @@ import pytest
 from dantinox_eqx.checkpoint import CheckpointError
 from dantinox_eqx.config import Config, ConfigError
 from dantinox_eqx.evaluate import covering_windows, evaluate, evaluate_ids
-from dantinox_eqx.generate import (Generator, bucket, generate_ids, naive_generate, sample_logits,
-                                   top_k_filter, top_p_filter)
+from dantinox_eqx.generate import (
+    Generator,
+    bucket,
+    generate_ids,
+    naive_generate,
+    sample_logits,
+    top_k_filter,
+    top_p_filter,
+)
 from dantinox_eqx.model import Transformer, cast_floating
 from dantinox_eqx.pretrained import from_pretrained, load_config
 from dantinox_eqx.step import make_eval_step
@@ -275,7 +282,8 @@ def test_mla_runs_load_in_inference_mode(tmp_path):
     run, model = _random_run(tmp_path, mla=True, down_dim_q=16, down_dim_kv=16, rope_dim=4)
     trained = from_pretrained(run)
     sampler = Generator(run).model
-    for a, b in zip(jax.tree.leaves(eqx.filter(trained, eqx.is_array)), jax.tree.leaves(eqx.filter(sampler, eqx.is_array))):
+    leaves = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))
+    for a, b in zip(leaves(trained), leaves(sampler)):
         np.testing.assert_array_equal(a, b)
     toks = jnp.asarray([_prompt(9)])
     full, _ = trained(toks)
@@ -313,7 +321,8 @@ def test_a_run_saved_on_two_devices_loads_on_one(tmp_path):
     loaded = from_pretrained(tmp_path / "run")
     ref = Transformer(Config(**{**TINY, "vocab_size": 38}), key=jax.random.key(1))
     assert len(loaded.embedding.devices()) == 1
-    for a, b in zip(jax.tree.leaves(eqx.filter(ref, eqx.is_array)), jax.tree.leaves(eqx.filter(loaded, eqx.is_array))):
+    leaves = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))
+    for a, b in zip(leaves(ref), leaves(loaded)):
         np.testing.assert_array_equal(a, b)
 
 
