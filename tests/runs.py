@@ -48,10 +48,10 @@ def make_run(run_dir: Path, corpus: Path, steps: int = 100, **overrides) -> Path
     opt_state = init_opt_state(optimizer, params)
     step_fn = make_train_step(static, optimizer)
     train = jnp.asarray(data.train, jnp.int32)
-    data_key = jax.random.key(config.seed + 1)
+    data_key, dropout_key = jax.random.split(jax.random.key(config.seed + 1))
     for s in range(steps):
         batch = sample_batch(train, jax.random.fold_in(data_key, s), config.batch_size, config.max_context)
-        params, opt_state, _ = step_fn(params, opt_state, batch, jax.random.fold_in(data_key, -s - 1))
+        params, opt_state, _ = step_fn(params, opt_state, batch, jax.random.fold_in(dropout_key, s))
 
     train_state = {"opt_state": opt_state, "step": jnp.asarray(steps, jnp.int32)}
     return write_run(run_dir, config, data.tokenizer, params, steps, train_state)

@@ -44,7 +44,7 @@ from tokenizers import Tokenizer
 
 from .config import Config, ConfigError
 from .model import Transformer
-from .tokenizer import encode, load_tokenizer
+from .tokenizer import TokenizerError, encode, load_tokenizer
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
            "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
@@ -305,6 +305,9 @@ class Generator:
         from .pretrained import from_pretrained, load_config  # noqa: PLC0415
 
         config = load_config(run_dir)
+        if not (Path(run_dir) / "tokenizer.json").is_file():
+            raise TokenizerError(f"run directory {str(run_dir)!r} has no tokenizer.json; it is not a complete "
+                                 "run directory")
         tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
         model = from_pretrained(run_dir, best, dtype=dtype, inference=True)
         self._setup(model, tokenizer, config)
