@@ -91,12 +91,20 @@ def sample_logits(logits: Float[Array, "B V"], key: PRNGKeyArray, temperature: F
     """
     logits = logits.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-    scaled = top_p_filter(top_k_filter(scaled, top_k), top_p)
-    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(logits.shape[0]))
-    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
+
+    def sample(logits):
+        scaled = logits / temperature
+        # the filters sort the vocabulary: skip them (lax.cond runs one branch) when off
+        scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0),
+                              lambda x: top_p_filter(top_k_filter(x, top_k), top_p), lambda x: x, scaled)
+        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(logits.shape[0]))
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
 # --------------------------------------------------------------------------- cached decoding
