@@ -196,6 +196,8 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning():
     assert ids.tolist() == tail.tolist()
     with pytest.raises(ConfigError, match="prompt"):
         generate_ids(model, [[]], 4)
+    with pytest.raises(ConfigError, match="list of prompts"):
+        generate_ids(model, [], 4)
     with pytest.raises(ConfigError, match="top_p"):
         generate_ids(model, [long], 4, top_p=1.5)
 

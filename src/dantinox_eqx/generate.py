@@ -217,6 +217,10 @@ def _chunks(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
     """Prefill, then yield (tokens (B, n), logits (B, n, V) or None) chunks of up to `chunk`."""
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if not prompts:
+        raise ConfigError("prompt: the list of prompts is empty; give at least one")
+    if chunk < 1:
+        raise ConfigError(f"chunk: must be >= 1 token per call, got {chunk}")
     prompts = [_fit_context(list(p), model.max_context) for p in prompts]
     tokens, positions = left_pad(prompts, bucket(max(map(len, prompts)), model.max_context))
     state = prefill(model, jnp.asarray(tokens), jnp.asarray(positions))
