@@ -71,15 +71,18 @@ def test_top_p_filter_keeps_the_smallest_nucleus():
     assert kept(1.0) == [True, True, True, True]
 
 
+_sample = jax.jit(sample_logits)  # all settings are traced: one compilation per logits shape
+
+
 def test_temperature_zero_top_k_one_and_tiny_top_p_are_greedy():
     logits = jax.random.normal(jax.random.key(0), (64, 37)) * 3
     greedy = np.asarray(jnp.argmax(logits, -1))
     for i in range(5):
         key = jax.random.key(i)
-        np.testing.assert_array_equal(sample_logits(logits, key, 0.0), greedy)
-        np.testing.assert_array_equal(sample_logits(logits, key, 1.0, top_k=1), greedy)
-        np.testing.assert_array_equal(sample_logits(logits, key, 1.0, top_p=1e-6), greedy)
-    assert (np.asarray(sample_logits(logits, jax.random.key(0), 1.0)) != greedy).any()  # it does sample
+        np.testing.assert_array_equal(_sample(logits, key, 0.0), greedy)
+        np.testing.assert_array_equal(_sample(logits, key, 1.0, 1), greedy)
+        np.testing.assert_array_equal(_sample(logits, key, 1.0, 0, 1e-6), greedy)
+    assert (np.asarray(_sample(logits, jax.random.key(0), 1.0)) != greedy).any()  # it does sample
 
 
 def test_samples_follow_the_softmax_and_the_filters():
@@ -87,13 +90,13 @@ def test_samples_follow_the_softmax_and_the_filters():
     logits = jnp.broadcast_to(jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05])), (n, 4))
     freq = lambda s: np.bincount(np.asarray(s), minlength=4) / n
     key = jax.random.key(7)
-    np.testing.assert_allclose(freq(sample_logits(logits, key, 1.0)), [0.5, 0.3, 0.15, 0.05], atol=0.015)
-    np.testing.assert_allclose(freq(sample_logits(logits, key, 1.0, top_k=2)), [0.625, 0.375, 0, 0], atol=0.015)
-    np.testing.assert_allclose(freq(sample_logits(logits, key, 1.0, top_p=0.81)),
+    np.testing.assert_allclose(freq(_sample(logits, key, 1.0)), [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    np.testing.assert_allclose(freq(_sample(logits, key, 1.0, 2)), [0.625, 0.375, 0, 0], atol=0.015)
+    np.testing.assert_allclose(freq(_sample(logits, key, 1.0, 0, 0.81)),
                                np.array([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.015)
     # temperature 2 flattens: p ~ sqrt(p)
     flat = np.sqrt([0.5, 0.3, 0.15, 0.05])
-    np.testing.assert_allclose(freq(sample_logits(logits, key, 2.0)), flat / flat.sum(), atol=0.015)
+    np.testing.assert_allclose(freq(_sample(logits, key, 2.0)), flat / flat.sum(), atol=0.015)
 
 
 def test_buckets_are_powers_of_two_within_the_context():
