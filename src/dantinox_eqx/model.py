@@ -345,6 +345,14 @@ class Transformer(eqx.Module):
         self.dropout_rate = config.dropout_rate
         self.remat, self.scan_unroll = config.effective_remat, config.scan_unroll
 
+    @classmethod
+    def from_pretrained(cls, run_dir: Any, best: bool = True, *, dtype: Any = None) -> Transformer:
+        """Load a trained run directory's model (best checkpoint, or latest with best=False) in
+        the dtype it was saved in; see `pretrained.from_pretrained`."""
+        from .pretrained import from_pretrained  # noqa: PLC0415 (orbax stays off the model's import path)
+
+        return from_pretrained(run_dir, best, dtype=dtype)
+
     @property
     def num_blocks(self) -> int:
         return jax.tree.leaves(eqx.filter(self.blocks, eqx.is_array))[0].shape[0]

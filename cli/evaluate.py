@@ -1,0 +1,50 @@
+"""`dantinox-eqx eval RUN_DIR --data_path FILE`: loss, perplexity and bits per character."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import handle_errors
+
+
+@click.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data_path", required=True, type=click.Path(dir_okay=False), help="A UTF-8 text file.")
+@click.option("--batches", type=click.IntRange(min=1), default=None,
+              help="Score this many batches of random windows (fixed --seed) instead of the whole text.")
+@click.option("--batch_size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random windows.")
+@click.option("--latest", is_flag=True, help="Use the latest checkpoint instead of the best one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@handle_errors
+def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: int, seed: int,
+                 latest: bool, as_json: bool) -> None:
+    """Evaluate the model of RUN_DIR on the text in --data_path (one it was not trained on)."""
+    from dantinox_eqx.data import read_corpus
+    from dantinox_eqx.evaluate import evaluate
+    from dantinox_eqx.pretrained import from_pretrained
+    from dantinox_eqx.tokenizer import load_tokenizer
+
+    model = from_pretrained(run_dir, best=not latest)
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    result = evaluate(model, tokenizer, read_corpus(data_path), batch_size=batch_size, n_batches=batches,
+                      seed=seed)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    if result.mode == "all":
+        how = f"all {result.n_windows} windows of {result.seq_len} tokens (every token scored once)"
+    else:
+        how = f"{result.n_windows} random windows of {result.seq_len} tokens (seed {seed})"
+    click.echo(f"{'checkpoint':<15}{'latest' if latest else 'best'} of {run_dir}")
+    click.echo(f"{'scored':<15}{result.n_tokens} tokens, {result.n_chars:.0f} chars: {how}")
+    click.echo(f"{'loss':<15}{result.loss:.4f} nats/token")
+    click.echo(f"{'perplexity':<15}{result.perplexity:.3f}")
+    click.echo(f"{'bits/token':<15}{result.bits_per_token:.4f}")
+    click.echo(f"{'bits/char':<15}{result.bits_per_char:.4f}")
+
+
+COMMANDS = [eval_command]
