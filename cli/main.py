@@ -41,7 +41,17 @@ _register()
 
 
 def main() -> None:
-    app(prog_name="dantinox-eqx")
+    """Run the app. Every usage error (ours or Click's: unknown option, bad value) prints ONE
+    line, `Error: ...`, and exits with code 2; no usage dump, no traceback."""
+    try:
+        code = app.main(prog_name="dantinox-eqx", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"Error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
