@@ -101,10 +101,28 @@ def train(tokens, mesh, mode: str, start: int, stop: int, params, state, static,
     losses = []
     for s in range(start, stop):
         if save_dir is not None and s == SAVE_AT:
-            checkpoint.save(save_dir, checkpoint.LATEST, s, params, train_state=state)
+            save(save_dir, s, params, state, mesh)
         params, state, m = step(params, state, batch_at(tokens, mesh, s, multi), jax.random.fold_in(drop_key, s))
         losses.append(float(m["loss"]))
     return losses, params, state, step
+
+
+def save(run_dir: str, s: int, params, state, mesh) -> None:
+    """A Trainer-like checkpoint: params, and optimizer state + step + PRNG key (replicated
+    scalars, so every process holds them). Collective: every process calls it."""
+    extra = sh.replicate({"step": jnp.asarray(s, jnp.int32), "key": jax.random.key(config().seed)}, mesh)
+    checkpoint.save(run_dir, checkpoint.LATEST, s, params, train_state={"opt_state": state, **extra})
+
+
+def restore(run_dir: str, mesh, mode: str, params0, state0):
+    """Restore onto `mesh` with `mode`'s placement: the like-tree gives the target shardings."""
+    like_p, like_s = sh.place(fresh(params0), fresh(state0), mesh, mode)
+    like_extra = sh.replicate({"step": jnp.zeros((), jnp.int32), "key": jax.random.key(0)}, mesh)
+    step, params, state = checkpoint.restore(run_dir, checkpoint.LATEST, like_p, {"opt_state": like_s, **like_extra})
+    seed_key = jax.random.key_data(jax.random.key(config().seed))
+    key_ok = bool(jnp.array_equal(jax.random.key_data(state["key"]), seed_key))
+    assert step == SAVE_AT == int(state["step"]) and key_ok, (step, int(state["step"]), key_ok)
+    return params, state["opt_state"]
 
 
 # --------------------------------------------------------------------------- HLO inspection
@@ -201,9 +219,20 @@ def _state_follows(params, state) -> bool:
     return ok and n > 0
 
 
+def trainer_sampler(tokens, mesh):
+    """The Trainer's way: the corpus replicated on every device (from host numpy, identical in
+    every process) and batches sampled inside jit straight into the batch sharding."""
+    cfg, (data_key, _) = config(), keys()
+    replicated = sh.replicate(tokens, mesh)
+    fn = jax.jit(lambda t, s: sample_batch(t, jax.random.fold_in(data_key, s), cfg.batch_size, cfg.max_context,
+                                           cfg.grad_accum), out_shardings=sh.batch_sharding(mesh, 1))
+    return lambda s: fn(replicated, s)
+
+
 def multi(args) -> dict:
-    """One of 2 processes x 2 devices: dp and fsdp runs over the global 4-device mesh, the fsdp
-    one saving a collective checkpoint at SAVE_AT."""
+    """One of 2 processes x 2 devices over one global 4-device mesh: an fsdp run saving a
+    collective checkpoint (with a Trainer-like train_state: optimizer state, step, PRNG key) at
+    SAVE_AT; a dp run; a collective restore of that checkpoint onto the dp placement, continued."""
     assert distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=60)
     cfg, tokens = config(), corpus()
     params0, static, opt, state0 = init(cfg)
@@ -212,12 +241,32 @@ def multi(args) -> dict:
            "local_devices": jax.local_device_count(), "primary": distributed.is_primary(),
            "local_rows": [[r.start, r.stop] for r in distributed.local_rows(mesh, cfg.batch_size)],
            "collectives": jax.config.jax_cpu_collectives_implementation}
-    for mode in ("dp", "fsdp"):
-        losses, params, _, _ = train(tokens, mesh, mode, 0, STEPS, fresh(params0), fresh(state0), static, opt,
-                                     multi=True, save_dir=args.ckpt if mode == "fsdp" else None)
+    sampler = trainer_sampler(tokens, mesh)
+    out["trainer_sampler_equal"] = all(
+        np.array_equal(_local(sampler(s)), _local(batch_at(tokens, mesh, s, True))) for s in range(3))
+    try:
+        sh.make_mesh(2)
+    except ValueError as e:
+        out["n_devices_error"] = str(e)
+
+    for mode in ("fsdp", "dp"):  # fsdp saves at SAVE_AT (every process calls checkpoint.save)
+        losses, params, _, step = train(tokens, mesh, mode, 0, STEPS, fresh(params0), fresh(state0), static, opt,
+                                        multi=True, save_dir=args.ckpt if mode == "fsdp" else None)
         out[mode] = {"losses": losses, "param_bytes": sh.bytes_per_device(params)}
+
+    # collective restore onto the dp placement (not the fsdp one it was saved from), continued
+    params, state = restore(args.ckpt, mesh, "dp", params0, state0)
+    losses, *_ = train(tokens, mesh, "dp", SAVE_AT, SAVE_AT + RESUME_STEPS, params, state, static, opt,
+                       multi=True, step=step)
+    out["restored"] = {"losses": losses}
     jax.distributed.shutdown()
     return out
+
+
+def _local(x) -> np.ndarray:
+    """This process's rows of a global batch, in order."""
+    return np.concatenate([np.asarray(s.data) for s in sorted(x.addressable_shards, key=lambda s: s.index[1].start)],
+                          axis=1)
 
 
 def resume(args) -> dict:
@@ -231,9 +280,7 @@ def resume(args) -> dict:
         res = {}
         for n, mode in ((1, "dp"), (2, "fsdp")):
             mesh = sh.make_mesh(n, batch_size=cfg.batch_size)
-            like_p, like_s = sh.place(fresh(params0), fresh(state0), mesh, mode)
-            step, params, state = checkpoint.restore(ckpt, checkpoint.LATEST, like_p, like_s)
-            assert step == SAVE_AT, step
+            params, state = restore(ckpt, mesh, mode, params0, state0)
             devices = {d.id for x in jax.tree.leaves(params) for d in x.sharding.device_set}
             specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})
             losses, _, _, steps[n] = train(tokens, mesh, mode, SAVE_AT, SAVE_AT + RESUME_STEPS, params, state,

@@ -249,6 +249,17 @@ def test_two_processes_train_like_one_process_with_4_devices(curves, multi):
     assert _rel(p0["fsdp"]["losses"], curves["fsdp4"]["losses"]) < RTOL
     # fsdp across processes: each device holds a quarter of the model
     assert p0["fsdp"]["param_bytes"]["max"] == curves["fsdp4"]["param_bytes"]["max"]
+    # the Trainer's way (corpus replicated from host numpy, batches sampled in jit) gives each
+    # process the same rows as sample_global_batch
+    assert p0["trainer_sampler_equal"] and p1["trainer_sampler_equal"]
+    assert "n_devices: 2 with 2 processes" in p0["n_devices_error"]
+
+
+@pytest.mark.slow
+def test_two_processes_save_and_restore_collectively(multi):
+    """Saved from fsdp by both processes at step 10; restored by both onto the dp placement."""
+    for p in multi:
+        assert _rel(p["restored"]["losses"], p["fsdp"]["losses"][10:13]) < RTOL
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from jaxtyping import Array, Int, Integer, PRNGKeyArray
 from .config import ConfigError
 from .sharding import BATCH_AXIS, batch_sharding, num_devices
 
-__all__ = ["initialize", "is_primary", "process_count", "global_batch", "sample_global_batch",
+__all__ = ["initialize", "is_primary", "process_count", "barrier", "global_batch", "sample_global_batch",
            "local_rows"]
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -86,6 +86,15 @@ def is_primary() -> bool:
 
 def process_count() -> int:
     return jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (no-op with one process). E.g. all
+    processes check the run directory, then the primary creates it after `barrier("checked")`."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def local_rows(mesh: Mesh, n_rows: int) -> list[slice]:

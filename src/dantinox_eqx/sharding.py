@@ -58,6 +58,9 @@ def make_mesh(n_devices: int = 0, *, batch_size: int | None = None) -> Mesh:
         raise ConfigError(f"n_devices: asked for {n_devices}, but {len(devices)} device(s) are visible; "
                           f"use 0 (all) or a number up to {len(devices)}")
     n = n_devices or len(devices)
+    if jax.process_count() > 1 and n != len(devices):
+        raise ConfigError(f"n_devices: {n_devices} with {jax.process_count()} processes; multi-process "
+                          f"training uses every device of every process: set n_devices to 0 or {len(devices)}")
     if batch_size is not None and batch_size % n:
         raise ConfigError(f"batch_size: {batch_size} is not divisible by the {n} device(s) in use "
                           f"(n_devices={n_devices}); use a multiple of {n} or set n_devices")
@@ -213,14 +216,20 @@ def _lower(fn: Callable, mesh: Mesh, *args: Any) -> Any:
 
 
 def _shardings_of(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: x.sharding, tree)
+    """The sharding of every array of `tree` (leaves that already are shardings are kept)."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.sharding.Sharding) else x.sharding, tree)
 
 
 def shard_train_step(step: Callable, mesh: Mesh, params: PyTree, opt_state: PyTree, *,
                      donate: bool = True) -> Callable:
     """Wrap `step(params, opt_state, batch, key)` (from step.make_train_step) so that it keeps
-    `params`/`opt_state` in the shardings they have now (from `place`), takes the batch split on
-    its batch axis (axis 1) and returns replicated metrics (readable by every process).
+    `params`/`opt_state` in the shardings they have now (from `place`; or pass pytrees of
+    shardings, e.g. `param_sharding(...)`), takes the batch split on its batch axis (axis 1),
+    runs with `mesh` in context (FSDP's per-layer gathers, see `constrain_layer`) and returns
+    replicated metrics (readable by every process).
+
+    Committed inputs must already have these shardings (jit raises on a mismatch rather than
+    move data silently); host arrays and uncommitted ones (e.g. `jax.random.key(0)`) are placed.
 
     Without pinned output shardings XLA may hand back parameters in another layout than it was
     given (then every step would recompile or reshard); the gradient all-reduce (dp) or
