@@ -36,7 +36,7 @@ from jaxtyping import Array, Int, PyTree
 
 from .config import ConfigError
 
-__all__ = ["DATA", "MODES", "make_mesh", "replicate", "shard_batch", "batch_sharding", "num_devices",
+__all__ = ["DATA", "MODES", "make_mesh", "put", "replicate", "shard_batch", "batch_sharding", "num_devices",
            "fsdp_spec", "param_sharding", "state_sharding", "place", "bytes_per_device",
            "shard_train_step", "shard_eval_step", "per_device_loss"]
 
@@ -71,9 +71,30 @@ def num_devices(mesh: Mesh) -> int:
     return int(mesh.devices.size)
 
 
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put(tree, shardings)` (one sharding or a matching pytree of them) that also
+    places typed PRNG keys on meshes spanning several processes (device_put refuses those;
+    their raw key data is placed and re-wrapped). Every process must pass the same values."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shards = treedef.flatten_up_to(shardings) if not isinstance(shardings, jax.sharding.Sharding) \
+        else [shardings] * len(leaves)
+    out = []
+    for x, s in zip(leaves, shards):
+        if _is_key(x) and not s.is_fully_addressable:
+            x = jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+        else:
+            x = jax.device_put(x, s)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every array of `tree` whole on every device of `mesh`."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return put(tree, NamedSharding(mesh, P()))
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
@@ -138,8 +159,8 @@ def place(params: PyTree, opt_state: PyTree, mesh: Mesh, mode: str = "dp") -> tu
     Under multi-process JAX every process must pass the same values (same init key, or the same
     restored checkpoint); each keeps only its own devices' shards.
     """
-    params = jax.device_put(params, param_sharding(params, mesh, mode))
-    opt_state = jax.device_put(opt_state, state_sharding(opt_state, mesh, mode))
+    params = put(params, param_sharding(params, mesh, mode))
+    opt_state = put(opt_state, state_sharding(opt_state, mesh, mode))
     return params, opt_state
 
 
