@@ -105,6 +105,8 @@ def main() -> None:
         "host": socket.gethostname(), "platform": args.platform, "cpus": os.cpu_count(),
         "python": platform.python_version(), "shape": SHAPE, "steps": args.steps,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        # other work on the host distorts timings: flag it when the load exceeds the cores
+        "contended": max(load_before[0], os.getloadavg()[0]) > (os.cpu_count() or 1),
         "note": ("simulated CPU devices share the host's cores: this records the shape of the scaling "
                  "(partitioning and collective overhead), not a speed-up") if args.platform == "cpu" else "",
         "rows": rows,
