@@ -248,11 +248,16 @@ def multi(args) -> dict:
         sh.make_mesh(2)
     except ValueError as e:
         out["n_devices_error"] = str(e)
+    out["broadcast"] = distributed.broadcast_int(100 + jax.process_index())
+    distributed.barrier("driver")
 
     for mode in ("fsdp", "dp"):  # fsdp saves at SAVE_AT (every process calls checkpoint.save)
         losses, params, _, step = train(tokens, mesh, mode, 0, STEPS, fresh(params0), fresh(state0), static, opt,
                                         multi=True, save_dir=args.ckpt if mode == "fsdp" else None)
         out[mode] = {"losses": losses, "param_bytes": sh.bytes_per_device(params)}
+        # a plain jit reduction over sharded params (the Trainer's finiteness check) is readable
+        finite = jax.jit(lambda p: jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
+        out[mode]["finite"] = bool(finite(params))
 
     # collective restore onto the dp placement (not the fsdp one it was saved from), continued
     params, state = restore(args.ckpt, mesh, "dp", params0, state0)

@@ -202,6 +202,7 @@ def _rel(a, b) -> float:
 def test_data_parallel_4_devices_matches_1_device(curves):
     dp1, dp4 = curves["dp1"]["losses"], curves["dp4"]["losses"]
     assert curves["devices"] == 4 and len(dp1) == len(dp4) == 20
+    print(f"\n[dp] 20 steps, loss {dp1[0]:.4f} -> {dp1[-1]:.4f}; max rel diff 4 vs 1 devices {_rel(dp4, dp1):.2e}")
     assert _rel(dp4, dp1) < RTOL
     assert dp1[-1] < dp1[0] - 0.5  # it learns
     # dp replicates: every device holds the whole model
@@ -214,6 +215,9 @@ def test_fsdp_matches_dp_with_a_quarter_of_the_bytes(curves):
     assert _rel(curves["fsdp4"]["losses"], curves["dp4"]["losses"]) < RTOL
     ratio = curves["fsdp4"]["param_bytes"]["max"] / curves["dp4"]["param_bytes"]["max"]
     state_ratio = curves["fsdp4"]["state_bytes"]["max"] / curves["dp4"]["state_bytes"]["max"]
+    print(f"\n[fsdp] max rel diff vs dp {_rel(curves['fsdp4']['losses'], curves['dp4']['losses']):.2e}; "
+          f"per-device bytes: params {curves['fsdp4']['param_bytes']['max']} / {curves['dp4']['param_bytes']['max']}"
+          f" = {ratio:.4f}, optimizer state {state_ratio:.4f}")
     # every array of this model has a dimension divisible by 4: exactly 1/4 (scalars replicated)
     assert ratio == pytest.approx(0.25, abs=1e-9)
     assert state_ratio == pytest.approx(0.25, abs=1e-3)
@@ -223,6 +227,7 @@ def test_fsdp_matches_dp_with_a_quarter_of_the_bytes(curves):
 @pytest.mark.slow
 def test_fsdp_gathers_one_layer_at_a_time_inside_the_scan(curves):
     hlo = curves["hlo"]
+    print(f"\n[hlo] {hlo}")
     assert hlo["loops_gathering_layers"] >= 2  # the forward scan and the backward scan
     assert hlo["layer_gathers_in_loops"] >= 2 * 4  # qkv, o, up, down in each
     assert hlo["stacked_gathers_anywhere"] == 0  # never all layers up front
@@ -233,6 +238,8 @@ def test_fsdp_gathers_one_layer_at_a_time_inside_the_scan(curves):
 @pytest.mark.slow
 def test_per_device_loss_with_shard_map(curves):
     per = curves["per_device"]
+    print(f"\n[shard_map] per-device losses {per['losses']}, mean {np.mean(per['losses']):.6f}, "
+          f"global eval loss {per['eval_loss']:.6f}")
     assert len(per["losses"]) == 4 and len(set(per["losses"])) == 4  # each device its own rows
     np.testing.assert_allclose(np.mean(per["losses"]), per["eval_loss"], rtol=1e-5)
 
@@ -244,6 +251,8 @@ def test_two_processes_train_like_one_process_with_4_devices(curves, multi):
     assert p0["primary"] and not p1["primary"]
     # each process reads its own half of the global batch of 8
     assert p0["local_rows"] == [[0, 2], [2, 4]] and p1["local_rows"] == [[4, 6], [6, 8]]
+    print(f"\n[multi] max rel diff vs 1 process x 4 devices: dp {_rel(p0['dp']['losses'], curves['dp4']['losses']):.2e}"
+          f", fsdp {_rel(p0['fsdp']['losses'], curves['fsdp4']['losses']):.2e}")
     assert p0["dp"]["losses"] == p1["dp"]["losses"]
     assert _rel(p0["dp"]["losses"], curves["dp4"]["losses"]) < RTOL
     assert _rel(p0["fsdp"]["losses"], curves["fsdp4"]["losses"]) < RTOL
@@ -253,12 +262,16 @@ def test_two_processes_train_like_one_process_with_4_devices(curves, multi):
     # process the same rows as sample_global_batch
     assert p0["trainer_sampler_equal"] and p1["trainer_sampler_equal"]
     assert "n_devices: 2 with 2 processes" in p0["n_devices_error"]
+    assert p0["broadcast"] == p1["broadcast"] == 100  # process 0's value everywhere
+    assert p0["dp"]["finite"] and p0["fsdp"]["finite"]
 
 
 @pytest.mark.slow
 def test_two_processes_save_and_restore_collectively(multi):
     """Saved from fsdp by both processes at step 10; restored by both onto the dp placement."""
     for p in multi:
+        print(f"\n[multi restore] process {p['process']}: max rel diff "
+              f"{_rel(p['restored']['losses'], p['fsdp']['losses'][10:13]):.2e}")
         assert _rel(p["restored"]["losses"], p["fsdp"]["losses"][10:13]) < RTOL
 
 
@@ -271,4 +284,7 @@ def test_checkpoints_resume_on_other_device_counts(curves, multi, resumed):
         assert res["1"]["specs"] == ["P()"]  # restored replicated on 1 device
         assert "P(None, 'data')" in res["2"]["specs"]  # restored FSDP-sharded on 2
         for n in ("1", "2"):
-            assert _rel(res[n]["losses"], uninterrupted[10:13]) < RTOL, (ckpt, n)
+            diff = _rel(res[n]["losses"], uninterrupted[10:13])
+            print(f"\n[resume] {Path(ckpt).parent.name} on {n} device(s): steps 10-12 {res[n]['losses']}, "
+                  f"uninterrupted {uninterrupted[10:13]}, max rel diff {diff:.2e}")
+            assert diff < RTOL, (ckpt, n)

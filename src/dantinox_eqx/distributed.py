@@ -31,8 +31,8 @@ from jaxtyping import Array, Int, Integer, PRNGKeyArray
 from .config import ConfigError
 from .sharding import BATCH_AXIS, batch_sharding, num_devices
 
-__all__ = ["initialize", "is_primary", "process_count", "barrier", "global_batch", "sample_global_batch",
-           "local_rows"]
+__all__ = ["initialize", "is_primary", "process_count", "barrier", "broadcast_int", "global_batch",
+           "sample_global_batch", "local_rows"]
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -95,6 +95,16 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def broadcast_int(value: int) -> int:
+    """Process 0's `value` in every process (e.g. the timestamp of an auto-named run directory,
+    which could differ by a second between hosts). The identity with one process."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
 
 
 def local_rows(mesh: Mesh, n_rows: int) -> list[slice]:
