@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .config import Config
+from .sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathered
 
 __all__ = ["Transformer", "Block", "Attention", "MLP", "Linear", "Norm", "KVCache",
            "rope", "attend", "matmul", "write_cache", "causal_mask", "dropout", "cast_floating"]
@@ -381,11 +382,15 @@ class Transformer(eqx.Module):
 
         def body(h, layer):
             params, cache, k = layer
+            params, h = constrain_layer(params, h)  # FSDP: gather this one layer here (sharding.py)
             h, balance, cache = eqx.combine(params, static)(h, positions, cache, key=k)
             return h, (balance, cache)
 
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
+        policy = _REMAT_POLICIES.get(self.remat)
+        if policy is None and layers_gathered():  # FSDP: re-gather each layer for the backward
+            policy = GATHERED_NOT_SAVED
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy)
         x, (balance, caches) = jax.lax.scan(body, x, (dynamic, caches, keys), unroll=self.scan_unroll)
         return x, balance.mean(), caches
 
