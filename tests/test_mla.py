@@ -198,3 +198,28 @@ def test_mla_trains_with_grad_accum_dropout_and_bf16(dtype):
         assert params.blocks.attn.kv_up.weight.dtype == dtype
         logits = _forward(for_inference(eqx.combine(params, static)), _tokens())
         assert logits.dtype == dtype and bool(jnp.isfinite(logits.astype(jnp.float32)).all())
+
+
+class _LowRankDelta(eqx.Module):
+    """A stand-in for an unmerged LoRA wrapper: base(x) + x @ a @ b (no `weight` field)."""
+
+    base: eqx.Module
+    a: jax.Array
+    b: jax.Array
+
+    def __call__(self, x):
+        return self.base(x) + x @ self.a.astype(x.dtype) @ self.b.astype(x.dtype)
+
+
+def test_absorbed_form_with_a_wrapped_kv_up():
+    model = _model(_cfg())
+    kv_up = model.blocks.attn.kv_up  # stacked: weight (L, C, 2HE)
+    L, C, out = kv_up.weight.shape
+    ka, kb = jax.random.split(jax.random.key(9))
+    wrapped = _LowRankDelta(kv_up, 0.3 * jax.random.normal(ka, (L, C, 2)), 0.3 * jax.random.normal(kb, (L, 2, out)))
+    model = eqx.tree_at(lambda m: m.blocks.attn.kv_up, model, wrapped)
+    toks = _tokens()
+    a, b = _forward(model, toks), _forward(for_inference(model), toks)
+    plain = _forward(_model(_cfg()), toks)
+    assert float(jnp.abs(a - plain).max()) > 1e-2  # the delta matters
+    assert float(jnp.abs(a - b).max()) < 1e-4

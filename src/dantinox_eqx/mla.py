@@ -129,13 +129,22 @@ class MLAttention(eqx.Module):
                   c: Float[Array, "B S C"], k_rope: Float[Array, "B S R"], mask: Array,
                   key: PRNGKeyArray | None) -> Float[Array, "B T H E"]:
         H, E, R, C = self.n_heads, self.head_size, self.rope_dim, self.latent_dim
-        w = self.kv_up.weight.astype(q_nope.dtype).reshape(C, 2, H, E)
+        w = _matrix(self.kv_up, C, q_nope.dtype).reshape(C, 2, H, E)
         q_lat = jnp.einsum("bthe,che->bthc", q_nope, w[:, 0])  # k_up folded into the query
         # attend scales scores by 1/sqrt(C + R); the naive form's scale is 1/sqrt(E + R).
         q = jnp.concatenate([q_lat, q_rope], -1) * math.sqrt((C + R) / (E + R))
         k = jnp.concatenate([c, k_rope], -1)[:, :, None]  # one key "head" shared by all heads
         lat = attend(q[:, :, None], k, c[:, :, None], mask, dropout_rate=self.dropout_rate, key=key)
         return jnp.einsum("bthc,che->bthe", lat[:, :, 0], w[:, 1])  # v_up after the weighted sum
+
+
+def _matrix(linear: Any, d_in: int, dtype: Any) -> Array:
+    """The (d_in, d_out) matrix of a linear map: a `Linear`'s weight, or for any other linear
+    module (e.g. an unmerged LoRA wrapper) its image of the identity: correct, but a
+    d_in x d_in x d_out matmul per call, so merge adapters before fast generation."""
+    if type(linear) is Linear:
+        return linear.weight.astype(dtype)
+    return linear(jnp.eye(d_in, dtype=dtype))
 
 
 def for_inference(model: Any, inference: bool = True) -> Any:
