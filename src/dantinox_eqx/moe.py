@@ -14,7 +14,8 @@ the experts run as one batched matmul over the expert axis, and each assignment 
 back, weighted by its gate. No loop over experts, static shapes, and the gradient flows through
 a gather/scatter pair.
 - Dropless (capacity_factor = 0): C = N (a token picks an expert at most once), so nothing is
-  dropped; the experts compute E * N rows (E / k times the active FLOPs).
+  dropped; the experts compute E * N rows (E / k times the active FLOPs) and the buffer
+  holds E * N * D activations: with many experts, prefer a capacity factor.
 - capacity_factor = c > 0: C = ceil(c * N * k / E); an assignment ranked >= C is dropped (it
   contributes nothing; the block's residual carries the token). Compute is ~c * N * k rows, i.e.
   proportional to the active FLOPs. The capacity is per forward call (per micro-batch), so a
