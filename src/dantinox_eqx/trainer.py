@@ -166,13 +166,13 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}",
                             tps=f"{row['tokens_per_s']:.0f}")
-            self.bar.console.print(line)
+            self.bar.console.print(line, highlight=False)
         else:
             print(line, flush=True)
 
     def message(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.console.print(text)
+            self.bar.console.print(text, highlight=False)
         else:
             print(text, flush=True)
 
