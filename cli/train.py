@@ -102,6 +102,9 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     except TrainingDiverged as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal, or a second one
+        click.echo("interrupted: stopped without saving a new checkpoint", err=True)
+        sys.exit(130)
     click.echo(f"Saved to: {out}")
 
 

@@ -397,26 +397,31 @@ class _Loop:
         self.root = root  # restored from the checkpoint on resume (equal to key(seed))
         _, data_key, dropout_key, eval_key = jax.random.split(root, 4)
         c = config
-        self.train_step = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable)
-        self.eval_step = make_eval_step(static, alpha_balance=c.alpha_balance)
         self.schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, total, c.min_lr_ratio,
                                               c.wsd_stable_fraction))
         self.train_tokens = sharding.replicate(jnp.asarray(dataset.train), mesh)
         self.val_tokens = sharding.replicate(jnp.asarray(dataset.val), mesh)
-        B, T, A = c.batch_size, c.max_context, c.grad_accum
+        B, T = c.batch_size, c.max_context
+        # Sampling is fused into the compiled step and evaluation (one dispatch per step; the
+        # batch never exists on the host). The outer jit donates params and optimizer state.
+        step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
+                                  donate=False)
+        eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance)
 
-        def next_batch(tokens, step):
-            batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=A)
-            return batch, jax.random.fold_in(dropout_key, step)
+        def train_step(params, opt_state, tokens, step):
+            batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=c.grad_accum)
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            return step_fn(params, opt_state, batch, jax.random.fold_in(dropout_key, step))
 
-        def eval_batches(train, val, step):
+        def evaluate(params, train, val, step):
             k_train, k_val = jax.random.split(jax.random.fold_in(eval_key, step))
-            return (sample_batch(train, k_train, B, T, accum=c.eval_iters),
-                    sample_batch(val, k_val, B, T, accum=c.eval_iters))
+            batches = [jax.lax.with_sharding_constraint(sample_batch(tokens, k, B, T, accum=c.eval_iters),
+                                                        batch_sharding)
+                       for tokens, k in ((train, k_train), (val, k_val))]
+            return eval_fn(params, batches[0]), eval_fn(params, batches[1]), _all_finite(params)
 
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.next_batch = jax.jit(next_batch, out_shardings=(batch_sharding, replicated))
-        self.eval_batches = jax.jit(eval_batches, out_shardings=(batch_sharding, batch_sharding))
+        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.evaluate = jax.jit(evaluate)
         self.ckpt_every = c.checkpoint_interval or c.eval_interval
 
     # -- saving (never called with non-finite params)
@@ -435,9 +440,11 @@ class _Loop:
                   "stopped_early": stopped_early, "data_path": str(Path(self.data_path).absolute())}
         atomic_write_text(self.run_dir / CURSOR_FILE, json.dumps(cursor, indent=2) + "\n")
 
-    def _check_finite(self, step: int, params: Any, losses: dict[str, float]) -> None:
+    def _check_finite(self, step: int, params: Any, losses: dict[str, float], finite: bool | None = None) -> None:
+        """Raise TrainingDiverged on a non-finite loss or parameter (`finite`: the parameters'
+        check when already computed, as the evaluation does)."""
         bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-        if bad or not bool(_all_finite(params)):
+        if bad or not (bool(_all_finite(params)) if finite is None else finite):
             what = ", ".join(f"{k}={v}" for k, v in bad.items()) or "non-finite parameters"
             last = ckpt.latest_step(self.run_dir, ckpt.LATEST)
             kept = (f"the last good checkpoint (step {last}) in {str(self.run_dir)!r} is intact"
@@ -445,12 +452,10 @@ class _Loop:
             raise TrainingDiverged(f"training diverged at step {step} ({what}); {kept}; "
                                    "lower lr, raise warmup_steps or set grad_clip")
 
-    def _evaluate(self, params: Any, step: int) -> dict[str, float]:
-        train_b, val_b = self.eval_batches(self.train_tokens, self.val_tokens, step)
-        tr, va = self.eval_step(params, train_b), self.eval_step(params, val_b)
-        tr, va = jax.device_get((tr, va))
+    def _evaluate(self, params: Any, step: int) -> tuple[dict[str, float], bool]:
+        tr, va, finite = jax.device_get(self.evaluate(params, self.train_tokens, self.val_tokens, step))
         return {"train_loss": float(tr["loss"]), "val_loss": float(va["loss"]),
-                "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}
+                "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}, bool(finite)
 
     # -- the loop
     def run(self, params: Any, opt_state: Any, step: int, state: dict, rows: list[dict[str, Any]]) -> None:
@@ -467,8 +472,7 @@ class _Loop:
         try:
             with _StopFlag() as stop:
                 while step < total:
-                    batch, dkey = self.next_batch(self.train_tokens, step)
-                    params, opt_state, metrics = self.train_step(params, opt_state, batch, dkey)
+                    params, opt_state, metrics = self.train_step(params, opt_state, self.train_tokens, step)
                     step += 1
                     if t_start is None:  # first step of this session: compile, then start the clock
                         jax.block_until_ready(metrics)
@@ -481,8 +485,8 @@ class _Loop:
                         jax.block_until_ready(metrics)
                         elapsed = time.perf_counter() - t_start
                         ms = 1000.0 * elapsed / max(step - timed_from, 1)
-                        losses = self._evaluate(params, step)
-                        self._check_finite(step, params, {"step_loss": float(metrics["loss"]), **losses})
+                        losses, finite = self._evaluate(params, step)
+                        self._check_finite(step, params, {"step_loss": float(metrics["loss"]), **losses}, finite)
                         row = {"step": step, **losses, "lr": float(self.schedule(step - 1)),
                                "ms_per_step": ms, "tokens_per_s": c.tokens_per_step / (ms / 1000.0)}
                         rows.append(row)
