@@ -1,5 +1,7 @@
 """nox sessions: tests, lint, typecheck, benchmarks. `nox -s tests` is what CI runs."""
 
+import os
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -10,8 +12,12 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """The whole test suite (the slow end-to-end tests included), in parallel on 2 workers."""
     session.install("-e", ".[dev]")
+    # A persistent XLA compilation cache shared by the workers and the CLI subprocesses: the
+    # suite compiles the same tiny programs many times, and compiling dominates its run time.
+    cache = os.path.join(session.virtualenv.location, "jax-cache")
     session.run("pytest", "-n", "2", "--dist", "loadfile", *session.posargs,
-                env={"WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu"})
+                env={"WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"})
 
 
 @nox.session

@@ -68,3 +68,22 @@ def test_batches_are_pure_functions_of_the_key(small_corpus):
     starts = [i for i in range(len(ds.train) - 16) if ds.train[i] == row[0] and
               np.array_equal(ds.train[i:i + 17], row)]
     assert starts
+
+
+def test_no_cache_file_in_a_read_only_corpus_folder(small_corpus, tmp_path):
+    """Even as root (access() says yes), a folder without write bits gets no cache file."""
+    import os
+    import stat
+
+    folder = small_corpus.parent
+    tok = tokenizer.char_tokenizer(small_corpus.read_text())
+    os.chmod(folder, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        ids = data.encode_corpus(small_corpus, tok)
+        assert not list(folder.glob("*.tokens.npy")) and len(ids) == len(small_corpus.read_text())
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        data.encode_corpus(small_corpus, tok, cache_dir=cache)
+        assert len(list(cache.glob("*.tokens.npy"))) == 1
+    finally:
+        os.chmod(folder, stat.S_IRWXU)

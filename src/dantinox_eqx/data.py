@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,21 +57,26 @@ def _cache_name(corpus_path: Path, tok: Tokenizer) -> str:
 
 
 def _writable(directory: Path) -> bool:
-    return directory.is_dir() and os.access(directory, os.W_OK)
+    """Writable by access() AND by its mode bits: root passes access() even on a folder laid
+    out read-only (shared corpora), and we must not drop cache files there."""
+    if not directory.is_dir() or not os.access(directory, os.W_OK):
+        return False
+    return bool(directory.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
 def encode_corpus(corpus_path: str | os.PathLike, tok: Tokenizer,
                   cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Token ids of the corpus as a read-only memory-mapped array (uint16 or uint32).
 
-    The ids are cached in `<corpus>.<hash>.tokens.npy` beside the corpus (or in `cache_dir`
-    when the corpus folder is read-only); the hash covers the corpus bytes and the tokenizer,
+    The ids are cached in `<corpus>.<hash>.tokens.npy` in `cache_dir` when given, else beside
+    the corpus when that folder is writable (never in a read-only one); the hash covers the corpus bytes and the tokenizer,
     so a changed corpus or tokenizer is re-encoded and an unchanged one is reused.
     """
     corpus_path = Path(corpus_path)
     text = read_corpus(corpus_path)
     name = _cache_name(corpus_path, tok)
-    candidates = [corpus_path.parent] + ([Path(cache_dir)] if cache_dir is not None else [])
+    # An explicit cache_dir (the run directory) wins; beside the corpus is the shared default.
+    candidates = ([Path(cache_dir)] if cache_dir is not None else []) + [corpus_path.parent]
     for d in candidates:
         if (d / name).is_file():
             return np.load(d / name, mmap_mode="r")
