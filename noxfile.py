@@ -43,6 +43,18 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def benchmarks(session: nox.Session) -> None:
-    """ms/step, tokens/s, MFU, compile time, peak memory. `nox -s benchmarks -- --quick`."""
+    """ms/step, tokens/s, MFU, compile time, peak memory: `nox -s benchmarks [-- --quick]`.
+
+    The full run also trains the original DantinoX 0.4.14 (from PyPI, in its own virtual
+    environment so its JAX and Flax never meet ours) on the same shape and corpus.
+    """
     session.install("-e", ".[dev]")
-    session.run("python", "benchmarks/run.py", *session.posargs, env={"WANDB_MODE": "offline"})
+    args = [a for a in session.posargs if a != "--no-dantinox"]
+    if "--quick" not in args and "--no-dantinox" not in session.posargs:
+        ref = os.path.join(os.path.dirname(session.virtualenv.location), "dantinox-ref")
+        exe = os.path.join(ref, "bin", "dantinox")
+        if not os.path.exists(exe):
+            session.run("python", "-m", "venv", ref)
+            session.run(os.path.join(ref, "bin", "pip"), "install", "-q", "dantinox==0.4.14", external=True)
+        args += ["--dantinox", exe]
+    session.run("python", "benchmarks/run.py", *args, env={"WANDB_MODE": "offline"})
