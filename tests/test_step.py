@@ -106,3 +106,23 @@ def test_every_optimizer_lowers_the_loss(opt_name):
         params, state, m = step(params, state, batch, jax.random.key(i))
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_float32_master_weights_keep_updates_that_bfloat16_rounds_away():
+    """With a tiny LR, pure bf16 params round most updates to nothing; f32 masters with bf16
+    compute keep them (the compute itself still runs in bf16)."""
+    from dantinox_eqx.model import cast_floating
+
+    cfg, params, static = _setup(lr=1e-6, warmup_steps=0, max_steps=5, grad_clip=0.0)
+    batch = jax.random.randint(jax.random.key(1), (1, 4, 17), 0, 37)
+    opt = make_optimizer(cfg, 5, mu_dtype=jnp.bfloat16)
+    pure = cast_floating(params, jnp.bfloat16)
+    new_pure, _, _ = make_train_step(static, opt, donate=False)(pure, init_opt_state(opt, pure), batch,
+                                                                 jax.random.key(0))
+    master_step = make_train_step(static, opt, donate=False, compute_dtype=jnp.bfloat16)
+    new_master, _, m = master_step(params, init_opt_state(opt, params), batch, jax.random.key(0))
+    w0, w_pure, w_master = (np.asarray(p.blocks.attn.qkv.weight, np.float32) for p in (params, new_pure, new_master))
+    moved_pure = np.mean(w_pure != np.asarray(pure.blocks.attn.qkv.weight, np.float32))
+    moved_master = np.mean(w_master != w0)
+    assert new_master.blocks.attn.qkv.weight.dtype == jnp.float32 and bool(jnp.isfinite(m["loss"]))
+    assert moved_master > 0.99 and moved_pure < 0.2

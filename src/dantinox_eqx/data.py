@@ -69,8 +69,8 @@ def encode_corpus(corpus_path: str | os.PathLike, tok: Tokenizer,
     """Token ids of the corpus as a read-only memory-mapped array (uint16 or uint32).
 
     The ids are cached in `<corpus>.<hash>.tokens.npy` in `cache_dir` when given, else beside
-    the corpus when that folder is writable (never in a read-only one); the hash covers the corpus bytes and the tokenizer,
-    so a changed corpus or tokenizer is re-encoded and an unchanged one is reused.
+    the corpus when that folder is writable (never in a read-only one); the hash covers the
+    corpus bytes and the tokenizer, so a changed corpus or tokenizer is re-encoded and an unchanged one is reused.
     """
     corpus_path = Path(corpus_path)
     text = read_corpus(corpus_path)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
+from .model import cast_floating
+
 __all__ = ["cross_entropy", "loss_fn", "make_train_step", "make_eval_step", "init_opt_state"]
 
 Metrics = dict[str, Array]
@@ -53,7 +55,7 @@ def init_opt_state(optimizer: optax.GradientTransformation, params: PyTree,
 
 def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
                     alpha_balance: float = 0.0, trainable: PyTree | None = None,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, compute_dtype: Any = None) -> Callable:
     """Build `step(params, opt_state, batch, key) -> (params, opt_state, metrics)`, jitted.
 
     - static: the non-array part of the model, closed over.
@@ -63,11 +65,17 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
       equal to the gradient of the concatenated batch.
     - metrics: mean "loss" (LM), "bal" (MoE balance) and the pre-clip "grad_norm", as arrays
       (fetch them only when you log, so the loop never waits on the device).
+    - compute_dtype: e.g. bfloat16 with float32 `params` = mixed precision with float32 master
+      weights: the forward and backward run in compute_dtype, the gradient arrives in float32
+      (the cast's transpose) and the update is applied to the float32 masters, so small updates
+      are not rounded away as they are with pure bfloat16 weights.
     Buffers of `params` and `opt_state` are donated (updated in place) unless donate=False.
     """
 
     def lm_loss(train_p, frozen_p, micro, key):
         model = eqx.combine(train_p, frozen_p, static)
+        if compute_dtype is not None:
+            model = cast_floating(model, compute_dtype)
         return loss_fn(model, micro, key, alpha_balance)
 
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
@@ -100,12 +108,14 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_eval_step(static: PyTree, *, alpha_balance: float = 0.0) -> Callable:
+def make_eval_step(static: PyTree, *, alpha_balance: float = 0.0, compute_dtype: Any = None) -> Callable:
     """Build `eval_step(params, batches) -> metrics`, jitted: mean "loss" and "bal" over
-    `batches` of shape (n_batches, batch, seq + 1), without dropout."""
+    `batches` of shape (n_batches, batch, seq + 1), without dropout (and in compute_dtype)."""
 
     def eval_step(params, batches):
         model = eqx.combine(params, static)
+        if compute_dtype is not None:
+            model = cast_floating(model, compute_dtype)
 
         def one(carry, batch):
             _, m = loss_fn(model, batch, None, alpha_balance)

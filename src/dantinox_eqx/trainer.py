@@ -345,7 +345,7 @@ class Trainer:
         trainable = self._trainable(model)
         params, static = eqx.partition(model, eqx.is_array)
         mu_dtype = None
-        if config.use_bf16:  # the seed's behaviour: bf16 params and first moments
+        if config.use_bf16 and not config.master_weights:  # the seed: bf16 params and first moments
             params, mu_dtype = cast_floating(params, jnp.bfloat16), jnp.bfloat16
         optimizer = make_optimizer(config, total, mu_dtype=mu_dtype)
         opt_state = init_opt_state(optimizer, params, trainable)
@@ -404,9 +404,11 @@ class _Loop:
         B, T = c.batch_size, c.max_context
         # Sampling is fused into the compiled step and evaluation (one dispatch per step; the
         # batch never exists on the host). The outer jit donates params and optimizer state.
+        # use_bf16 + master_weights: float32 params, bfloat16 compute (see make_train_step).
+        compute = jnp.bfloat16 if c.use_bf16 and c.master_weights else None
         step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
-                                  donate=False)
-        eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance)
+                                  donate=False, compute_dtype=compute)
+        eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
 
         def train_step(params, opt_state, tokens, step):
             batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=c.grad_accum)
