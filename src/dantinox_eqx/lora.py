@@ -9,15 +9,16 @@
     plain = merge_lora(model)                        # W + (alpha / r) A @ B, no adapters left
 
 `apply_lora` returns a new `Transformer` in which the targeted `model.Linear`s of the stacked
-blocks are `LoRALinear`s; nothing else changes, so generation, checkpoints and the training
-step work unchanged. Which Linears are adapted is found generically, by walking the blocks:
+blocks are `LoRALinear`s (targeted MoE `ExpertLinear`s: `LoRAExpertLinear`s); nothing else
+changes, so generation, checkpoints and the training step work unchanged. Which Linears are
+adapted is found generically, by walking the blocks:
 
 - "attention": every `Linear` under `blocks.attn` (dense attention: the fused `qkv` and `o`;
   MLA: all of its projections).
-- "mlp": every `Linear` under `blocks.mlp` (dense MLP: `up` and `down`; with MoE: a shared
-  expert's Linears). An MoE router (a field named `router`) is never adapted: it routes
-  tokens, adapting it changes which experts run. Stacked expert weights (E, in, out) are not
-  `Linear`s and are not adapted yet.
+- "mlp": every `Linear` under `blocks.mlp` (dense MLP: `up` and `down`), and with MoE every
+  `moe.ExpertLinear` (the routed experts' `up` and `down`, one rank-r adapter per expert:
+  `LoRAExpertLinear`) and a shared expert's Linears. An MoE router (a field named `router`)
+  is never adapted: it routes tokens, adapting it changes which experts run.
 - "all": both.
 
 The embedding and the output head are never adapted.
@@ -44,8 +45,9 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from .config import ConfigError
 from .model import Linear, dropout, matmul
+from .moe import ExpertLinear
 
-__all__ = ["LoRALinear", "apply_lora", "lora_trainable", "merge_lora", "has_lora", "adapter_params",
+__all__ = ["LoRALinear", "LoRAExpertLinear", "apply_lora", "lora_trainable", "merge_lora", "has_lora", "adapter_params",
            "load_adapter", "lora_summary", "with_dropout_keys", "TARGETS"]
 
 TARGETS = {"attention": ("attn",), "mlp": ("mlp",), "all": ("attn", "mlp")}
@@ -97,15 +99,64 @@ class LoRALinear(eqx.Module):
         return jax.tree_util.tree_unflatten(_linear_treedef(), [self.merge_weights()])
 
 
+class LoRAExpertLinear(eqx.Module):
+    """LoRA on the E stacked experts of a `moe.ExpertLinear`: y[e] = x[e] @ W[e] + scale *
+    dropout(x[e]) @ A[e] @ B[e], an independent rank-r adapter per expert (initialised like
+    `LoRALinear`, B = 0). Same call contract as `ExpertLinear`."""
+
+    weight: Float[Array, "n_experts d_in d_out"]  # frozen
+    lora_a: Float[Array, "n_experts d_in r"]
+    lora_b: Float[Array, "n_experts r d_out"]
+    dropout_key: PRNGKeyArray | None  # one key for the whole (E, C, d_in) input (see LoRALinear)
+    scale: float = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+
+    def __init__(self, base: ExpertLinear, rank: int, alpha: float = 16.0, dropout: float = 0.0, *,
+                 key: PRNGKeyArray):
+        n_experts, d_in, d_out = base.weight.shape
+        bound = 1.0 / d_in**0.5
+        self.weight = base.weight
+        self.lora_a = jax.random.uniform(key, (n_experts, d_in, rank), minval=-bound, maxval=bound
+                                         ).astype(base.weight.dtype)
+        self.lora_b = jnp.zeros((n_experts, rank, d_out), base.weight.dtype)
+        self.dropout_key = None
+        self.scale, self.dropout = alpha / rank, dropout
+
+    def __call__(self, x: Float[Array, "n_experts C d_in"], *, key: PRNGKeyArray | None = None
+                 ) -> Float[Array, "n_experts C d_out"]:
+        key = self.dropout_key if key is None else key
+        h = dropout(x, self.dropout, key)
+        mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w.astype(x.dtype))
+        return mm(x, self.weight) + self.scale * mm(mm(h, self.lora_a), self.lora_b)
+
+    def merge_weights(self) -> Float[Array, "*stack n_experts d_in d_out"]:
+        """W + scale * A @ B per expert, in float32, cast to W's dtype (works stacked too)."""
+        f32 = jnp.float32
+        delta = jnp.matmul(self.lora_a.astype(f32), self.lora_b.astype(f32))
+        return (self.weight.astype(f32) + self.scale * delta).astype(self.weight.dtype)
+
+    def merged(self) -> ExpertLinear:
+        """The plain `ExpertLinear` holding `merge_weights()`."""
+        return jax.tree_util.tree_unflatten(_expert_treedef(), [self.merge_weights()])
+
+
 @functools.cache
 def _linear_treedef() -> Any:
     # A Linear's structure does not depend on its shape: one built once serves every merge.
     return jax.tree_util.tree_structure(Linear(1, 1, key=jax.random.key(0)))
 
 
+@functools.cache
+def _expert_treedef() -> Any:
+    return jax.tree_util.tree_structure(ExpertLinear(1, 1, 1, key=jax.random.key(0)))
+
+
+_ADAPTED = {Linear: LoRALinear, ExpertLinear: LoRAExpertLinear}  # base module -> its LoRA wrapper
+
+
 # --------------------------------------------------------------------------- finding targets
 def _is_lora(x: Any) -> bool:
-    return isinstance(x, LoRALinear)
+    return isinstance(x, LoRALinear | LoRAExpertLinear)
 
 
 def _get(node: Any, path: tuple) -> Any:
@@ -125,13 +176,15 @@ def _name(path: tuple) -> str:
     return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
-def _linears(tree: Any, prefix: tuple) -> list[tuple[tuple, Linear]]:
-    """(path from `tree`, Linear) for every `model.Linear` inside `tree.<prefix>`."""
+def _linears(tree: Any, prefix: tuple) -> list[tuple[tuple, Linear | ExpertLinear]]:
+    """(path from `tree`, module) for every `model.Linear` and `moe.ExpertLinear` inside
+    `tree.<prefix>`."""
     found = []
     sub = _get(tree, prefix)
-    leaves = jax.tree_util.tree_flatten_with_path(sub, is_leaf=lambda x: isinstance(x, Linear))[0]
+    is_base = lambda x: type(x) in _ADAPTED
+    leaves = jax.tree_util.tree_flatten_with_path(sub, is_leaf=is_base)[0]
     for path, node in leaves:
-        if not isinstance(node, Linear):
+        if not is_base(node):
             continue
         names = {getattr(k, "name", None) for k in path}
         if names & NEVER_ADAPTED:
@@ -171,8 +224,8 @@ def apply_lora(model: Any, targets: str = "attention", rank: int = 8, alpha: flo
     found = [hit for part in TARGETS[targets] for hit in _linears(model.blocks, (jax.tree_util.GetAttrKey(part),))]
     if not found:
         raise ConfigError(f"lora_targets: {targets!r} matches no Linear in this model's blocks; "
-                          f"choose one of {', '.join(TARGETS)} that the model has (only model.Linear fields are "
-                          f"adapted: MoE routers and stacked expert weights are not)")
+                          f"choose one of {', '.join(TARGETS)} that the model has (only model.Linear and "
+                          f"moe.ExpertLinear fields are adapted, MoE routers never)")
     for path, lin in found:
         d_in, d_out = lin.weight.shape[-2:]
         if rank > min(d_in, d_out):
@@ -180,7 +233,7 @@ def apply_lora(model: Any, targets: str = "attention", rank: int = 8, alpha: flo
                               f"blocks.{_name(path)} (weight {d_in} x {d_out}); use lora_rank <= "
                               f"{min(d_in, d_out)}")
     n_blocks = found[0][1].weight.shape[0]
-    make = eqx.filter_vmap(lambda lin, k: LoRALinear(lin, rank, alpha, dropout, key=k))
+    make = eqx.filter_vmap(lambda lin, k: _ADAPTED[type(lin)](lin, rank, alpha, dropout, key=k))
     adapted = [make(lin, jax.random.split(k, n_blocks))
                for (_, lin), k in zip(found, jax.random.split(key, len(found)))]
     paths = [path for path, _ in found]
@@ -201,7 +254,7 @@ def with_dropout_keys(model: Any, key: PRNGKeyArray) -> Any:
         return model
     keys = []
     for m, k in zip(modules, jax.random.split(key, len(modules))):
-        stack = m.weight.shape[:-2]
+        stack = m.weight.shape[:-3 if isinstance(m, LoRAExpertLinear) else -2]  # the block axis
         keys.append(jax.random.split(k, stack) if stack else k)
     ids = {id(m): k for m, k in zip(modules, keys)}
 

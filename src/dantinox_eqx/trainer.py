@@ -48,6 +48,7 @@ from . import sharding
 from . import tokenizer as tk
 from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
 from .data import Dataset, prepare_data, sample_batch
+from .expert_log import EXPERT_COUNTS_FILE, ExpertCountsLog, make_counts_fn
 from .model import Transformer, cast_floating
 from .optim import make_optimizer, make_schedule
 from .step import init_opt_state, make_eval_step, make_train_step
@@ -409,6 +410,7 @@ class _Loop:
         step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
                                   donate=False, compute_dtype=compute)
         eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
+        counts_fn = make_counts_fn(static) if c.use_moe else None  # MoE: expert_counts.csv
 
         def train_step(params, opt_state, tokens, step):
             batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=c.grad_accum)
@@ -420,7 +422,8 @@ class _Loop:
             batches = [jax.lax.with_sharding_constraint(sample_batch(tokens, k, B, T, accum=c.eval_iters),
                                                         batch_sharding)
                        for tokens, k in ((train, k_train), (val, k_val))]
-            return eval_fn(params, batches[0]), eval_fn(params, batches[1]), _all_finite(params)
+            counts = None if counts_fn is None else counts_fn(params, batches[1])
+            return eval_fn(params, batches[0]), eval_fn(params, batches[1]), _all_finite(params), counts
 
         self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
         self.evaluate = jax.jit(evaluate)
@@ -454,10 +457,10 @@ class _Loop:
             raise TrainingDiverged(f"training diverged at step {step} ({what}); {kept}; "
                                    "lower lr, raise warmup_steps or set grad_clip")
 
-    def _evaluate(self, params: Any, step: int) -> tuple[dict[str, float], bool]:
-        tr, va, finite = jax.device_get(self.evaluate(params, self.train_tokens, self.val_tokens, step))
+    def _evaluate(self, params: Any, step: int) -> tuple[dict[str, float], bool, Any]:
+        tr, va, finite, counts = jax.device_get(self.evaluate(params, self.train_tokens, self.val_tokens, step))
         return {"train_loss": float(tr["loss"]), "val_loss": float(va["loss"]),
-                "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}, bool(finite)
+                "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}, bool(finite), counts
 
     # -- the loop
     def run(self, params: Any, opt_state: Any, step: int, state: dict, rows: list[dict[str, Any]]) -> None:
@@ -471,6 +474,7 @@ class _Loop:
             return
         saved_at = step
         t_start, timed_from = None, step
+        experts = ExpertCountsLog(self.run_dir / EXPERT_COUNTS_FILE, keep_upto=step) if c.use_moe else None
         try:
             with _StopFlag() as stop:
                 while step < total:
@@ -487,12 +491,14 @@ class _Loop:
                         jax.block_until_ready(metrics)
                         elapsed = time.perf_counter() - t_start
                         ms = 1000.0 * elapsed / max(step - timed_from, 1)
-                        losses, finite = self._evaluate(params, step)
+                        losses, finite, counts = self._evaluate(params, step)
                         self._check_finite(step, params, {"step_loss": float(metrics["loss"]), **losses}, finite)
                         row = {"step": step, **losses, "lr": float(self.schedule(step - 1)),
                                "ms_per_step": ms, "tokens_per_s": c.tokens_per_step / (ms / 1000.0)}
                         rows.append(row)
                         _write_log(log_path, rows)
+                        if experts is not None:
+                            experts.record(step, counts)
                         if row["val_loss"] < best:
                             best, best_step, waited = row["val_loss"], step, 0
                             ckpt.save(self.run_dir, ckpt.BEST, step, params)
