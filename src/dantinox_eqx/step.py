@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
+from .lora import with_dropout_keys
+
 __all__ = ["cross_entropy", "loss_fn", "make_train_step", "make_eval_step", "init_opt_state"]
 
 Metrics = dict[str, Array]
@@ -68,6 +70,8 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
 
     def lm_loss(train_p, frozen_p, micro, key):
         model = eqx.combine(train_p, frozen_p, static)
+        # LoRA dropout acts only with per-step keys (lora.py); other models come back as they are.
+        model = with_dropout_keys(model, jax.random.fold_in(key, 1))
         return loss_fn(model, micro, key, alpha_balance)
 
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
