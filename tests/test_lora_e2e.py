@@ -29,10 +29,11 @@ from dantinox_eqx import finetune
 from dantinox_eqx.config import Config, ConfigError
 from dantinox_eqx.data import prepare_data, sample_batch
 from dantinox_eqx.generate import Generator
-from dantinox_eqx.lora import adapter_params, has_lora, lora_summary
+from dantinox_eqx.lora import adapter_params, apply_lora, has_lora, lora_summary, lora_trainable
 from dantinox_eqx.model import Transformer
+from dantinox_eqx.optim import make_optimizer
 from dantinox_eqx.pretrained import from_pretrained, saved_dtypes
-from dantinox_eqx.step import make_eval_step
+from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step
 from dantinox_eqx.tokenizer import build_tokenizer, load_tokenizer
 from dantinox_eqx.trainer import LOG_COLUMNS, Trainer, read_log
 
@@ -234,6 +235,34 @@ def test_unknown_target_and_missing_base_are_config_errors(tmp_path: Path, corpo
         Trainer(Config(**BASE, use_lora=True)).fit(corpora[1], run_dir=tmp_path / "x")
     with pytest.raises(ConfigError, match="^init_from: .* is not a run directory"):
         Trainer(Config(**BASE, init_from=str(tmp_path / "nowhere"))).fit(corpora[1], run_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_lora_dropout_acts_in_the_train_step_and_a_given_adapted_model_needs_use_lora(tmp_path, corpora):
+    cfg = Config(**BASE, vocab_size=40)
+    base = Transformer(cfg, key=jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (1, 4, 33), 0, 40)
+
+    def losses(rate: float) -> tuple[float, float]:
+        model = apply_lora(base, "all", rank=4, dropout=rate, key=jax.random.key(2))
+        model = eqx.tree_at(lambda m: m.blocks.attn.qkv.lora_b, model,
+                            0.5 * jnp.ones_like(model.blocks.attn.qkv.lora_b))  # B != 0: the path matters
+        params, static = eqx.partition(model, eqx.is_array)
+        trainable = lora_trainable(model)
+        opt = make_optimizer(cfg, 10)
+        step = make_train_step(static, opt, trainable=trainable, donate=False)
+        state = init_opt_state(opt, params, trainable)
+        return tuple(float(step(params, state, batch, jax.random.key(k))[2]["loss"]) for k in (3, 4))
+
+    no_dropout, dropout = losses(0.0), losses(0.5)
+    assert no_dropout[0] == no_dropout[1]  # the key only feeds LoRA dropout here
+    assert abs(dropout[0] - dropout[1]) > 1e-4 and abs(dropout[0] - no_dropout[0]) > 1e-4, (no_dropout, dropout)
+
+    tok = build_tokenizer("char", corpora[1].read_text(encoding="utf-8"))
+    adapted = apply_lora(Transformer(cfg.replace(vocab_size=tok.get_vocab_size()), key=jax.random.key(0)),
+                         key=jax.random.key(1))
+    with pytest.raises(ConfigError, match="^use_lora: the given model has LoRA adapters"):
+        Trainer(Config(**BASE), model=adapted).fit(corpora[1], run_dir=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

@@ -214,6 +214,9 @@ class Trainer:
                 raise ConfigError(f"vocab_size: the given model has vocab_size={self.model.vocab_size}, "
                                   f"the tokenizer needs {config.vocab_size}")
             model = self.model
+            if has_lora(model) and not config.use_lora:
+                raise ConfigError("use_lora: the given model has LoRA adapters but use_lora is false; pass "
+                                  "lora.merge_lora(model) to train all its weights")
             if config.use_lora and config.init_from:
                 self._base = finetune.pointer_of(model, config.init_from, config)
         elif config.init_from:
