@@ -52,14 +52,26 @@ def _with_field_options(fn: Any) -> Any:
 def build_config(config_path: str | None, run_dir: str | None, resume: bool,
                  overrides: dict[str, str | None]) -> Config:
     """The config file (or, resuming without --config, the run's own config.yaml, or the
-    packaged default) with every given `--FIELD VALUE` applied (parsed by Config.coerce)."""
+    packaged default) with every given `--FIELD VALUE` applied (parsed by Config.coerce).
+
+    The seed's fine-tuning flow, `--config RUN/config.yaml --use_lora True` with no
+    --init_from, fine-tunes RUN: when use_lora is on, init_from is empty and the config file is
+    the config.yaml of a run directory with a best checkpoint, init_from becomes that run."""
+    from dantinox_eqx import checkpoint
     from dantinox_eqx.trainer import CONFIG_FILE, default_config_path
 
     if config_path is None and resume and run_dir is not None and (Path(run_dir) / CONFIG_FILE).is_file():
         config_path = str(Path(run_dir) / CONFIG_FILE)
     base = Config.from_yaml(config_path if config_path is not None else default_config_path())
     given = {name: Config.coerce(name, value) for name, value in overrides.items() if value is not None}
-    return base.replace(**given) if given else base
+    config = base.replace(**given) if given else base
+    if config.use_lora and not config.init_from and not resume and config_path is not None:
+        source = Path(config_path).parent
+        if Path(config_path).name == CONFIG_FILE and checkpoint.latest_step(source, checkpoint.BEST) is not None:
+            config = config.replace(init_from=str(source.resolve()))
+            click.echo(f"LoRA fine-tune of {source} (the run whose config.yaml was given; "
+                       "--init_from RUN_DIR picks another base)", err=True)
+    return config
 
 
 @click.command(context_settings={"max_content_width": 120})
@@ -83,6 +95,8 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     dantinox-eqx train                                 the default config on Shakespeare
     dantinox-eqx train --config C.yaml --data_path corpus.txt --use_bf16 True --grad_clip 1.0
     dantinox-eqx train --run_dir runs/run_X --resume   continue an interrupted run
+    dantinox-eqx train --config runs/run_X/config.yaml --data_path new.txt --use_lora True
+                                                       LoRA fine-tune of run_X (--init_from: another base)
 
     Every config field is also an option: --FIELD VALUE (booleans: True/False, "None" for unset).
     Exit codes: 0 done, 1 training diverged (NaN/inf loss), 2 bad input (nothing written),

@@ -319,7 +319,12 @@ def test_other_blocks_adapt_generically(variant):
     mods = _lora_modules(tuned)
     assert any(name.startswith("blocks.attn.") for name in mods)
     assert not any("router" in name for name in mods)  # the MoE router is never adapted
-    np.testing.assert_array_equal(_fwd(tuned), _fwd(base))
+    assert all(not np.any(np.asarray(m.lora_b)) for m in mods.values())  # B = 0: a zero update
+    # Identity at init up to float32 rounding, not bitwise: the adapter's (zero) GEMMs change
+    # the compiled graph, and XLA's CPU fusions around the MLA latent projection (kv_down, then
+    # kv_norm) then round differently (measured: 6e-8, 1 ulp at these logits; exact for
+    # dense attention and MoE). The adapted kv_down alone, jitted, is bitwise the base Linear.
+    np.testing.assert_allclose(_fwd(tuned), _fwd(base), rtol=0, atol=1e-6)
     tuned = _perturb_b(tuned)
     merged = merge_lora(tuned)
     assert not has_lora(merged)

@@ -310,7 +310,8 @@ class Generator:
         for piece in gen.stream("ROMEO:"): print(piece, end="", flush=True)
 
     `generate` returns only the new text (not the prompt). Or wrap a model you hold:
-    `Generator.from_model(model, tokenizer)`.
+    `Generator.from_model(model, tokenizer)`. A LoRA run's adapters are merged at load (the
+    weights `export --merge-lora` writes; no adapter GEMMs per token).
     """
 
     def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None):
@@ -321,7 +322,7 @@ class Generator:
             raise TokenizerError(f"run directory {str(run_dir)!r} has no tokenizer.json; it is not a complete "
                                  "run directory")
         tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
-        model = from_pretrained(run_dir, best, dtype=dtype, inference=True)
+        model = from_pretrained(run_dir, best, dtype=dtype, inference=True, merge_lora=True)
         self._setup(model, tokenizer, config)
 
     @classmethod

@@ -12,11 +12,11 @@ reads each array's saved dtype from the checkpoint's own metadata, and restores 
 in that dtype onto one device: a bfloat16 run loads as bfloat16 with no flag, and a run
 trained on N devices loads on a machine with any number of them.
 
-Fine-tuned (LoRA) runs: the extension point is `load_params`/`from_pretrained` below. A LoRA
-run directory holds adapter weights plus a pointer to its base run; its loader builds the base
-with `from_pretrained(base_dir)`, adds adapters to the model, and restores the adapter arrays
-with `restore_arrays` (which works for any pytree of arrays). Until that lands, a `use_lora`
-run directory is reported clearly instead of failing inside orbax.
+Fine-tuned (LoRA) runs (`use_lora: true`) hold adapter arrays plus a pointer to their base
+run (`finetune.py`): loading builds the base with `from_pretrained(base_run)`, checks that it is
+the base the adapter was trained on, adds the adapters and restores their arrays with
+`restore_arrays` (which works for any pytree of arrays). The model comes back unmerged
+(`LoRALinear` modules), or merged into a plain Transformer with `merge_lora=True`.
 """
 
 from __future__ import annotations
@@ -108,22 +108,27 @@ def restore_arrays(run_dir: str | os.PathLike, which: str, like: Any) -> Any:
 
 
 def from_pretrained(run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None,
-                    inference: bool = False) -> Transformer:
+                    inference: bool = False, merge_lora: bool = False) -> Transformer:
     """The trained `Transformer` of `run_dir`.
 
     - best: load the best-validation checkpoint (True) or the latest one (False).
     - dtype: cast floating weights to this dtype after loading (None: keep the saved dtype).
     - inference: build the model for sampling. For `mla` models this switches to the absorbed,
       latent-cached attention (`config.inference=True`); the parameters are the same.
+    - merge_lora: for a LoRA run, return W + (alpha / r) A @ B as plain Linears (what sampling
+      wants: no adapter GEMMs); False keeps the LoRALinear modules (unmerged, trainable).
     Raises FileNotFoundError / ConfigError / CheckpointError naming the run directory when it
     is missing, incomplete or does not match its own config.
     """
     config = load_config(run_dir)
-    if config.use_lora:
-        # Seam for the LoRA loader (see the module docstring).
-        raise CheckpointError(f"run directory {str(run_dir)!r} is a LoRA fine-tune (use_lora: true); "
-                              "load it with dantinox_eqx.lora")
     if inference and config.mla:
         config = config.replace(inference=True)
-    model = restore_arrays(run_dir, _which(best), skeleton(config))
+    if config.use_lora:
+        from . import finetune, lora  # noqa: PLC0415 (finetune imports this module)
+
+        model = finetune.load_lora_run(run_dir, config, best, inference=inference)
+        if merge_lora:
+            model = lora.merge_lora(model)
+    else:
+        model = restore_arrays(run_dir, _which(best), skeleton(config))
     return model if dtype is None else cast_floating(model, dtype)

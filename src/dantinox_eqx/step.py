@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
+from .lora import with_dropout_keys
 from .model import cast_floating
 
 __all__ = ["cross_entropy", "loss_fn", "make_train_step", "make_eval_step", "init_opt_state"]
@@ -76,6 +77,8 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
         model = eqx.combine(train_p, frozen_p, static)
         if compute_dtype is not None:
             model = cast_floating(model, compute_dtype)
+        # LoRA dropout acts only with per-step keys (lora.py); other models come back as they are.
+        model = with_dropout_keys(model, jax.random.fold_in(key, 1))
         return loss_fn(model, micro, key, alpha_balance)
 
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)

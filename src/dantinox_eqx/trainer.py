@@ -44,11 +44,12 @@ import jax
 import jax.numpy as jnp
 
 from . import checkpoint as ckpt
-from . import sharding
+from . import finetune, sharding
 from . import tokenizer as tk
 from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
-from .data import Dataset, prepare_data, sample_batch
+from .data import DataError, Dataset, prepare_data, sample_batch
 from .expert_log import EXPERT_COUNTS_FILE, ExpertCountsLog, make_counts_fn
+from .lora import has_lora, lora_summary, lora_trainable
 from .model import Transformer, cast_floating
 from .optim import make_optimizer, make_schedule
 from .step import init_opt_state, make_eval_step, make_train_step
@@ -200,26 +201,62 @@ class Trainer:
         self.loggers: list[Logger] = list(loggers or [])
         self.progress = progress  # None: a bar when stdout is a terminal
         self.run_dir: Path | None = None
+        self._base: dict[str, Any] | None = None  # lora_base.json of an adapter-only LoRA run
 
     # ---------------------------------------------------------------- seams for other features
     def _build_model(self, config: Config, key: Any) -> Transformer:
-        """The model to train: `self.model` if given, else a fresh `Transformer(config)`."""
-        if config.use_lora:
-            raise ConfigError("use_lora: LoRA fine-tuning is not available in this build yet; "
-                              "set use_lora false")
-        if config.init_from:
-            raise ConfigError("init_from: initialising from another run is not available in this "
-                              "build yet; leave init_from empty")
+        """The model to train: `self.model` if given, else the best weights of the run
+        `config.init_from` (fine-tuning), else a fresh `Transformer(config)`; with `use_lora`,
+        LoRA adapters are added to it. A LoRA run with a base run (init_from) saves only its
+        adapters plus a pointer to the base (`finetune.py`)."""
+        self._base = None
         if self.model is not None:
             if self.model.vocab_size != config.vocab_size:
                 raise ConfigError(f"vocab_size: the given model has vocab_size={self.model.vocab_size}, "
                                   f"the tokenizer needs {config.vocab_size}")
-            return self.model
-        return Transformer(config, key=key)
+            model = self.model
+            if has_lora(model) and not config.use_lora:
+                raise ConfigError("use_lora: the given model has LoRA adapters but use_lora is false; pass "
+                                  "lora.merge_lora(model) to train all its weights")
+            if config.use_lora and config.init_from:
+                self._base = finetune.pointer_of(model, config.init_from, config)
+        elif config.init_from:
+            model, pointer = finetune.load_base(config.init_from, config)
+            self._base = pointer if config.use_lora else None
+        elif config.use_lora:
+            raise ConfigError("use_lora: LoRA fine-tunes a trained model: set init_from to its run directory "
+                              "(CLI: --init_from RUN_DIR), or pass model= to Trainer")
+        else:
+            model = Transformer(config, key=key)
+        return finetune.add_adapters(model, config, jax.random.fold_in(key, 1)) if config.use_lora else model
 
     def _trainable(self, model: Transformer) -> Any:
-        """A bool pytree like the params marking what trains; None = everything."""
-        return None
+        """A bool pytree like the params marking what trains; None = everything. A model with
+        LoRA adapters trains only its adapters."""
+        return lora_trainable(model) if has_lora(model) else None
+
+    def _restore(self, run_dir: Path, params: Any, state: dict, trainable: Any) -> tuple[int, Any, dict]:
+        """Resume from the latest checkpoint. An adapter-only LoRA run restores its adapters
+        into `params` (whose frozen part is the base, reloaded) after checking that the base
+        is still the one it was trained on."""
+        saved = Config.from_yaml(run_dir / CONFIG_FILE)
+        for name in ("use_lora", "lora_targets", "lora_rank"):  # they fix the adapters' arrays
+            if getattr(saved, name) != getattr(self.config, name):
+                raise ConfigError(f"{name}: the run in {str(run_dir)!r} was trained with {name}="
+                                  f"{getattr(saved, name)!r}, this config has {getattr(self.config, name)!r}; "
+                                  "a resumed run keeps its adapters (start a new run_dir to change them)")
+        if self._base is None:
+            return ckpt.restore(run_dir, ckpt.LATEST, params, state)
+        pointer = finetune.read_pointer(run_dir)
+        if pointer is None or pointer["params_sha256"] != self._base["params_sha256"]:
+            raise ckpt.CheckpointError(
+                f"init_from: the base run {self._base['base_run']!r} is not the one the LoRA run in "
+                f"{str(run_dir)!r} was trained on ({finetune.BASE_FILE} differs: base checkpoint step "
+                f"{None if pointer is None else pointer.get('step')} then, {self._base['step']} now); "
+                "the adapter cannot be resumed on other base weights")
+        adapter, frozen = eqx.partition(params, trainable)
+        step, adapter, state = ckpt.restore(run_dir, ckpt.LATEST, adapter, state)
+        return step, eqx.combine(adapter, frozen), state
 
     def _mesh(self, config: Config) -> Any:
         try:
@@ -294,12 +331,30 @@ class Trainer:
             tokenizer = tk.load_tokenizer(run_dir / TOKENIZER_FILE)
         elif config.tokenizer_path:
             tokenizer = tk.load_tokenizer(config.tokenizer_path)
+        elif config.init_from:  # a fine-tune keeps its base's tokenizer (never retrained)
+            base_tokenizer = finetune.base_dir(config.init_from) / TOKENIZER_FILE
+            if not base_tokenizer.is_file():
+                raise ConfigError(f"init_from: {str(config.init_from)!r} has no {TOKENIZER_FILE}; pass the "
+                                  "directory of a finished `dantinox-eqx train` run")
+            tokenizer = tk.load_tokenizer(base_tokenizer)
+        elif config.use_lora:
+            raise ConfigError("use_lora: a LoRA fine-tune keeps its base model's tokenizer: set init_from to the "
+                              "base run directory (CLI: --init_from RUN_DIR), or with model= set tokenizer_path "
+                              "to the model's tokenizer.json")
         else:
             tokenizer = None
-        dataset = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
-                               val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
-                               bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer,
-                               cache_dir=cache_dir())
+        try:
+            dataset = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
+                                   val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
+                                   bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer,
+                                   cache_dir=cache_dir())
+        except DataError as e:
+            if tokenizer is None or "outside the char vocabulary" not in str(e):
+                raise
+            source = ("the run" if resume else "tokenizer_path" if config.tokenizer_path
+                      else f"the base run {str(config.init_from)!r}")
+            raise DataError(f"{e}; the tokenizer comes from {source} and a char vocabulary cannot grow: "
+                            "remove those characters from the corpus") from None
         return path, dataset
 
     @staticmethod
@@ -336,6 +391,8 @@ class Trainer:
         saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume else None
         data_path, dataset = self._data(config, data_path, run_dir, resume)
         config = self._resolve_vocab(config, dataset.vocab_size)
+        if config.init_from:  # recorded absolute: resume and loading work from any directory
+            config = config.replace(init_from=str(Path(config.init_from).expanduser().resolve()))
         if saved is not None:
             self._check_resumable(saved, config, run_dir)
         total = config.total_steps(len(dataset.train))
@@ -357,13 +414,18 @@ class Trainer:
                  "evals_without_improvement": jnp.zeros((), jnp.int32)}
         rows: list[dict[str, Any]] = []
         if resume:
-            step, params, state = ckpt.restore(run_dir, ckpt.LATEST, params, state)
+            step, params, state = self._restore(run_dir, params, state, trainable)
             opt_state = state["opt_state"]
             if (run_dir / config.log_file).is_file():
                 rows = [r for r in read_log(run_dir / config.log_file) if r["step"] <= step]
         else:
             step = 0
         summary = model_summary(config, params, opt_state)
+        if has_lora(model):  # the trainable share; optimizer_mem_MB above is the adapter's state
+            lora = lora_summary(model)
+            summary |= {"trainable_params": lora["trainable"], "trainable_percent": round(lora["percent"], 4),
+                        "lora_rank": config.lora_rank, "lora_targets": config.lora_targets,
+                        "lora_base_run": self._base["base_run"] if self._base else None}
 
         # ---- nothing was written before this point: every input check has passed.
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,6 +433,8 @@ class Trainer:
         config.to_yaml(run_dir / CONFIG_FILE)
         tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE)
         atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+        if self._base is not None:
+            finetune.write_pointer(run_dir, self._base)
         _write_log(run_dir / config.log_file, rows)
 
         loop = _Loop(self, config, run_dir, data_path, total, static, optimizer, trainable,
@@ -428,6 +492,8 @@ class _Loop:
         self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
         self.evaluate = jax.jit(evaluate)
         self.ckpt_every = c.checkpoint_interval or c.eval_interval
+        # An adapter-only LoRA run checkpoints the trained arrays only (the base is in its run).
+        self.saved = (lambda p: eqx.filter(p, trainable)) if trainer._base is not None else (lambda p: p)
 
     # -- saving (never called with non-finite params)
     def _train_state(self, opt_state: Any, step: int, best: float, best_step: int, waited: int) -> dict:
@@ -437,7 +503,7 @@ class _Loop:
 
     def _save_latest(self, params: Any, opt_state: Any, step: int, best: float, best_step: int,
                      waited: int, finished: bool = False, stopped_early: bool = False) -> None:
-        ckpt.save(self.run_dir, ckpt.LATEST, step, params,
+        ckpt.save(self.run_dir, ckpt.LATEST, step, self.saved(params),
                   self._train_state(opt_state, step, best, best_step, waited))
         cursor = {"step": step, "total_steps": self.total,
                   "best_val_loss": None if math.isinf(best) else best, "best_step": best_step,
@@ -501,7 +567,7 @@ class _Loop:
                             experts.record(step, counts)
                         if row["val_loss"] < best:
                             best, best_step, waited = row["val_loss"], step, 0
-                            ckpt.save(self.run_dir, ckpt.BEST, step, params)
+                            ckpt.save(self.run_dir, ckpt.BEST, step, self.saved(params))
                         else:
                             waited += 1
                         stop_early = c.patience > 0 and waited >= c.patience
