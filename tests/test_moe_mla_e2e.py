@@ -158,6 +158,30 @@ def test_expert_counts_file_matches_the_eval_batch(moe_run):
     assert rows[0][1].tolist() != rows[-1][1].tolist()  # routing moved during training
 
 
+class _StopAt:
+    """A logger that aborts training after the evaluation row of `step` (checkpoint saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, row: dict) -> None:
+        if row["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_resumed_moe_run_writes_the_same_expert_counts(moe_run, corpus, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny(**MOE), loggers=[_StopAt(20)], progress=False).fit(corpus, run_dir=run)
+    assert [s for s, _ in read_expert_counts(run / EXPERT_COUNTS_FILE)] == [10, 20]
+    # a row past the checkpoint (as a kill between the log write and the checkpoint leaves)
+    with open(run / EXPERT_COUNTS_FILE, "a", encoding="utf-8") as f:
+        f.write("25" + ",1" * 8 + "\n")
+    Trainer(tiny(**MOE), progress=False).fit(corpus, run_dir=run, resume=True)
+    assert (run / EXPERT_COUNTS_FILE).read_text() == (moe_run / EXPERT_COUNTS_FILE).read_text()
+
+
 # --------------------------------------------------------------------------- MLA generation
 def _files(run: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.stat().st_size)
