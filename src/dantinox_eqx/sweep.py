@@ -70,7 +70,7 @@ def metrics_from_run_dir(run_dir: str | os.PathLike, log_file: str = "training_l
 def trainer_train_fn(config: Config, data_path: str, run_dir: Path) -> dict[str, float]:
     """The sweeps' default training: `Trainer(config).fit(data_path, run_dir)`, then the run's
     last eval row (and best val_loss) read back from its training log."""
-    from .train import Trainer
+    from .trainer import Trainer
 
     Trainer(config).fit(data_path, run_dir=run_dir)
     return metrics_from_run_dir(run_dir, config.log_file)
