@@ -166,7 +166,9 @@ def write_results(sweep_dir: str | os.PathLike, sweep: SweepConfig) -> list[dict
     sweep_dir = Path(sweep_dir)
     records = _sorted_records(read_records(sweep_dir), sweep)
     params = list(sweep.parameters)
-    extra_metrics = sorted({k for r in records for k in r["metrics"]} - {sweep.metric})
+    # A metric named like a swept parameter (the training log's `lr` column) would make a second
+    # column of that name: the parameter's column (the trial's value) wins.
+    extra_metrics = sorted({k for r in records for k in r["metrics"]} - {sweep.metric} - set(params))
     header = ["rank", "trial", "status", sweep.metric, *params, *extra_metrics, "derived", "run_dir",
               "seconds", "reason"]
     buf = io.StringIO()
