@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cli.common import fail, handle_errors
-from cli.overrides import OVERRIDES, load_config
+from cli.overrides import field_options, load_config
 from dantinox_eqx.config import SCHEDULES, atomic_write_text
 
 
@@ -25,7 +25,7 @@ def _new_dir(parent: Path, prefix: str) -> Path:
     return path
 
 
-@click.command("find-lr", context_settings=OVERRIDES)
+@click.command("find-lr")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True, help="Config YAML.")
 @click.option("--data_path", required=True, help="Training corpus (UTF-8 text).")
 @click.option("--min_lr", type=float, default=1e-6, show_default=True, help="LR of the first step.")
@@ -33,17 +33,18 @@ def _new_dir(parent: Path, prefix: str) -> Path:
 @click.option("--num_steps", type=int, default=100, show_default=True, help="Steps of the exponential ramp.")
 @click.option("--plot", is_flag=True, help="Write lr_finder.png (and lr_finder.csv).")
 @click.option("--out_dir", default=None, help="Where --plot writes [default: a new runs/lr_finder_<time>/].")
-@click.pass_context
+@field_options(exclude=("config", "data_path", "min_lr", "max_lr", "num_steps", "plot", "out_dir"))
 @handle_errors
-def find_lr(ctx: click.Context, config_path: str, data_path: str, min_lr: float, max_lr: float, num_steps: int,
-            plot: bool, out_dir: str | None) -> None:
+def find_lr(config_path: str, data_path: str, min_lr: float, max_lr: float, num_steps: int,
+            plot: bool, out_dir: str | None, **fields: str | None) -> None:
     """LR range test: train briefly with an exponentially rising LR and suggest the LR of the
-    steepest loss descent. Changes no run. Extra --FIELD VALUE options override the config."""
-    from dantinox_eqx.lr_finder import find_lr_on_path
+    steepest loss descent, on the model `train` would start from (same tokenizer, init and
+    optimizer). Changes no run. --FIELD VALUE options override the config."""
     from dantinox_eqx.lr_plots import plot_lr_finder
+    from dantinox_eqx.trainer import Trainer
 
-    config = load_config(config_path, ctx.args)
-    suggested, lrs, losses = find_lr_on_path(config, data_path, min_lr, max_lr, num_steps)
+    config = load_config(config_path, fields)
+    suggested, lrs, losses = Trainer(config).find_lr(data_path, min_lr, max_lr, num_steps)
     if len(lrs) < num_steps:
         click.echo(f"Stopped after {len(lrs)} of {num_steps} steps: the loss diverged at lr={lrs[-1]:.2e}")
     click.echo(f"Suggested LR: {suggested:.2e}")
@@ -59,20 +60,20 @@ def find_lr(ctx: click.Context, config_path: str, data_path: str, min_lr: float,
         click.echo(f"Wrote {png}")
 
 
-@click.command("plot-lr-schedule", context_settings=OVERRIDES)
+@click.command("plot-lr-schedule")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True, help="Config YAML.")
 @click.option("--total_steps", type=int, default=None, help="Steps of the run [default: the config's max_steps].")
 @click.option("--out", default="lr_schedule.png", show_default=True, help="PNG to write.")
 @click.option("--all", "all_schedules", is_flag=True, help=f"Overlay every schedule ({', '.join(SCHEDULES)}).")
-@click.pass_context
+@field_options(exclude=("config", "total_steps", "out", "all"))
 @handle_errors
-def plot_lr_schedule(ctx: click.Context, config_path: str, total_steps: int | None, out: str,
-                     all_schedules: bool) -> None:
+def plot_lr_schedule(config_path: str, total_steps: int | None, out: str, all_schedules: bool,
+                     **fields: str | None) -> None:
     """Plot the LR against the step for the config's schedule (warmup, then cosine / linear /
-    constant / wsd). Extra --FIELD VALUE options override the config (e.g. --lr_schedule wsd)."""
+    constant / wsd). --FIELD VALUE options override the config (e.g. --lr_schedule wsd)."""
     from dantinox_eqx.lr_plots import plot_lr_schedule as plot
 
-    config = load_config(config_path, ctx.args)
+    config = load_config(config_path, fields)
     if total_steps is None:
         if config.max_steps is None:
             fail("--total_steps: the config sets no max_steps (its step count depends on the corpus); "

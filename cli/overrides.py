@@ -1,39 +1,82 @@
-"""`--FIELD VALUE` options for any Config field, for commands that take a config file.
+"""`--FIELD VALUE` options for every Config field, shared by every command that takes a config.
 
-Commands declare `context_settings=OVERRIDES` and pass `ctx.args` to `parse_overrides`; each
-value is parsed for its field's type by `Config.coerce` (unknown fields get a did-you-mean).
+    @click.command()
+    @click.option("--config", "config_path", ...)
+    @field_options(exclude=("seed",))          # the command's own options keep their names
+    @handle_errors
+    def cmd(config_path, ..., **fields):
+        config = load_config(config_path, fields)
+
+Each field becomes a real Click option (listed in `--help`, with the comment after the field in
+config.py as its help text; an unknown flag is Click's one-line "No such option" error with
+suggestions). Values arrive as strings and are parsed for the field's type by `Config.coerce`
+(booleans: True/False, "None" for unset), so a bad value is a ConfigError naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from functools import cache
+from pathlib import Path
 from typing import Any
 
-from dantinox_eqx.config import Config, ConfigError
+import click
 
-OVERRIDES = {"ignore_unknown_options": True, "allow_extra_args": True}
+from dantinox_eqx.config import Config
 
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`["--lr", "1e-3", "--use_moe=true"]` -> `{"lr": 0.001, "use_moe": True}`."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}; config overrides look like --FIELD VALUE")
-        name, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"--{name}: missing value; pass --{name} VALUE")
-            value = args[i + 1]
-            i += 1
-        out[name] = Config.coerce(name, value)
-        i += 1
-    return out
+__all__ = ["field_options", "given_overrides", "load_config"]
 
 
-def load_config(path: str | None, args: list[str]) -> Config:
-    """The config at `path` (the library defaults when None) with the `--FIELD VALUE` overrides."""
-    config = Config.from_yaml(path) if path else Config()
-    overrides = parse_overrides(args)
+@cache
+def _field_comments() -> dict[str, str]:
+    """The `# comment` after each field in config.py: the help text of its option."""
+    from dantinox_eqx import config as config_module
+
+    found = {}
+    for line in inspect.getsource(config_module.Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def _field_option(field: dataclasses.Field) -> Callable:
+    default = field.default
+    kind = str(field.type).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    text = _field_comments().get(field.name, "")
+    help_text = f"{text + '. ' if text else ''}[{kind}; default {default!r}]"
+    return click.option(f"--{field.name}", field.name, type=str, default=None, metavar="VALUE",
+                        help=help_text)
+
+
+def field_options(exclude: Iterable[str] = ()) -> Callable:
+    """Decorator: one `--FIELD VALUE` option per Config field, except the names in `exclude`
+    (the command's own options, which are never shadowed). The command receives them as
+    keyword arguments: None when not given, else the raw string."""
+    skip = set(exclude)
+
+    def decorate(fn: Callable) -> Callable:
+        for field in reversed(dataclasses.fields(Config)):
+            if field.name not in skip:
+                fn = _field_option(field)(fn)
+        return fn
+
+    return decorate
+
+
+def given_overrides(values: dict[str, str | None]) -> dict[str, Any]:
+    """The options that were given, parsed for their field's type: `{"lr": "1e-3", "dim": None}`
+    -> `{"lr": 0.001}` (ConfigError naming the field for a bad value)."""
+    return {name: Config.coerce(name, value) for name, value in values.items() if value is not None}
+
+
+def load_config(path: str | Path | None, values: dict[str, str | None], default: str | Path | None = None) -> Config:
+    """The config at `path` (else the one at `default`, else the library defaults) with the
+    given `--FIELD VALUE` options applied."""
+    source = path if path is not None else default
+    config = Config.from_yaml(source) if source is not None else Config()
+    overrides = given_overrides(values)
     return config.replace(**overrides) if overrides else config

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from datetime import datetime
 from pathlib import Path
 
 import click
 
-from cli.common import fail, handle_errors
-from cli.overrides import OVERRIDES, load_config
+from cli.common import handle_errors
+from cli.overrides import field_options, load_config
 
 
-@click.command("sweep", context_settings=OVERRIDES)
+@click.command("sweep")
 @click.option("--sweep_config", required=True, type=click.Path(dir_okay=False), help="W&B-format sweep YAML.")
 @click.option("--data_path", required=True, help="Training corpus (UTF-8 text).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
@@ -26,20 +25,19 @@ from cli.overrides import OVERRIDES, load_config
               "[default: a new runs/sweep_<time>/].")
 @click.option("--sweep_id", default=None, help="wandb backend: join this existing W&B sweep.")
 @click.option("--seed", type=int, default=None, help="Sampler seed (local backend) [default: the config's].")
-@click.pass_context
+@field_options(exclude=("sweep_config", "data_path", "config", "wandb_project", "entity", "count", "backend",
+                        "sweep_dir", "sweep_id", "seed"))
 @handle_errors
-def sweep(ctx: click.Context, sweep_config: str, data_path: str, config_path: str | None, wandb_project: str,
+def sweep(sweep_config: str, data_path: str, config_path: str | None, wandb_project: str,
           entity: str | None, count: int, backend: str, sweep_dir: str | None, sweep_id: str | None,
-          seed: int | None) -> None:
+          seed: int | None, **fields: str | None) -> None:
     """Run COUNT trials of a sweep; each trains the base config with the trial's values and
     reports the sweep's metric. Writes sweep_results.csv (best first) and sweep.png.
-    Extra --FIELD VALUE options override the base config (e.g. --max_steps 300)."""
+    --FIELD VALUE options override the base config (e.g. --max_steps 300)."""
     from dantinox_eqx import sweep as sw
 
     spec = sw.load_sweep_config(sweep_config)  # every check before anything runs
-    base = load_config(config_path, ctx.args)
-    if importlib.util.find_spec("dantinox_eqx.train") is None:
-        fail("sweep: the Trainer (dantinox_eqx.train) is not installed")
+    base = load_config(config_path, fields)
     folder = Path(sweep_dir) if sweep_dir else Path("runs") / f"sweep_{datetime.now():%Y%m%d_%H%M%S}"
     click.echo(f"Sweep directory: {folder}")
     if backend == "local":

@@ -2,51 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import re
 import sys
-from functools import cache
 from pathlib import Path
-from typing import Any
 
 import click
 
 from dantinox_eqx.config import Config
 
 from .common import handle_errors
+from .overrides import field_options, load_config
 
-_OWN = ("config", "data_path", "run_dir", "resume")
-
-
-@cache
-def _field_comments() -> dict[str, str]:
-    """The `# comment` after each field in config.py: the help text of its option."""
-    from dantinox_eqx import config as config_module
-
-    found = {}
-    for line in inspect.getsource(config_module.Config).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            found[m.group(1)] = m.group(2).strip()
-    return found
-
-
-def _field_option(field: dataclasses.Field) -> Any:
-    default = field.default
-    kind = str(field.type).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    text = _field_comments().get(field.name, "")
-    help_text = f"{text + '. ' if text else ''}[{kind}; default {default!r}]"
-    return click.option(f"--{field.name}", field.name, type=str, default=None, metavar="VALUE",
-                        help=help_text)
-
-
-def _with_field_options(fn: Any) -> Any:
-    for field in reversed(dataclasses.fields(Config)):
-        if field.name in _OWN:  # never shadow our own options
-            continue
-        fn = _field_option(field)(fn)
-    return fn
+_OWN = ("config", "data_path", "run_dir", "resume", "coordinator", "num_processes", "process_id")
 
 
 def build_config(config_path: str | None, run_dir: str | None, resume: bool,
@@ -62,9 +28,7 @@ def build_config(config_path: str | None, run_dir: str | None, resume: bool,
 
     if config_path is None and resume and run_dir is not None and (Path(run_dir) / CONFIG_FILE).is_file():
         config_path = str(Path(run_dir) / CONFIG_FILE)
-    base = Config.from_yaml(config_path if config_path is not None else default_config_path())
-    given = {name: Config.coerce(name, value) for name, value in overrides.items() if value is not None}
-    config = base.replace(**given) if given else base
+    config = load_config(config_path, overrides, default=default_config_path())
     if config.use_lora and not config.init_from and not resume and config_path is not None:
         source = Path(config_path).parent
         if Path(config_path).name == CONFIG_FILE and checkpoint.latest_step(source, checkpoint.BEST) is not None:
@@ -85,9 +49,17 @@ def build_config(config_path: str | None, run_dir: str | None, resume: bool,
                    "unless --resume.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run_dir from its latest checkpoint, "
                                              "exactly (without --config: with the run's config.yaml).")
-@_with_field_options
+@click.option("--coordinator", type=str, default=None, metavar="HOST:PORT",
+              help="Multi-host: process 0's address (or JAX_COORDINATOR_ADDRESS). Every process runs "
+                   "the same command with its own --process_id; see docs/multihost.md.")
+@click.option("--num_processes", type=int, default=None, metavar="N",
+              help="Multi-host: the number of processes (or JAX_NUM_PROCESSES).")
+@click.option("--process_id", type=int, default=None, metavar="I",
+              help="Multi-host: this process's index, 0 to N-1 (or JAX_PROCESS_ID); 0 writes the run directory.")
+@field_options(exclude=_OWN)
 @handle_errors
 def train(config_path: str | None, data_path: str | None, run_dir: str | None, resume: bool,
+          coordinator: str | None, num_processes: int | None, process_id: int | None,
           **overrides: str | None) -> None:
     """Train a model; every artifact goes to one run directory.
 
@@ -97,11 +69,19 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     dantinox-eqx train --run_dir runs/run_X --resume   continue an interrupted run
     dantinox-eqx train --config runs/run_X/config.yaml --data_path new.txt --use_lora True
                                                        LoRA fine-tune of run_X (--init_from: another base)
+    dantinox-eqx train --sharding fsdp --n_devices 4   FSDP over 4 devices
+    dantinox-eqx train ... --coordinator node0:12355 --num_processes 2 --process_id I   (on each host)
 
     Every config field is also an option: --FIELD VALUE (booleans: True/False, "None" for unset).
     Exit codes: 0 done, 1 training diverged (NaN/inf loss), 2 bad input (nothing written),
     130/143 interrupted by SIGINT/SIGTERM after saving a checkpoint.
     """
+    from dantinox_eqx import distributed
+
+    # First: jax.distributed must be initialised before anything touches a device (a no-op
+    # without the flags or the JAX_* variables; ConfigError for partial or bad values).
+    distributed.initialize(coordinator, num_processes, process_id)
+
     from dantinox_eqx.trainer import CONFIG_FILE, Trainer, TrainingDiverged, TrainingInterrupted
 
     config = build_config(config_path, run_dir, resume, overrides)
@@ -111,6 +91,8 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
         again = f"dantinox-eqx train --config {e.run_dir / CONFIG_FILE} --run_dir {e.run_dir}"
         if data_path is not None:
             again += f" --data_path {data_path}"
+        if coordinator or num_processes is not None or process_id is not None:
+            again += f" --coordinator {coordinator} --num_processes {num_processes} --process_id {process_id}"
         click.echo(f"{e}\nresume with: {again} --resume", err=True)
         sys.exit(e.exit_code)
     except TrainingDiverged as e:
@@ -119,7 +101,8 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal, or a second one
         click.echo("interrupted: stopped without saving a new checkpoint", err=True)
         sys.exit(130)
-    click.echo(f"Saved to: {out}")
+    if distributed.is_primary():
+        click.echo(f"Saved to: {out}")
 
 
 COMMANDS = [train]

@@ -49,7 +49,8 @@ def test_help_is_complete():
     assert top.returncode == 0 and "train" in top.stdout and "plot" in top.stdout
     train = cli("train", "--help")
     assert train.returncode == 0
-    for name in ("config", "data_path", "run_dir", "resume", *(f.name for f in dataclasses.fields(Config))):
+    for name in ("config", "data_path", "run_dir", "resume", "coordinator", "num_processes", "process_id",
+                 *(f.name for f in dataclasses.fields(Config))):
         assert f"--{name} " in train.stdout, name
     assert "resid" in train.stdout  # field comments become option help ("residual width")
     plot = cli("plot", "--help")
@@ -85,6 +86,11 @@ BAD_INPUTS = {
     "bad value type": (["--lr", "fast"], "lr: expected a number, got 'fast'"),
     "dim/head mismatch": (["--dim", "100"], "dim: must equal n_heads * head_size"),
     "non-empty run_dir": (["--run_dir", "{tmp}/busy"], "run_dir: '{tmp}/busy' is not empty; pass --resume"),
+    "partial multi-host flags": (["--num_processes", "2"], "coordinator: multi-process training needs coordinator"),
+    "bad coordinator": (["--coordinator", "node0", "--num_processes", "2", "--process_id", "0"],
+                        "coordinator: expected HOST:PORT"),
+    "process_id out of range": (["--coordinator", "127.0.0.1:1", "--num_processes", "2", "--process_id", "2"],
+                                "process_id: 2 must be in [0, num_processes=2)"),
 }
 
 

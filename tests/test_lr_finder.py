@@ -179,7 +179,7 @@ def test_cli_find_lr_bad_input(small_corpus, tmp_path):
                "--max_lr", "1e-3", cwd=tmp_path)
     assert out.returncode == 2 and "max_lr" in out.stderr and "Traceback" not in out.stderr
     out = _cli("find-lr", "--config", str(cfg), "--data_path", str(small_corpus), "--lrr", "1", cwd=tmp_path)
-    assert out.returncode == 2 and "did you mean 'lr'" in out.stderr
+    assert out.returncode == 2 and "No such option '--lrr'" in out.stderr and "'--lr'" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 

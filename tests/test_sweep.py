@@ -385,3 +385,33 @@ def test_wandb_backend_needs_a_server(small_corpus, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--backend local"):
         sw.run_wandb_sweep(parse_sweep_config(_spec()), Config(**BASE), small_corpus, tmp_path / "w", 1,
                            fake_train, project="p")
+
+
+@pytest.mark.slow
+def test_cli_local_sweep_trains_with_the_trainer(small_corpus, tmp_path):
+    """`dantinox-eqx sweep --backend local` end to end: each trial is a real Trainer run."""
+    from dantinox_eqx.trainer import read_log
+
+    spec_path, base_path = tmp_path / "sweep.yaml", tmp_path / "base.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(method="grid", parameters={"lr": {"values": [1e-3, 1e-2]}})))
+    Config(**BASE).to_yaml(base_path)
+    exe = Path(sys.executable).parent / "dantinox-eqx"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([str(exe), "sweep", "--sweep_config", str(spec_path), "--data_path", str(small_corpus),
+                          "--config", str(base_path), "--backend", "local", "--count", "2", "--sweep_dir",
+                          str(tmp_path / "sw"), "--max_steps", "6", "--eval_interval", "3", "--eval_iters", "1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = _rows(tmp_path / "sw")
+    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows)
+    assert sorted(float(r["lr"]) for r in rows) == [1e-3, 1e-2]  # the grid, each point once
+    losses = [float(r["val_loss"]) for r in rows]
+    assert losses == sorted(losses)
+    for r in rows:  # the metric is the last logged val_loss of the trial's real run directory
+        run = tmp_path / "sw" / r["run_dir"]
+        log = read_log(run / "training_log.csv")
+        assert [x["step"] for x in log] == [3, 6] and float(r["val_loss"]) == log[-1]["val_loss"]
+        assert Config.from_yaml(run / "config.yaml").lr == float(r["lr"])
+    best = rows[0]
+    assert f"Best: trial {best['trial']} val_loss=" in out.stdout
+    assert str(tmp_path / "sw" / best["run_dir"]) in out.stdout

@@ -31,7 +31,7 @@ from jaxtyping import Array, Int, Integer, PRNGKeyArray
 from .config import ConfigError
 from .sharding import BATCH_AXIS, batch_sharding, num_devices
 
-__all__ = ["initialize", "is_primary", "process_count", "barrier", "broadcast_int", "global_batch",
+__all__ = ["initialize", "is_primary", "process_count", "barrier", "broadcast_int", "any_process", "global_batch",
            "sample_global_batch", "local_rows"]
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -105,6 +105,17 @@ def broadcast_int(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def any_process(flag: bool) -> bool:
+    """True in every process when `flag` is True in at least one (e.g. a stop signal received
+    by one host, or the primary failing to start its W&B run): a collective, so every process
+    must call it at the same point. The identity with one process."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
 def local_rows(mesh: Mesh, n_rows: int) -> list[slice]:

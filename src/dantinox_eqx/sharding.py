@@ -242,12 +242,17 @@ def _shardings_of(tree: PyTree) -> PyTree:
 
 
 def shard_train_step(step: Callable, mesh: Mesh, params: PyTree, opt_state: PyTree, *,
-                     donate: bool = True) -> Callable:
+                     donate: bool = True, data_shardings: tuple | None = None) -> Callable:
     """Wrap `step(params, opt_state, batch, key)` (from step.make_train_step) so that it keeps
     `params`/`opt_state` in the shardings they have now (from `place`; or pass pytrees of
     shardings, e.g. `param_sharding(...)`), takes the batch split on its batch axis (axis 1),
     runs with `mesh` in context (FSDP's per-layer gathers, see `constrain_layer`) and returns
     replicated metrics (readable by every process).
+
+    `data_shardings`: the shardings of the arguments after (params, opt_state), default
+    (batch split on axis 1, key replicated). The Trainer's fused step
+    `step(params, opt_state, tokens, step_number)`, which samples its batch inside the
+    compiled call, passes (replicated, replicated).
 
     Committed inputs must already have these shardings (jit raises on a mismatch rather than
     move data silently); host arrays and uncommitted ones (e.g. `jax.random.key(0)`) are placed.
@@ -258,17 +263,20 @@ def shard_train_step(step: Callable, mesh: Mesh, params: PyTree, opt_state: PyTr
     """
     p_sh, o_sh = _shardings_of(params), _shardings_of(opt_state)
     rep = NamedSharding(mesh, P())
-    jitted = jax.jit(step, in_shardings=(p_sh, o_sh, batch_sharding(mesh, BATCH_AXIS), rep),
-                     out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1) if donate else ())
+    data = tuple(data_shardings) if data_shardings is not None else (batch_sharding(mesh, BATCH_AXIS), rep)
+    jitted = jax.jit(step, in_shardings=(p_sh, o_sh, *data), out_shardings=(p_sh, o_sh, rep),
+                     donate_argnums=(0, 1) if donate else ())
     return _with_mesh(jitted, mesh)
 
 
-def shard_eval_step(eval_step: Callable, mesh: Mesh, params: PyTree) -> Callable:
+def shard_eval_step(eval_step: Callable, mesh: Mesh, params: PyTree, *,
+                    data_shardings: tuple | None = None) -> Callable:
     """Wrap `eval_step(params, batches (n, batch, seq + 1))` (step.make_eval_step): batches split
-    on axis 1, metrics replicated."""
+    on axis 1, every output replicated. `data_shardings`: the shardings of the arguments after
+    `params` (default: the batches split on axis 1), as for `shard_train_step`."""
     rep = NamedSharding(mesh, P())
-    jitted = jax.jit(eval_step, in_shardings=(_shardings_of(params), batch_sharding(mesh, BATCH_AXIS)),
-                     out_shardings=rep)
+    data = tuple(data_shardings) if data_shardings is not None else (batch_sharding(mesh, BATCH_AXIS),)
+    jitted = jax.jit(eval_step, in_shardings=(_shardings_of(params), *data), out_shardings=rep)
     return _with_mesh(jitted, mesh)
 
 

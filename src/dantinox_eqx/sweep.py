@@ -70,7 +70,7 @@ def metrics_from_run_dir(run_dir: str | os.PathLike, log_file: str = "training_l
 def trainer_train_fn(config: Config, data_path: str, run_dir: Path) -> dict[str, float]:
     """The sweeps' default training: `Trainer(config).fit(data_path, run_dir)`, then the run's
     last eval row (and best val_loss) read back from its training log."""
-    from .train import Trainer
+    from .trainer import Trainer
 
     Trainer(config).fit(data_path, run_dir=run_dir)
     return metrics_from_run_dir(run_dir, config.log_file)
@@ -166,7 +166,9 @@ def write_results(sweep_dir: str | os.PathLike, sweep: SweepConfig) -> list[dict
     sweep_dir = Path(sweep_dir)
     records = _sorted_records(read_records(sweep_dir), sweep)
     params = list(sweep.parameters)
-    extra_metrics = sorted({k for r in records for k in r["metrics"]} - {sweep.metric})
+    # A metric named like a swept parameter (the training log's `lr` column) would make a second
+    # column of that name: the parameter's column (the trial's value) wins.
+    extra_metrics = sorted({k for r in records for k in r["metrics"]} - {sweep.metric} - set(params))
     header = ["rank", "trial", "status", sweep.metric, *params, *extra_metrics, "derived", "run_dir",
               "seconds", "reason"]
     buf = io.StringIO()

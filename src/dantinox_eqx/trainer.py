@@ -21,6 +21,13 @@ a resumable directory: the log row, the best checkpoint (if val improved), the l
 checkpoint, then training_cursor.json. The latest checkpoint holds the early-stopping state
 too, so resume never depends on the cursor being current; rows logged after the checkpoint
 that is resumed from are dropped and written again.
+
+Devices: the step runs on a mesh of `n_devices` devices (`sharding.py`): the batch is split
+over them and the parameters and optimizer state are replicated (`sharding: dp`) or sharded
+(`sharding: fsdp`). Under multi-process JAX (`distributed.initialize`, before the Trainer is
+built) every process runs `fit` with the same arguments: only process 0 writes the run
+directory's files, prints and calls the loggers (W&B included); checkpoints are saved and
+restored collectively by every process. A checkpoint resumes on any device count.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -42,9 +50,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from . import checkpoint as ckpt
-from . import finetune, sharding
+from . import distributed, finetune, sharding
 from . import tokenizer as tk
 from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
 from .data import DataError, Dataset, prepare_data, sample_batch
@@ -54,6 +65,7 @@ from .model import Transformer, cast_floating
 from .optim import make_optimizer, make_schedule
 from .step import init_opt_state, make_eval_step, make_train_step
 from .summary import model_summary
+from .wandb_logger import make_wandb_logger
 
 __all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "LOG_COLUMNS", "CURSOR_FILE",
            "read_log", "default_config_path"]
@@ -143,10 +155,13 @@ class _StopFlag:
 
 
 class _Progress:
-    """A rich progress bar on a terminal; one printed line per evaluation otherwise."""
+    """A rich progress bar on a terminal; one printed line per evaluation otherwise; nothing
+    at all when `quiet` (the non-primary processes of a multi-process run)."""
 
-    def __init__(self, total: int, start: int, enabled: bool | None = None):
+    def __init__(self, total: int, start: int, enabled: bool | None = None, quiet: bool = False):
         self.tty = sys.stdout.isatty() if enabled is None else enabled
+        self.quiet = quiet
+        self.tty = self.tty and not quiet
         self.bar = None
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -163,6 +178,8 @@ class _Progress:
             self.bar.advance(self.task)
 
     def row(self, row: dict[str, Any], total: int) -> None:
+        if self.quiet:
+            return
         line = (f"step {row['step']}/{total} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
                 f" | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step | {row['tokens_per_s']:.0f} tok/s")
         if self.bar is not None:
@@ -173,6 +190,8 @@ class _Progress:
             print(line, flush=True)
 
     def message(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.console.print(text, highlight=False)
         else:
@@ -190,8 +209,10 @@ class Trainer:
     """Trains `config` (optionally starting from `model`'s weights) into a run directory.
 
     `loggers`: callables called with each evaluation row (a dict of LOG_COLUMNS). A logger may
-    also have `start(config, summary)` (called once the run directory is ready; the trainer's
-    `run_dir` attribute is set by then) and `finish()` (called when fit ends, however it ends).
+    also have `start(config, summary)` (called once the run directory exists, before its files
+    are written; the trainer's `run_dir` attribute is set by then) and `finish()` (called when
+    fit ends, however it ends). `config.wandb` / `config.wandb_project` add a W&B logger
+    (`wandb_logger.py`). Loggers run in the primary process only.
     """
 
     def __init__(self, config: Config, model: Transformer | None = None,
@@ -259,28 +280,24 @@ class Trainer:
         return step, eqx.combine(adapter, frozen), state
 
     def _mesh(self, config: Config) -> Any:
-        try:
-            mesh = sharding.make_mesh(config.n_devices)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        n = sharding.num_devices(mesh)
-        if config.batch_size % n:
-            raise ConfigError(f"batch_size: {config.batch_size} is not divisible by the {n} devices "
-                              f"in use; use a multiple of {n} or set n_devices")
-        return mesh
+        """The device mesh; ConfigError naming n_devices or batch_size when it cannot be built."""
+        return sharding.make_mesh(config.n_devices, batch_size=config.batch_size)
 
     def _place(self, mesh: Any, params: Any, opt_state: Any) -> tuple[Any, Any, Any]:
-        """All device placement: returns (params, opt_state, batch_sharding). Data parallel:
-        params and optimizer state replicated, batches (accum, batch, seq+1) split on axis 1."""
-        return (sharding.replicate(params, mesh), sharding.replicate(opt_state, mesh),
-                sharding.batch_sharding(mesh, 1))
+        """All device placement: returns (params, opt_state, batch_sharding). Params and
+        optimizer state replicated (`sharding: dp`) or sharded (`fsdp`); batches
+        (accum, batch, seq+1) split on axis 1."""
+        params, opt_state = sharding.place(params, opt_state, mesh, self.config.sharding)
+        return params, opt_state, sharding.batch_sharding(mesh, 1)
 
     # ---------------------------------------------------------------- run directory
     def _resolve_run_dir(self, run_dir: str | os.PathLike | None, resume: bool) -> Path:
         if run_dir is None:
             if resume:
                 raise ConfigError("run_dir: --resume needs the run directory to continue (--run_dir PATH)")
-            stamp = datetime.now().strftime("run_%Y%m%d_%H%M%S")
+            # Process 0's clock: every process of a multi-process run must pick the same name.
+            now = distributed.broadcast_int(int(time.time()))
+            stamp = datetime.fromtimestamp(now).strftime("run_%Y%m%d_%H%M%S")
             path, n = Path("runs") / stamp, 1
             while path.exists():  # two runs started in the same second: never share a directory
                 path, n = Path("runs") / f"{stamp}_{n}", n + 1
@@ -318,7 +335,7 @@ class Trainer:
                                   f"{getattr(saved, name)!r}, this config has {getattr(config, name)!r}; "
                                   f"{reason}")
 
-    def _data(self, config: Config, data_path: str | os.PathLike | None, run_dir: Path,
+    def _data(self, config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
               resume: bool) -> tuple[Path, Dataset]:
         from .corpus import cache_dir, default_corpus_path
 
@@ -409,9 +426,11 @@ class Trainer:
         opt_state = init_opt_state(optimizer, params, trainable)
         params, opt_state, batch_sharding = self._place(mesh, params, opt_state)
 
-        state = {"opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "key": root,
-                 "best_val_loss": jnp.asarray(jnp.inf, jnp.float32), "best_step": jnp.zeros((), jnp.int32),
-                 "evals_without_improvement": jnp.zeros((), jnp.int32)}
+        # Scalars and the key replicated on the mesh: every process holds them, as the
+        # collective checkpoint save and restore need.
+        state = {"opt_state": opt_state, **sharding.replicate(
+            {"step": jnp.zeros((), jnp.int32), "key": root, "best_val_loss": jnp.asarray(jnp.inf, jnp.float32),
+             "best_step": jnp.zeros((), jnp.int32), "evals_without_improvement": jnp.zeros((), jnp.int32)}, mesh)}
         rows: list[dict[str, Any]] = []
         if resume:
             step, params, state = self._restore(run_dir, params, state, trainable)
@@ -426,29 +445,111 @@ class Trainer:
             summary |= {"trainable_params": lora["trainable"], "trainable_percent": round(lora["percent"], 4),
                         "lora_rank": config.lora_rank, "lora_targets": config.lora_targets,
                         "lora_base_run": self._base["base_run"] if self._base else None}
+        # Measured from the arrays' shardings: under fsdp about 1/devices of the dp figures.
+        summary["bytes_per_device"] = {"params": sharding.bytes_per_device(params)["max"],
+                                       "opt_state": sharding.bytes_per_device(opt_state)["max"],
+                                       "devices": sharding.num_devices(mesh), "sharding": config.sharding}
 
-        # ---- nothing was written before this point: every input check has passed.
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # ---- nothing was written before this point: every input check has passed, in every
+        # process (the barrier: process 0 must not create the run directory while another
+        # process still checks that it is new).
+        distributed.barrier("inputs_checked")
         self.run_dir = run_dir
-        config.to_yaml(run_dir / CONFIG_FILE)
-        tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE)
-        atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
-        if self._base is not None:
-            finetune.write_pointer(run_dir, self._base)
-        _write_log(run_dir / config.log_file, rows)
+        loggers = self._start_loggers(config, run_dir, summary, resume)
+        if distributed.is_primary():
+            config.to_yaml(run_dir / CONFIG_FILE)
+            tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE)
+            atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+            if self._base is not None:
+                finetune.write_pointer(run_dir, self._base)
+            _write_log(run_dir / config.log_file, rows)
 
-        loop = _Loop(self, config, run_dir, data_path, total, static, optimizer, trainable,
-                     batch_sharding, dataset, mesh, root=state["key"])
-        for logger in self.loggers:
-            if hasattr(logger, "start"):
-                logger.start(config, summary)
         try:
+            loop = _Loop(self, config, run_dir, data_path, total, static, optimizer, trainable,
+                         batch_sharding, dataset, mesh, root=state["key"], loggers=loggers)
             loop.run(params, opt_state, step, state, rows)
         finally:
-            for logger in self.loggers:
+            for logger in loggers:
                 if hasattr(logger, "finish"):
                     logger.finish()
         return run_dir
+
+    def _start_loggers(self, config: Config, run_dir: Path, summary: dict[str, Any], resume: bool) -> list[Logger]:
+        """Create the run directory and start the loggers (the given ones, then W&B's when
+        `config.wandb` or `config.wandb_project` is set): process 0 only; other processes get
+        no loggers. If one cannot start (e.g. W&B is not logged in), the started ones are
+        finished, what this call created of a new run directory is removed (nothing else was
+        written yet), and every process raises."""
+        started: list[Logger] = []
+        failure: Exception | None = None
+        if distributed.is_primary():
+            created = run_dir
+            while not created.parent.exists():  # the topmost directory this call creates
+                created = created.parent
+            existed = run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            wandb_logger = make_wandb_logger(config, run_dir)
+            try:
+                for logger in [*self.loggers, *([wandb_logger] if wandb_logger is not None else [])]:
+                    if hasattr(logger, "start"):
+                        logger.start(config, summary)
+                    started.append(logger)
+            except Exception as e:
+                failure = e
+                for logger in started:
+                    if hasattr(logger, "finish"):
+                        logger.finish()
+                if not resume:  # a new run: the directory was absent or empty before this call
+                    _remove_created(run_dir, created, existed)
+        if distributed.any_process(failure is not None):
+            if failure is not None:
+                raise failure
+            raise ConfigError("wandb: process 0 could not start its loggers; see its error message")
+        return started
+
+    # ---------------------------------------------------------------- LR range test
+    def find_lr(self, data_path: str | os.PathLike | None = None, min_lr: float = 1e-6, max_lr: float = 1e-2,
+                num_steps: int = 100, *, smoothing: float = 0.98, diverge_factor: float = 4.0
+                ) -> tuple[float, list[float], list[float]]:
+        """Smith's LR range test (`lr_finder.find_lr`) on what `fit` would train: the same
+        tokenizer and data split (`data_path`: None = the default corpus), the same initial
+        model (`_build_model` with fit's init key, in bfloat16 with `use_bf16`) and trainable
+        leaves, and the config's optimizer with its schedule replaced by the exponential ramp.
+
+        Returns `(suggested_lr, lr_history, smoothed_loss_history)`. Writes no run directory,
+        checkpoint or log (preparing the data may cache token ids, as `fit` does). Runs on one
+        device. Raises ConfigError for bad arguments.
+        """
+        from .lr_finder import _check_args, find_lr
+
+        _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor)  # before preparing the data
+        _, dataset = self._data(self.config, data_path, None, resume=False)
+        config = self._resolve_vocab(self.config, dataset.vocab_size)
+        model = self._build_model(config, jax.random.split(jax.random.key(config.seed), 4)[0])
+        trainable = self._trainable(model)
+        if config.use_bf16:
+            model = cast_floating(model, jnp.bfloat16)
+        return find_lr(config, dataset, min_lr, max_lr, num_steps, smoothing=smoothing,
+                       diverge_factor=diverge_factor, model=model, trainable=trainable)
+
+
+def _remove_created(run_dir: Path, created: Path, existed: bool) -> None:
+    """Undo a new run directory's creation: remove `created` (the topmost directory made for
+    it) or, when `run_dir` already existed (empty, as a new run requires), its contents."""
+    if not existed:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _host_key(key: Any) -> Any:
+    """A process-local copy of a PRNG key (the restored one is replicated over the mesh, which
+    may span other processes' devices: jit cannot close over such an array)."""
+    return jax.random.wrap_key_data(np.asarray(jax.random.key_data(key)), impl=jax.random.key_impl(key))
 
 
 class _Loop:
@@ -456,19 +557,25 @@ class _Loop:
 
     def __init__(self, trainer: Trainer, config: Config, run_dir: Path, data_path: Path, total: int,
                  static: Any, optimizer: Any, trainable: Any, batch_sharding: Any, dataset: Dataset,
-                 mesh: Any, root: Any):
+                 mesh: Any, root: Any, loggers: list[Logger]):
         self.trainer, self.config, self.run_dir, self.total = trainer, config, run_dir, total
-        self.data_path = data_path
-        self.root = root  # restored from the checkpoint on resume (equal to key(seed))
-        _, data_key, dropout_key, eval_key = jax.random.split(root, 4)
+        self.data_path, self.mesh, self.loggers = data_path, mesh, loggers
+        self.primary = distributed.is_primary()  # the only process that writes files and logs
+        self.multi = distributed.process_count() > 1
+        self.root = _host_key(root)  # restored from the checkpoint on resume (equal to key(seed))
+        _, data_key, dropout_key, eval_key = jax.random.split(self.root, 4)
         c = config
         self.schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, total, c.min_lr_ratio,
                                               c.wsd_stable_fraction))
-        self.train_tokens = sharding.replicate(jnp.asarray(dataset.train), mesh)
-        self.val_tokens = sharding.replicate(jnp.asarray(dataset.val), mesh)
+        # The corpus is placed whole on every device, from host numpy (every process holds the
+        # same ids); each device then gathers only the windows of its own batch rows.
+        self.train_tokens = sharding.replicate(np.asarray(dataset.train), mesh)
+        self.val_tokens = sharding.replicate(np.asarray(dataset.val), mesh)
         B, T = c.batch_size, c.max_context
         # Sampling is fused into the compiled step and evaluation (one dispatch per step; the
-        # batch never exists on the host). The outer jit donates params and optimizer state.
+        # batch never exists on the host). The sharded wrappers (built in `run`, from the
+        # placed arrays' shardings) jit them with the mesh in context, donate params and
+        # optimizer state and keep them in their placement.
         # use_bf16 + master_weights: float32 params, bfloat16 compute (see make_train_step).
         compute = jnp.bfloat16 if c.use_bf16 and c.master_weights else None
         step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
@@ -489,17 +596,26 @@ class _Loop:
             counts = None if counts_fn is None else counts_fn(params, batches[1])
             return eval_fn(params, batches[0]), eval_fn(params, batches[1]), _all_finite(params), counts
 
-        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        self.evaluate = jax.jit(evaluate)
+        self._train_step, self._evaluate_fn = train_step, evaluate
         self.ckpt_every = c.checkpoint_interval or c.eval_interval
         # An adapter-only LoRA run checkpoints the trained arrays only (the base is in its run).
         self.saved = (lambda p: eqx.filter(p, trainable)) if trainer._base is not None else (lambda p: p)
 
     # -- saving (never called with non-finite params)
+    def _build_steps(self, params: Any, opt_state: Any) -> None:
+        """Compile-ready sharded step and evaluation for arrays placed like `params`/`opt_state`
+        (the corpus and the step number replicated)."""
+        rep = NamedSharding(self.mesh, P())
+        self.train_step = sharding.shard_train_step(self._train_step, self.mesh, params, opt_state,
+                                                    data_shardings=(rep, rep))
+        self.evaluate = sharding.shard_eval_step(self._evaluate_fn, self.mesh, params,
+                                                 data_shardings=(rep, rep, rep))
+
     def _train_state(self, opt_state: Any, step: int, best: float, best_step: int, waited: int) -> dict:
-        return {"opt_state": opt_state, "step": jnp.asarray(step, jnp.int32), "key": self.root,
-                "best_val_loss": jnp.asarray(best, jnp.float32), "best_step": jnp.asarray(best_step, jnp.int32),
-                "evals_without_improvement": jnp.asarray(waited, jnp.int32)}
+        return {"opt_state": opt_state, **sharding.replicate(
+            {"step": jnp.asarray(step, jnp.int32), "key": self.root, "best_val_loss": jnp.asarray(best, jnp.float32),
+             "best_step": jnp.asarray(best_step, jnp.int32),
+             "evals_without_improvement": jnp.asarray(waited, jnp.int32)}, self.mesh)}
 
     def _save_latest(self, params: Any, opt_state: Any, step: int, best: float, best_step: int,
                      waited: int, finished: bool = False, stopped_early: bool = False) -> None:
@@ -509,7 +625,8 @@ class _Loop:
                   "best_val_loss": None if math.isinf(best) else best, "best_step": best_step,
                   "evals_without_improvement": waited, "finished": finished,
                   "stopped_early": stopped_early, "data_path": str(Path(self.data_path).absolute())}
-        atomic_write_text(self.run_dir / CURSOR_FILE, json.dumps(cursor, indent=2) + "\n")
+        if self.primary:
+            atomic_write_text(self.run_dir / CURSOR_FILE, json.dumps(cursor, indent=2) + "\n")
 
     def _check_finite(self, step: int, params: Any, losses: dict[str, float], finite: bool | None = None) -> None:
         """Raise TrainingDiverged on a non-finite loss or parameter (`finite`: the parameters'
@@ -528,12 +645,21 @@ class _Loop:
         return {"train_loss": float(tr["loss"]), "val_loss": float(va["loss"]),
                 "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}, bool(finite), counts
 
+    def _stopping(self, stop: _StopFlag, just_saved: bool) -> bool:
+        """Whether to stop now after a SIGINT/SIGTERM. One process: as soon as it arrives.
+        Several: all must stop at the same step (saving is collective), so they agree (any
+        process's signal counts) at each checkpoint, where they synchronise anyway."""
+        if not self.multi:
+            return stop.signum is not None
+        return just_saved and distributed.any_process(stop.signum is not None)
+
     # -- the loop
     def run(self, params: Any, opt_state: Any, step: int, state: dict, rows: list[dict[str, Any]]) -> None:
         c, total, log_path = self.config, self.total, self.run_dir / self.config.log_file
         best = float(state["best_val_loss"])
         best_step, waited = int(state["best_step"]), int(state["evals_without_improvement"])
-        progress = _Progress(total, step, self.trainer.progress)
+        progress = _Progress(total, step, self.trainer.progress, quiet=not self.primary)
+        self._build_steps(params, opt_state)
         if step >= total:
             progress.close()
             progress.message(f"run {self.run_dir} is already at step {step}/{total}; nothing to do")
@@ -562,9 +688,10 @@ class _Loop:
                         row = {"step": step, **losses, "lr": float(self.schedule(step - 1)),
                                "ms_per_step": ms, "tokens_per_s": c.tokens_per_step / (ms / 1000.0)}
                         rows.append(row)
-                        _write_log(log_path, rows)
-                        if experts is not None:
-                            experts.record(step, counts)
+                        if self.primary:
+                            _write_log(log_path, rows)
+                            if experts is not None:
+                                experts.record(step, counts)
                         if row["val_loss"] < best:
                             best, best_step, waited = row["val_loss"], step, 0
                             ckpt.save(self.run_dir, ckpt.BEST, step, self.saved(params))
@@ -579,17 +706,17 @@ class _Loop:
                         saved_at = step
                     if is_eval:
                         progress.row(row, total)
-                        for logger in self.trainer.loggers:
+                        for logger in self.loggers:
                             logger(dict(row))
                         t_start, timed_from = time.perf_counter(), step
                     if stop_early:
                         progress.message(f"early stop at step {step}: val_loss has not improved for "
                                          f"{waited} evaluations (best {best:.4f} at step {best_step})")
                         break
-                    if stop.signum is not None:
+                    if self._stopping(stop, saved_at == step):
                         if saved_at != step:
                             self._check_finite(step, params, {})
                             self._save_latest(params, opt_state, step, best, best_step, waited)
-                        raise TrainingInterrupted(stop.signum, step, self.run_dir)
+                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, self.run_dir)
         finally:
             progress.close()

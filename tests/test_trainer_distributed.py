@@ -1,0 +1,220 @@
+"""The Trainer and `dantinox-eqx train` on several devices and several processes.
+
+- tests/trainer_driver.py trains on 4 simulated CPU devices in one subprocess (dp, then fsdp,
+  the latter copied at step 10 as a stopped run);
+- two `dantinox-eqx train --coordinator ...` processes of 2 devices each train together
+  through jax.distributed (gloo), with W&B in offline mode, each under an audit hook
+  (tests/audit/sitecustomize.py) that records the files it writes;
+- the 1-device runs (the reference, and the resume of the 4-device checkpoint) run here.
+
+Every run trains the same config (dropout on, grad_accum 2) on the same corpus, so every log
+must match the 1-device one within RTOL. Subprocesses are killed after TIMEOUT_S: a stuck
+collective can never hang CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dantinox_eqx import distributed
+from dantinox_eqx.config import Config
+from dantinox_eqx.trainer import Trainer, read_log
+from dantinox_eqx.wandb_logger import METRICS_FILE, read_metrics_file, read_wandb_file
+
+from .conftest import TINY
+
+HERE = Path(__file__).parent
+DRIVER = HERE / "trainer_driver.py"
+AUDIT = HERE / "audit"
+EXE = Path(sys.executable).parent / "dantinox-eqx"
+RTOL = 1e-5
+TIMEOUT_S = 400  # per subprocess; each takes well under a minute on an idle 2-core machine
+# float32, dropout on (its keys must agree across devices), 2 micro-batches of 8 rows (2 per
+# device on 4), 10 evaluations in 20 steps.
+CFG = dict(TINY, vocab_size=None, batch_size=8, grad_accum=2, dropout_rate=0.1, max_steps=20,
+           eval_interval=2, eval_iters=2, warmup_steps=5)
+RUN_FILES = {"config.yaml", "tokenizer.json", "model_summary.json", "training_log.csv", "training_cursor.json"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, shakespeare) -> dict:
+    d = tmp_path_factory.mktemp("dist")
+    corpus = d / "corpus.txt"
+    corpus.write_text(shakespeare.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    config = Config(**CFG)
+    config.to_yaml(d / "config.yaml")
+    return {"dir": d, "corpus": corpus, "config": config, "config_file": d / "config.yaml"}
+
+
+def _env(devices: int, **extra: str) -> dict:
+    env = dict(os.environ)
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        env.pop(name, None)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(sys.path), WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def four(setup) -> Path:
+    out = setup["dir"] / "four"
+    proc = subprocess.run([sys.executable, str(DRIVER), str(setup["config_file"]), str(setup["corpus"]), str(out)],
+                          env=_env(4), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one(setup) -> Path:
+    return Trainer(setup["config"].replace(n_devices=1), progress=False).fit(
+        setup["corpus"], run_dir=setup["dir"] / "dp1")
+
+
+@pytest.fixture(scope="module")
+def multi(setup) -> dict:
+    """`dantinox-eqx train` as 2 processes x 2 CPU devices (fsdp over the 4), W&B offline."""
+    d, port = setup["dir"] / "multi", _free_port()
+    d.mkdir()
+    run = d / "run"
+    procs = []
+    for i in range(2):
+        args = [str(EXE), "train", "--config", str(setup["config_file"]), "--data_path", str(setup["corpus"]),
+                "--run_dir", str(run), "--sharding", "fsdp", "--wandb_project", "dist-test",
+                "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]
+        env = _env(2, AUDIT_WRITES=str(d / f"writes{i}.txt"))
+        env["PYTHONPATH"] = os.pathsep.join([str(AUDIT), env["PYTHONPATH"]])
+        procs.append(subprocess.Popen(args, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=TIMEOUT_S))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    writes = []
+    for i in range(2):
+        lines = (d / f"writes{i}.txt").read_text().splitlines()
+        writes.append({Path(line.split(" ", 1)[1]) for line in lines})
+    return {"run": run, "stdout": [o[0] for o in outs], "writes": writes}
+
+
+def _rows(run: Path) -> list[dict]:
+    return read_log(run / "training_log.csv")
+
+
+def _max_rel(got: list[dict], want: list[dict], column: str) -> float:
+    a, b = np.asarray([r[column] for r in got]), np.asarray([r[column] for r in want])
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def _same_curve(got: list[dict], want: list[dict], label: str) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want], label
+    diffs = {c: _max_rel(got, want, c) for c in ("train_loss", "val_loss", "lr")}
+    print(f"\n[{label}] {len(got)} rows, steps {got[0]['step']}..{got[-1]['step']}: val_loss "
+          f"{want[0]['val_loss']:.4f} -> {want[-1]['val_loss']:.4f}; max rel diff "
+          + ", ".join(f"{c} {v:.2e}" for c, v in diffs.items()))
+    assert diffs["train_loss"] < RTOL and diffs["val_loss"] < RTOL, (label, diffs)
+    assert diffs["lr"] < 1e-6, (label, diffs)
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "model_summary.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_data_parallel_on_4_devices_logs_what_1_device_logs(one, four):
+    want, got = _rows(one), _rows(four / "dp4")
+    assert [r["step"] for r in want] == list(range(2, 21, 2))
+    _same_curve(got, want, "dp 4 devices vs 1")
+    assert want[-1]["val_loss"] < want[0]["val_loss"] - 0.3  # it learns
+    s1, s4 = _summary(one)["bytes_per_device"], _summary(four / "dp4")["bytes_per_device"]
+    assert (s1["devices"], s4["devices"], s4["sharding"]) == (1, 4, "dp")
+    assert s4["params"] == s1["params"] == 4 * _summary(one)["n_params"]  # dp: the whole model on each
+
+
+@pytest.mark.slow
+def test_fsdp_on_4_devices_logs_the_same_with_a_quarter_of_the_bytes(four):
+    _same_curve(_rows(four / "fsdp4"), _rows(four / "dp4"), "fsdp vs dp, 4 devices")
+    dp, fsdp = _summary(four / "dp4")["bytes_per_device"], _summary(four / "fsdp4")["bytes_per_device"]
+    ratios = {k: fsdp[k] / dp[k] for k in ("params", "opt_state")}
+    print(f"\n[fsdp bytes per device] params {fsdp['params']} / {dp['params']}, optimizer state "
+          f"{fsdp['opt_state']} / {dp['opt_state']}: ratios {ratios}")
+    assert fsdp["sharding"] == "fsdp" and fsdp["devices"] == 4
+    # every array of this model has a dimension divisible by 4: exactly a quarter (the
+    # optimizer's replicated step counters aside)
+    assert ratios["params"] == pytest.approx(0.25, abs=1e-9)
+    assert ratios["opt_state"] == pytest.approx(0.25, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_4_device_fsdp_checkpoint_resumes_on_1_device(setup, four, tmp_path):
+    stopped = tmp_path / "stopped"
+    shutil.copytree(four / "fsdp4_at10", stopped)
+    assert [r["step"] for r in _rows(stopped)] == list(range(2, 11, 2))
+    saved = Config.from_yaml(stopped / "config.yaml")
+    assert (saved.n_devices, saved.sharding) == (4, "fsdp")
+    Trainer(saved.replace(n_devices=1, sharding="dp"), progress=False).fit(setup["corpus"], run_dir=stopped,
+                                                                          resume=True)
+    got, want = _rows(stopped), _rows(four / "fsdp4")
+    assert got[:5] == want[:5]  # the rows before the checkpoint are kept as they were
+    _same_curve(got[5:], want[5:], "resumed at step 10 on 1 device vs continued on 4 (fsdp)")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_4_devices(setup, four, multi):
+    run = multi["run"]
+    _same_curve(_rows(run), _rows(four / "fsdp4"), "2 processes x 2 devices vs 1 process x 4 (fsdp)")
+    assert _summary(run)["bytes_per_device"] == _summary(four / "fsdp4")["bytes_per_device"]
+    assert Config.from_yaml(run / "config.yaml") == Config.from_yaml(four / "fsdp4" / "config.yaml").replace(
+        n_devices=0, wandb_project="dist-test")
+    assert json.loads((run / "training_cursor.json").read_text())["finished"]
+
+    # Only process 0 writes the run directory's files; checkpoints are collective (both).
+    def under_run(paths: set[Path]) -> set[Path]:
+        return {p.relative_to(run) for p in paths if p.is_relative_to(run) and p != run}
+
+    w0, w1 = under_run(multi["writes"][0]), under_run(multi["writes"][1])
+    assert RUN_FILES <= {str(p) for p in w0}, w0  # the hook sees process 0's writes
+    assert any(p.parts[0] == "wandb" for p in w0)
+    extra = {p for p in w1 if p.parts[0] != "checkpoints"}
+    assert extra == set(), extra
+    out0, out1 = multi["stdout"]
+    assert f"Saved to: {run}" in out0 and "step 20/20" in out0
+    # process 1 prints no progress line and no result (gloo's own connection lines aside)
+    assert "step " not in out1 and "Saved to" not in out1, out1
+    assert (run / "checkpoints" / "latest" / "20").is_dir() and (run / "checkpoints" / "best").is_dir()
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_logged_rows(multi):
+    run = multi["run"]
+    (run_file,) = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))  # one W&B run: process 0's
+    logged = read_wandb_file(run_file)
+    rows = _rows(run)
+    assert [h["_step"] for h in logged["history"]] == [r["step"] for r in rows]
+    assert [h["val_loss"] for h in logged["history"]] == [r["val_loss"] for r in rows]
+    assert logged["summary"]["val_loss"] == rows[-1]["val_loss"]
+    assert logged["config"]["sharding"] == "fsdp" and logged["config"]["wandb_project"] == "dist-test"
+    assert logged["config"]["model_summary"]["bytes_per_device"]["devices"] == 4
+    assert [r["val_loss"] for r in read_metrics_file(run / METRICS_FILE)] == [r["val_loss"] for r in rows]
