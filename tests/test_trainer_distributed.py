@@ -4,7 +4,9 @@
   the latter copied at step 10 as a stopped run);
 - two `dantinox-eqx train --coordinator ...` processes of 2 devices each train together
   through jax.distributed (gloo), with W&B in offline mode, each under an audit hook
-  (tests/audit/sitecustomize.py) that records the files it writes;
+  (tests/audit/sitecustomize.py) that records the files it writes: first without a step limit
+  until process 1 alone gets SIGTERM (both must stop at the same checkpoint), then resumed by
+  both to step 20;
 - the 1-device runs (the reference, and the resume of the 4-device checkpoint) run here.
 
 Every run trains the same config (dropout on, grad_accum 2) on the same corpus, so every log
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +44,10 @@ EXE = Path(sys.executable).parent / "dantinox-eqx"
 RTOL = 1e-5
 TIMEOUT_S = 400  # per subprocess; each takes well under a minute on an idle 2-core machine
 # float32, dropout on (its keys must agree across devices), 2 micro-batches of 8 rows (2 per
-# device on 4), 10 evaluations in 20 steps.
+# device on 4), 10 evaluations in 20 steps. A constant schedule (after warmup) makes the LR of
+# a step independent of max_steps, so a run without a step limit logs what a 20-step run logs.
 CFG = dict(TINY, vocab_size=None, batch_size=8, grad_accum=2, dropout_rate=0.1, max_steps=20,
-           eval_interval=2, eval_iters=2, warmup_steps=5)
+           eval_interval=2, eval_iters=2, warmup_steps=5, lr_schedule="constant")
 RUN_FILES = {"config.yaml", "tokenizer.json", "model_summary.json", "training_log.csv", "training_cursor.json"}
 
 
@@ -85,37 +91,72 @@ def one(setup) -> Path:
         setup["corpus"], run_dir=setup["dir"] / "dp1")
 
 
-@pytest.fixture(scope="module")
-def multi(setup) -> dict:
-    """`dantinox-eqx train` as 2 processes x 2 CPU devices (fsdp over the 4), W&B offline."""
-    d, port = setup["dir"] / "multi", _free_port()
-    d.mkdir()
-    run = d / "run"
+def _launch(setup: dict, d: Path, run: Path, *extra: str) -> list[subprocess.Popen]:
+    port = _free_port()
     procs = []
     for i in range(2):
         args = [str(EXE), "train", "--config", str(setup["config_file"]), "--data_path", str(setup["corpus"]),
                 "--run_dir", str(run), "--sharding", "fsdp", "--wandb_project", "dist-test",
-                "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]
-        env = _env(2, AUDIT_WRITES=str(d / f"writes{i}.txt"))
+                "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i), *extra]
+        # The compilation cache lets the resumed session reuse the first session's compiled step.
+        env = _env(2, AUDIT_WRITES=str(d / f"writes{i}.txt"), JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"))
         env["PYTHONPATH"] = os.pathsep.join([str(AUDIT), env["PYTHONPATH"]])
         procs.append(subprocess.Popen(args, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    outs = []
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
     try:
-        for p in procs:
-            outs.append(p.communicate(timeout=TIMEOUT_S))
+        return [p.communicate(timeout=TIMEOUT_S) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+
+
+def _wait_for_step(procs: list[subprocess.Popen], cursor: Path, at_least: int) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(cursor.read_text())["step"] >= at_least:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        if any(p.poll() is not None for p in procs):
+            outs = _finish(procs)
+            raise AssertionError(f"a process exited early: {[o[1][-2000:] for o in outs]}")
+        time.sleep(0.01)
+    for p in procs:
+        p.kill()
+        p.wait()
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.fixture(scope="module")
+def multi(setup) -> dict:
+    """`dantinox-eqx train` as 2 processes x 2 CPU devices (fsdp over the 4), W&B offline:
+    started without a step limit and stopped by a SIGTERM to process 1 only, then resumed."""
+    d = setup["dir"] / "multi"
+    d.mkdir()
+    run = d / "run"
+    procs = _launch(setup, d, run, "--max_steps", "1000000")
+    _wait_for_step(procs, run / "training_cursor.json", 4)
+    procs[1].send_signal(signal.SIGTERM)
+    stopped = _finish(procs)
+    codes = [p.returncode for p in procs]
+    assert codes == [143, 143], [o[1][-3000:] for o in stopped]
+    steps = [int(re.search(r"interrupted by SIGTERM at step (\d+)", err).group(1)) for _, err in stopped]
+    again = _launch(setup, d, run, "--resume")
+    resumed = _finish(again)
+    assert [p.returncode for p in again] == [0, 0], [o[1][-3000:] for o in resumed]
     writes = []
     for i in range(2):
         lines = (d / f"writes{i}.txt").read_text().splitlines()
         writes.append({Path(line.split(" ", 1)[1]) for line in lines})
-    return {"run": run, "stdout": [o[0] for o in outs], "writes": writes}
+    return {"run": run, "stopped_at": steps, "stdout": [a[0] + b[0] for a, b in zip(stopped, resumed)],
+            "writes": writes}
 
 
 def _rows(run: Path) -> list[dict]:
@@ -182,13 +223,25 @@ def test_a_4_device_fsdp_checkpoint_resumes_on_1_device(setup, four, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_stop_together_and_resume(multi):
+    # process 1 alone got SIGTERM: both stopped at the same checkpoint (saving is collective)
+    k0, k1 = multi["stopped_at"]
+    print(f"\n[multi stop] SIGTERM to process 1 at step >= 4: both stopped at step {k0}")
+    assert k0 == k1 >= 4 and k0 % 2 == 0  # at a checkpoint (every eval_interval=2 steps)
+    rows = _rows(multi["run"])
+    assert [r["step"] for r in rows] == list(range(2, max(k0, 20) + 1, 2))
+
+
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_4_devices(setup, four, multi):
     run = multi["run"]
-    _same_curve(_rows(run), _rows(four / "fsdp4"), "2 processes x 2 devices vs 1 process x 4 (fsdp)")
+    rows = [r for r in _rows(run) if r["step"] <= 20]
+    _same_curve(rows, _rows(four / "fsdp4"), "2 processes x 2 devices (stopped, resumed) vs 1 process x 4 (fsdp)")
     assert _summary(run)["bytes_per_device"] == _summary(four / "fsdp4")["bytes_per_device"]
     assert Config.from_yaml(run / "config.yaml") == Config.from_yaml(four / "fsdp4" / "config.yaml").replace(
         n_devices=0, wandb_project="dist-test")
-    assert json.loads((run / "training_cursor.json").read_text())["finished"]
+    cursor = json.loads((run / "training_cursor.json").read_text())
+    assert cursor["finished"] and cursor["step"] == max(multi["stopped_at"][0], 20)
 
     # Only process 0 writes the run directory's files; checkpoints are collective (both).
     def under_run(paths: set[Path]) -> set[Path]:
@@ -200,21 +253,25 @@ def test_two_processes_train_like_one_process_with_4_devices(setup, four, multi)
     extra = {p for p in w1 if p.parts[0] != "checkpoints"}
     assert extra == set(), extra
     out0, out1 = multi["stdout"]
-    assert f"Saved to: {run}" in out0 and "step 20/20" in out0
+    assert f"Saved to: {run}" in out0 and "step 4/1000000" in out0
     # process 1 prints no progress line and no result (gloo's own connection lines aside)
     assert "step " not in out1 and "Saved to" not in out1, out1
-    assert (run / "checkpoints" / "latest" / "20").is_dir() and (run / "checkpoints" / "best").is_dir()
+    assert (run / "checkpoints" / "latest" / str(cursor["step"])).is_dir() and (run / "checkpoints" / "best").is_dir()
 
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_rows(multi):
     run = multi["run"]
-    (run_file,) = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))  # one W&B run: process 0's
-    logged = read_wandb_file(run_file)
+    # one W&B run (process 0's), continued by the resumed session: two files of the same run id
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    assert len(files) == 2 and files[0].name == files[1].name
+    first, second = (read_wandb_file(f) for f in files)
+    history = first["history"] + second["history"]
     rows = _rows(run)
-    assert [h["_step"] for h in logged["history"]] == [r["step"] for r in rows]
-    assert [h["val_loss"] for h in logged["history"]] == [r["val_loss"] for r in rows]
-    assert logged["summary"]["val_loss"] == rows[-1]["val_loss"]
-    assert logged["config"]["sharding"] == "fsdp" and logged["config"]["wandb_project"] == "dist-test"
-    assert logged["config"]["model_summary"]["bytes_per_device"]["devices"] == 4
+    assert [h["_step"] for h in history] == [r["step"] for r in rows]
+    assert [h["val_loss"] for h in history] == [r["val_loss"] for r in rows]
+    assert second["summary"]["val_loss"] == rows[-1]["val_loss"]
+    config = second["config"]
+    assert config["sharding"] == "fsdp" and config["wandb_project"] == "dist-test" and config["max_steps"] == 20
+    assert config["model_summary"]["bytes_per_device"]["devices"] == 4
     assert [r["val_loss"] for r in read_metrics_file(run / METRICS_FILE)] == [r["val_loss"] for r in rows]

@@ -159,9 +159,8 @@ class _Progress:
     at all when `quiet` (the non-primary processes of a multi-process run)."""
 
     def __init__(self, total: int, start: int, enabled: bool | None = None, quiet: bool = False):
-        self.tty = sys.stdout.isatty() if enabled is None else enabled
+        self.tty = (sys.stdout.isatty() if enabled is None else enabled) and not quiet
         self.quiet = quiet
-        self.tty = self.tty and not quiet
         self.bar = None
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -601,7 +600,6 @@ class _Loop:
         # An adapter-only LoRA run checkpoints the trained arrays only (the base is in its run).
         self.saved = (lambda p: eqx.filter(p, trainable)) if trainer._base is not None else (lambda p: p)
 
-    # -- saving (never called with non-finite params)
     def _build_steps(self, params: Any, opt_state: Any) -> None:
         """Compile-ready sharded step and evaluation for arrays placed like `params`/`opt_state`
         (the corpus and the step number replicated)."""
@@ -611,6 +609,7 @@ class _Loop:
         self.evaluate = sharding.shard_eval_step(self._evaluate_fn, self.mesh, params,
                                                  data_shardings=(rep, rep, rep))
 
+    # -- saving (never called with non-finite params)
     def _train_state(self, opt_state: Any, step: int, best: float, best_step: int, waited: int) -> dict:
         return {"opt_state": opt_state, **sharding.replicate(
             {"step": jnp.asarray(step, jnp.int32), "key": self.root, "best_val_loss": jnp.asarray(best, jnp.float32),
