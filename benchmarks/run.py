@@ -38,6 +38,7 @@ import numpy as np
 
 from dantinox_eqx.config import Config
 from dantinox_eqx.data import sample_batch
+from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.model import Transformer, cast_floating
 from dantinox_eqx.optim import make_optimizer
 from dantinox_eqx.step import init_opt_state, make_train_step
@@ -196,10 +197,11 @@ def bench_sampling(cfg: Config, new_tokens: int = 256) -> dict:
     return {"sampling_tokens_per_s": round(new_tokens / best)}
 
 
-def bench_compile_depth(depths=(2, 8, 16)) -> dict:
+def bench_compile_depth(depths=(2, 8, 16), scan_unroll: int = 0) -> dict:
+    """Compile time of the train step by depth; scan_unroll 0 = the default (auto)."""
     out = {}
     for L in depths:
-        cfg = Config(**{**BABY, "num_blocks": L})
+        cfg = Config(**{**BABY, "num_blocks": L, "scan_unroll": scan_unroll})
         _, params, state, step = _build(cfg)
         batch = jnp.zeros((1, cfg.batch_size, cfg.max_context + 1), jnp.int32)
         t = time.perf_counter()
@@ -282,6 +284,7 @@ def main() -> None:
     ap.add_argument("--dantinox", help="path to DantinoX 0.4.14's `dantinox` executable (side by side)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per config")
     args = ap.parse_args()
+    keep_freed_memory()  # what the CLI and the Trainer do (dantinox_eqx/hostmem.py)
     on_gpu = jax.devices()[0].platform == "gpu"
     steps = args.steps or (20 if args.quick else 100)
     dev = jax.devices()[0]
@@ -315,7 +318,9 @@ def main() -> None:
               f"MFU {100 * r['mfu']:5.1f}% compile {r['compile_s']:5.2f}s mem {r['peak_mem_MB']} MB "
               f"data {r['data_pipeline_pct']}%")
     out["compile_s_by_depth"] = bench_compile_depth()
-    print(f"  compile time by depth (scan over blocks): {out['compile_s_by_depth']}")
+    out["compile_s_by_depth_rolled"] = bench_compile_depth(scan_unroll=1)
+    print(f"  compile time by depth, default scan_unroll (auto): {out['compile_s_by_depth']}; "
+          f"rolled scan (scan_unroll 1): {out['compile_s_by_depth_rolled']}")
     if not args.quick and not on_gpu:
         out["cli_ours"] = bench_ours_cli()
         print(f"  our CLI, baby shape: {out['cli_ours']}")

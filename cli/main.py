@@ -7,6 +7,7 @@ import sys
 import click
 
 from dantinox_eqx import __version__
+from dantinox_eqx.hostmem import keep_freed_memory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,6 +44,7 @@ _register()
 def main() -> None:
     """Run the app. Every usage error (ours or Click's: unknown option, bad value) prints ONE
     line, `Error: ...`, and exits with code 2; no usage dump, no traceback."""
+    keep_freed_memory()  # before JAX allocates anything (dantinox_eqx/hostmem.py)
     try:
         code = app.main(prog_name="dantinox-eqx", standalone_mode=False)
     except click.exceptions.Abort:

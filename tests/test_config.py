@@ -109,3 +109,14 @@ def test_loads_a_config_written_by_dantinox_0_4_14():
     # same names and defaults for everything in our scope (it stores kv_heads resolved to n_heads)
     assert c.kv_heads == 16 and c.replace(kv_heads=None) == Config()
     assert any("diffusion_steps" in str(x.message) for x in w)
+
+
+def test_scan_unroll_auto_unrolls_shallow_models_only():
+    from dantinox_eqx.config import AUTO_UNROLL_MAX_BLOCKS
+
+    assert Config(num_blocks=4).effective_scan_unroll == 4
+    assert Config(num_blocks=AUTO_UNROLL_MAX_BLOCKS).effective_scan_unroll == AUTO_UNROLL_MAX_BLOCKS
+    assert Config(num_blocks=AUTO_UNROLL_MAX_BLOCKS + 1).effective_scan_unroll == 1
+    assert Config(num_blocks=16, scan_unroll=2).effective_scan_unroll == 2
+    with pytest.raises(ConfigError, match="scan_unroll"):
+        Config(scan_unroll=-1)

@@ -11,7 +11,9 @@ Two deliberate departures from "modules take one example" (STYLE.md section 2):
   one-token decoding share one code path (and the cached path equals the full forward).
 
 The blocks are stacked (every array has a leading `num_blocks` axis) and run with `lax.scan`,
-so one block is compiled whatever the depth. Block parts are swappable: the attention is
+so one block is traced whatever the depth. `scan_unroll` (config; default auto = every layer up
+to 12 blocks) lets XLA unroll the loop: on XLA:CPU the rolled loop copies its carried stacks
+every iteration (baby shape 62 -> 37 ms/step unrolled) for ~0.08 s more compile per block. Block parts are swappable: the attention is
 `Attention` or `mla.MLAttention`, the MLP is `MLP` or `moe.MoE`; every MLP returns
 `(y, balance_loss)` (0 for dense) and every attention `(y, cache)`.
 """
@@ -344,7 +346,7 @@ class Transformer(eqx.Module):
         self.head = None if config.weight_tying else Linear(D, V, key=k_head)
         self.vocab_size, self.max_context = V, config.max_context
         self.dropout_rate = config.dropout_rate
-        self.remat, self.scan_unroll = config.effective_remat, config.scan_unroll
+        self.remat, self.scan_unroll = config.effective_remat, config.effective_scan_unroll
 
     @classmethod
     def from_pretrained(cls, run_dir: Any, best: bool = True, *, dtype: Any = None) -> Transformer:

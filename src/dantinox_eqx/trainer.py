@@ -59,6 +59,7 @@ from . import distributed, finetune, sharding
 from . import tokenizer as tk
 from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
 from .data import DataError, Dataset, prepare_data, sample_batch
+from .hostmem import keep_freed_memory
 from .expert_log import EXPERT_COUNTS_FILE, ExpertCountsLog, make_counts_fn
 from .lora import has_lora, lora_summary, lora_trainable
 from .model import Transformer, cast_floating
@@ -402,6 +403,7 @@ class Trainer:
         TrainingInterrupted (checkpoint saved) on SIGINT/SIGTERM, and TrainingDiverged on a
         NaN/inf loss (nothing saved past the last good checkpoint).
         """
+        keep_freed_memory()  # XLA:CPU's per-step buffers reused, not re-faulted (hostmem.py)
         config = self.config
         run_dir = self._resolve_run_dir(run_dir, resume)
         saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume else None
