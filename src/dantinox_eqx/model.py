@@ -32,7 +32,7 @@ from .config import Config
 from .sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathered
 
 __all__ = ["Transformer", "Block", "Attention", "MLP", "Linear", "Norm", "KVCache",
-           "rope", "attend", "matmul", "write_cache", "causal_mask", "dropout", "cast_floating"]
+           "rope", "attend", "gelu", "matmul", "write_cache", "causal_mask", "dropout", "cast_floating"]
 
 NEG_INF = -1e30  # finite: a fully masked row (left padding) gives a uniform softmax, not NaN
 
@@ -162,15 +162,51 @@ def attend(q: Float[Array, "B T K G E"], k: Float[Array, "B S K E"], v: Float[Ar
            ) -> Float[Array, "B T K G Ev"]:
     """Grouped softmax attention. `mask` broadcasts to (B, T, S) (or is (T, S)).
 
-    Scores and the softmax are float32 even for bfloat16 inputs (accurate row sums).
+    Scores and the softmax are float32 even for bfloat16 inputs (accurate row sums). Without
+    dropout the backward is the hand-written `_attention` rule (same values as autodiff).
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     mask = mask if mask.ndim == 2 else mask[:, None, None]
-    scores = jnp.where(mask, scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate == 0.0 or key is None:
+        return _attention(q, k, v, mask)
+    probs = _softmax_probs(q, k, mask)
     probs = dropout(probs, dropout_rate, key).astype(v.dtype)
     return jnp.einsum("bkgts,bske->btkge", probs, v)
+
+
+def _softmax_probs(q: Array, k: Array, mask: Array) -> Array:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    return jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+
+
+@jax.custom_vjp
+def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    probs = _softmax_probs(q, k, mask)
+    out = jnp.einsum("bkgts,bske->btkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype), (q, k, v, mask, probs, out)
+
+
+def _attention_bwd(res, g):
+    """The softmax backward as in FlashAttention: dS = P * (dP - rowsum(dO * O)). The row sum
+    over the head size E replaces autodiff's sum of P * dP over the S keys, which XLA:CPU runs as
+    a slow reduction fusion (baby shape: ~1 ms of the step)."""
+    q, k, v, mask, probs, out = res
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dv = jnp.einsum("bkgts,btkge->bske", probs.astype(g.dtype), g).astype(v.dtype)
+    dp = jnp.einsum("btkge,bske->bkgts", g, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("btkge,btkge->bkgt", g.astype(jnp.float32), out)
+    # Masked scores get no gradient (fully masked rows have a uniform, not a zero, softmax).
+    ds = jnp.where(mask, probs * (dp - delta[..., None]) * scale, 0.0).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bske->btkge", ds, k).astype(q.dtype)
+    dk = jnp.einsum("bkgts,btkge->bske", ds, q).astype(k.dtype)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(eqx.Module):
@@ -259,8 +295,26 @@ class MLP(eqx.Module):
             gate, h = jnp.split(h, 2, axis=-1)
             h = jax.nn.silu(gate) * h
         else:
-            h = getattr(jax.nn, self.activation)(h)
+            h = gelu(h) if self.activation == "gelu" else getattr(jax.nn, self.activation)(h)
         return self.down(h), jnp.zeros((), jnp.float32)
+
+
+@jax.custom_vjp
+def gelu(x: Array) -> Array:
+    """`jax.nn.gelu` (tanh form) whose backward recomputes tanh from x: autodiff saves tanh's
+    output as a second (B, T, hidden) residual, one more pass over memory (~1 ms of the baby step)."""
+    return jax.nn.gelu(x)
+
+
+def _gelu_bwd(x: Array, g: Array) -> tuple[Array]:
+    c = math.sqrt(2.0 / math.pi)
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(c * (xf + 0.044715 * xf**3))
+    slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * xf * xf)
+    return ((g * slope).astype(x.dtype),)
+
+
+gelu.defvjp(lambda x: (jax.nn.gelu(x), x), _gelu_bwd)
 
 
 # --------------------------------------------------------------------------- block
