@@ -45,7 +45,7 @@ from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step  #
 # micro-batch scan under sharding.
 CFG = dict(dim=48, n_heads=4, head_size=12, num_blocks=3, vocab_size=37, max_context=16,
            batch_size=8, grad_accum=2, expansion=3, lr=3e-3, warmup_steps=5, max_steps=20,
-           dropout_rate=0.1)
+           dropout_rate=0.1, scan_unroll=1)  # rolled: the HLO checks look for the layer loop
 STEPS, SAVE_AT, RESUME_STEPS = 20, 10, 3
 
 

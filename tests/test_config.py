@@ -118,5 +118,6 @@ def test_scan_unroll_auto_unrolls_shallow_models_only():
     assert Config(num_blocks=AUTO_UNROLL_MAX_BLOCKS).effective_scan_unroll == AUTO_UNROLL_MAX_BLOCKS
     assert Config(num_blocks=AUTO_UNROLL_MAX_BLOCKS + 1).effective_scan_unroll == 1
     assert Config(num_blocks=16, scan_unroll=2).effective_scan_unroll == 2
+    assert Config(num_blocks=4, sharding="fsdp").effective_scan_unroll == 1  # one layer gathered at a time
     with pytest.raises(ConfigError, match="scan_unroll"):
         Config(scan_unroll=-1)

@@ -9,8 +9,6 @@ single-device equivalences.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ from dantinox_eqx.model import Transformer
 from dantinox_eqx.step import make_train_step
 
 from .conftest import TINY
+from .procs import device_env, free_port
 
 DRIVER = Path(__file__).with_name("sharded_driver.py")
 RTOL = 1e-5
@@ -81,7 +80,7 @@ def test_place_and_bytes_on_one_device():
 
 
 def test_sharded_step_on_one_device_equals_plain_step():
-    cfg = Config(**TINY)
+    cfg = Config(**TINY, sharding="fsdp")  # the model the Trainer builds for fsdp (rolled scan)
     params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)
     opt = optax.adam(1e-2)
     batches = jax.random.randint(jax.random.key(3), (3, 2, 4, 17), 0, 37)
@@ -130,26 +129,11 @@ def test_initialize_reads_arguments_and_environment(monkeypatch):
 
 
 # --------------------------------------------------------------------------- subprocesses
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(DRIVER.parents[1] / "src"), env.get("PYTHONPATH", "")]))
-    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
-        env.pop(name, None)
-    return env
-
-
 def _drive(args: list[str], devices: int, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(DRIVER), *args, "--out", str(out)], env=_env(devices),
+    proc = subprocess.run([sys.executable, str(DRIVER), *args, "--out", str(out)], env=device_env(devices),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +148,12 @@ def curves(tmp_path_factory) -> dict:
 def multi(tmp_path_factory) -> list[dict]:
     """Two processes x 2 CPU devices joined by jax.distributed (gloo), killed on timeout."""
     d = tmp_path_factory.mktemp("multi")
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         args = ["multi", "--ckpt", str(d / "run"), "--out", str(d / f"out{i}.json"),
                 "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]
-        procs.append(subprocess.Popen([sys.executable, str(DRIVER), *args], env=_env(2),
+        procs.append(subprocess.Popen([sys.executable, str(DRIVER), *args], env=device_env(2),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dantinox_eqx import distributed
 from dantinox_eqx.config import Config
 from dantinox_eqx.trainer import Trainer, read_log
 from dantinox_eqx.wandb_logger import METRICS_FILE, read_metrics_file, read_wandb_file
 
 from .conftest import TINY
+from .procs import device_env, free_port
 
 HERE = Path(__file__).parent
 DRIVER = HERE / "trainer_driver.py"
@@ -61,26 +60,11 @@ def setup(tmp_path_factory, shakespeare) -> dict:
     return {"dir": d, "corpus": corpus, "config": config, "config_file": d / "config.yaml"}
 
 
-def _env(devices: int, **extra: str) -> dict:
-    env = dict(os.environ)
-    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
-        env.pop(name, None)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(sys.path), WANDB_MODE="offline", WANDB_SILENT="true", **extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def four(setup) -> Path:
     out = setup["dir"] / "four"
     proc = subprocess.run([sys.executable, str(DRIVER), str(setup["config_file"]), str(setup["corpus"]), str(out)],
-                          env=_env(4), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=device_env(4), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -92,14 +76,14 @@ def one(setup) -> Path:
 
 
 def _launch(setup: dict, d: Path, run: Path, *extra: str) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         args = [str(EXE), "train", "--config", str(setup["config_file"]), "--data_path", str(setup["corpus"]),
                 "--run_dir", str(run), "--sharding", "fsdp", "--wandb_project", "dist-test",
                 "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i), *extra]
         # The compilation cache lets the resumed session reuse the first session's compiled step.
-        env = _env(2, AUDIT_WRITES=str(d / f"writes{i}.txt"), JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"))
+        env = device_env(2, AUDIT_WRITES=str(d / f"writes{i}.txt"), JAX_COMPILATION_CACHE_DIR=str(d / "jax_cache"))
         env["PYTHONPATH"] = os.pathsep.join([str(AUDIT), env["PYTHONPATH"]])
         procs.append(subprocess.Popen(args, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))

@@ -179,12 +179,15 @@ class Config:
     @property
     def effective_scan_unroll(self) -> int:
         """`scan_unroll`, or for 0 (auto) every layer up to AUTO_UNROLL_MAX_BLOCKS blocks and 1
-        (a rolled loop, compile time flat in depth) above. On XLA:CPU the rolled loop costs
-        copies of the carried stacks each iteration: 4 blocks, baby shape, 62 -> 37 ms/step
-        unrolled; compile time grows ~0.08 s per unrolled block (1.6 s at 2, 2.3 s at 8)."""
+        (a rolled loop, compile time flat in depth) above, and always 1 with FSDP (the loop is
+        what keeps one gathered layer live at a time). On XLA:CPU the rolled loop costs copies
+        of the carried stacks each iteration: 4 blocks, baby shape, 62 -> 37 ms/step unrolled;
+        compile time grows ~0.08 s per unrolled block (1.6 s at 2, 2.3 s at 8)."""
         if self.scan_unroll:
             return self.scan_unroll
-        return self.num_blocks if self.num_blocks <= AUTO_UNROLL_MAX_BLOCKS else 1
+        if self.sharding == "fsdp" or self.num_blocks > AUTO_UNROLL_MAX_BLOCKS:
+            return 1
+        return self.num_blocks
 
     @property
     def tokens_per_step(self) -> int:
@@ -211,18 +214,9 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Config":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
-        return cls.from_dict(data)
+        """Load a flat or sectioned YAML config (safe_load; ConfigError naming the problem)."""
+        return cls.from_dict(read_yaml_mapping(path, "config file", "an existing YAML file",
+                                               "a mapping of field: value"))
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         """The flat YAML text of every field; written atomically to `path` when given."""
@@ -433,6 +427,23 @@ def _validate(cfg: Config) -> None:
             f"batch_size: {cfg.batch_size} is not divisible by n_devices={cfg.n_devices}; "
             f"use a multiple of {cfg.n_devices}"
         )
+
+
+def read_yaml_mapping(path: str | os.PathLike, label: str, fix: str, holds: str) -> dict[str, Any]:
+    """The mapping in the YAML file `path` ({} when empty), read with `yaml.safe_load` (no
+    arbitrary objects). ConfigError "`label` 'path' ..." for a missing file ("pass `fix`"),
+    invalid YAML, or a document that is not a mapping ("must hold `holds`")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{label} {str(path)!r} does not exist; pass {fix}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{label} {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} {str(path)!r} must hold {holds}")
+    return data
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import Config
-from .model import Linear, Norm, attend, causal_mask, rope, rope_base, write_cache
+from .model import Linear, Norm, attend, causal_mask, residual_std, rope, rope_base, write_cache
 
 __all__ = ["MLAttention", "MLACache", "for_inference", "cache_bytes_per_token", "cache_summary"]
 
@@ -79,7 +79,7 @@ class MLAttention(eqx.Module):
         self.q_up = Linear(Q, H * (E + R), key=keys[1])
         self.kv_down, self.kv_norm = Linear(cfg.dim, C + R, key=keys[2]), Norm(C, cfg.norm_type)
         self.kv_up = Linear(C, 2 * H * E, key=keys[3])
-        self.o = Linear(H * E, cfg.dim, key=keys[4], std=0.02 / math.sqrt(2 * cfg.num_blocks))
+        self.o = Linear(H * E, cfg.dim, key=keys[4], std=residual_std(cfg))
         self.n_heads, self.head_size, self.rope_dim, self.latent_dim = H, E, R, C
         self.rope_base = rope_base(R, cfg.rope_scale_factor) if cfg.use_rotary_pos else None
         self.window = cfg.context_window if cfg.sliding_window else None

@@ -13,9 +13,10 @@ Two deliberate departures from "modules take one example" (STYLE.md section 2):
 The blocks are stacked (every array has a leading `num_blocks` axis) and run with `lax.scan`,
 so one block is traced whatever the depth. `scan_unroll` (config; default auto = every layer up
 to 12 blocks) lets XLA unroll the loop: on XLA:CPU the rolled loop copies its carried stacks
-every iteration (baby shape 62 -> 37 ms/step unrolled) for ~0.08 s more compile per block. Block parts are swappable: the attention is
-`Attention` or `mla.MLAttention`, the MLP is `MLP` or `moe.MoE`; every MLP returns
-`(y, balance_loss)` (0 for dense) and every attention `(y, cache)`.
+every iteration (baby shape 62 -> 37 ms/step unrolled) for ~0.08 s more compile per block.
+Block parts are swappable: the attention is `Attention` or `mla.MLAttention`, the MLP is `MLP`
+or `moe.MoE`; every MLP returns `(y, balance_loss)` (0 for dense) and every attention
+`(y, cache)`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class Norm(eqx.Module):
         if self.bias is not None:
             h = h + self.bias.astype(jnp.float32)
         return h.astype(x.dtype)
+
+
+def residual_std(cfg: Config) -> float:
+    """Init std of the projections that write into the residual stream (attention out, MLP
+    down): GPT-2's 0.02 / sqrt(2 L), so the stream's variance does not grow with depth."""
+    return 0.02 / math.sqrt(2 * cfg.num_blocks)
 
 
 def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
@@ -226,7 +233,7 @@ class Attention(eqx.Module):
         k1, k2 = jax.random.split(key)
         H, K, E = cfg.n_heads, cfg.effective_kv_heads, cfg.head_size
         self.qkv = Linear(cfg.dim, (H + 2 * K) * E, key=k1)
-        self.o = Linear(H * E, cfg.dim, key=k2, std=0.02 / math.sqrt(2 * cfg.num_blocks))
+        self.o = Linear(H * E, cfg.dim, key=k2, std=residual_std(cfg))
         self.n_heads, self.kv_heads, self.head_size = H, K, E
         self.rope_base = rope_base(E, cfg.rope_scale_factor) if cfg.use_rotary_pos else None
         self.window = cfg.context_window if cfg.sliding_window else None
@@ -286,7 +293,7 @@ class MLP(eqx.Module):
         k1, k2 = jax.random.split(key)
         hidden = cfg.expansion * cfg.dim
         self.up = Linear(cfg.dim, (2 if cfg.use_swiglu else 1) * hidden, key=k1)
-        self.down = Linear(hidden, cfg.dim, key=k2, std=0.02 / math.sqrt(2 * cfg.num_blocks))
+        self.down = Linear(hidden, cfg.dim, key=k2, std=residual_std(cfg))
         self.swiglu, self.activation = cfg.use_swiglu, cfg.activation
 
     def __call__(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], Scalar]:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .config import Config
-from .model import MLP, Linear
+from .model import MLP, Linear, residual_std
 
 __all__ = ["MoE", "ExpertLinear", "Routing", "capacity", "balance_loss", "expert_counts",
            "param_counts"]
@@ -114,7 +114,7 @@ class MoE(eqx.Module):
         E, D, F = cfg.n_experts, cfg.dim, cfg.expansion * cfg.dim
         self.router = Linear(D, E, key=k_router)
         self.up = ExpertLinear(E, D, (2 if cfg.use_swiglu else 1) * F, key=k_up)
-        self.down = ExpertLinear(E, F, D, key=k_down, std=0.02 / math.sqrt(2 * cfg.num_blocks))
+        self.down = ExpertLinear(E, F, D, key=k_down, std=residual_std(cfg))
         self.shared = MLP(cfg, key=k_shared) if cfg.shared_expert else None
         self.n_experts, self.top_k, self.capacity_factor = E, cfg.top_k_mlp, cfg.capacity_factor
         self.swiglu, self.activation = cfg.use_swiglu, cfg.activation

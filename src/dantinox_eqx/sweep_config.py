@@ -27,12 +27,9 @@ import os
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import Config, ConfigError
+from .config import Config, ConfigError, read_yaml_mapping
 
 __all__ = ["SweepConfig", "Param", "load_sweep_config", "parse_sweep_config", "build_trial_config",
            "METHODS", "GOALS", "DISTRIBUTIONS", "METRICS"]
@@ -149,15 +146,8 @@ class SweepConfig:
 
 def load_sweep_config(path: str | os.PathLike) -> SweepConfig:
     """Read and validate a W&B-format sweep YAML (ConfigError naming the problem)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep_config: {str(path)!r} does not exist; pass a sweep YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep_config: {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"sweep_config: {str(path)!r} must hold a mapping with method, metric and parameters")
+    data = read_yaml_mapping(path, "sweep_config:", "a sweep YAML file",
+                             "a mapping with method, metric and parameters")
     return parse_sweep_config(data)
 
 

@@ -59,8 +59,8 @@ from . import distributed, finetune, sharding
 from . import tokenizer as tk
 from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
 from .data import DataError, Dataset, prepare_data, sample_batch
-from .hostmem import keep_freed_memory
 from .expert_log import EXPERT_COUNTS_FILE, ExpertCountsLog, make_counts_fn
+from .hostmem import keep_freed_memory
 from .lora import has_lora, lora_summary, lora_trainable
 from .model import Transformer, cast_floating
 from .optim import make_optimizer, make_schedule

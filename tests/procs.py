@@ -1,0 +1,28 @@
+"""Launching test subprocesses on simulated CPU devices (the device count is fixed at JAX start,
+so multi-device cases run in child processes)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from dantinox_eqx import distributed
+
+
+def device_env(devices: int, **extra: str) -> dict[str, str]:
+    """This process's environment for a child that sees `devices` CPU devices: no inherited
+    multi-process settings, our import path, W&B offline; `extra` added last."""
+    env = dict(os.environ)
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        env.pop(name, None)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(sys.path), WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    return env
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on (for jax.distributed's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
