@@ -166,3 +166,21 @@ def test_gelu_backward_equals_autodiff():
                                jax.grad(lambda x: jax.nn.gelu(x).sum())(x), atol=2e-6)
     xb = x.astype(jnp.bfloat16)
     assert jax.grad(lambda x: gelu(x).astype(jnp.float32).sum())(xb).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kw", [{}, {"kv_heads": 2}, {"sliding_window": True, "context_window": 5, "no_sink": True}])
+def test_fused_attention_equals_plain(kw):
+    """attention_impl fused (jax.nn.dot_product_attention: cuDNN on GPUs, XLA here) computes what
+    the einsum path does, forward and backward; auto picks plain on CPU."""
+    plain, fused = _model(attention_impl="plain", **kw), _model(attention_impl="fused", **kw)
+    assert not _model(**kw).blocks.attn._fused(jnp.bfloat16, False)  # auto on CPU: plain
+    assert fused.blocks.attn._fused(jnp.float32, False) and not fused.blocks.attn._fused(jnp.float32, True)
+
+    def loss(m):
+        return m(_tokens())[0].std()
+
+    (lp, gp), (lf, gf) = eqx.filter_value_and_grad(loss)(plain), eqx.filter_value_and_grad(loss)(fused)
+    np.testing.assert_allclose(plain(_tokens())[0], fused(_tokens())[0], atol=1e-5)
+    np.testing.assert_allclose(lp, lf, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gf)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -39,6 +39,7 @@ TOKENIZERS = ("char", "bpe")
 LORA_TARGETS = ("attention", "mlp", "all")
 SHARDINGS = ("dp", "fsdp")
 REMATS = ("none", "dots", "full")
+ATTENTION_IMPLS = ("auto", "fused", "plain")
 ACTIVATIONS = ("gelu", "relu", "silu")
 NORMS = ("rmsnorm", "layernorm")
 AUTO_UNROLL_MAX_BLOCKS = 12  # scan_unroll 0 (auto) unrolls every layer up to this depth
@@ -152,6 +153,9 @@ class Config:
     n_devices: int = 0  # 0 = every visible device
     sharding: str = "dp"  # ours: "dp" replicates params, "fsdp" shards them over devices
     remat: str = "none"  # ours: rematerialisation of each block: none | dots | full
+    # ours: training attention: fused = jax.nn.dot_product_attention (cuDNN flash attention on
+    # GPUs), plain = einsums + softmax; auto = fused on GPU in bfloat16/float16, else plain
+    attention_impl: str = "auto"
     scan_unroll: int = 0  # ours: layers per lax.scan iteration; 0 = auto (see effective_scan_unroll)
     # --- logging ---------------------------------------------------------------------------
     log_file: str = "training_log.csv"
@@ -404,6 +408,7 @@ def _validate(cfg: Config) -> None:
     _choice(cfg, "lora_targets", LORA_TARGETS)
     _choice(cfg, "sharding", SHARDINGS)
     _choice(cfg, "remat", REMATS)
+    _choice(cfg, "attention_impl", ATTENTION_IMPLS)
     _choice(cfg, "activation", ACTIVATIONS)
     _choice(cfg, "norm_type", NORMS)
     if cfg.dim != cfg.n_heads * cfg.head_size:

@@ -228,6 +228,7 @@ class Attention(eqx.Module):
     window: int | None = eqx.field(static=True)
     sink: bool = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
+    impl: str = eqx.field(static=True)  # config.attention_impl: auto | fused | plain
 
     def __init__(self, cfg: Config, *, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
@@ -239,6 +240,15 @@ class Attention(eqx.Module):
         self.window = cfg.context_window if cfg.sliding_window else None
         self.sink = cfg.sliding_window and not cfg.no_sink
         self.dropout_rate = cfg.dropout_rate
+        self.impl = cfg.attention_impl
+
+    def _fused(self, dtype: Any, dropout: bool) -> bool:
+        """Whether the full causal forward may use `jax.nn.dot_product_attention` (cuDNN's flash
+        attention on GPUs): not with attention dropout or a sink (it has neither)."""
+        if self.impl == "plain" or dropout or (self.window is not None and self.sink):
+            return False
+        return self.impl == "fused" or (jax.default_backend() == "gpu"
+                                        and dtype in (jnp.bfloat16, jnp.float16))
 
     def init_cache(self, batch: int, size: int, dtype: Any) -> KVCache:
         shape = (batch, size, self.kv_heads, self.head_size)
@@ -253,6 +263,11 @@ class Attention(eqx.Module):
         q, k, v = jnp.split(self.qkv(x).reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
         if self.rope_base is not None:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):
+            # Training and eval see positions 0..T-1, so the mask is plain causal (+ window).
+            window = None if self.window is None else (self.window - 1, 0)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+            return self.o(out.reshape(B, T, H * E)), None
         if cache is None:
             mask = causal_mask(positions, positions, self.window, self.sink)
         else:
