@@ -46,15 +46,27 @@ def benchmarks(session: nox.Session) -> None:
     """ms/step, tokens/s, MFU, compile time, peak memory: `nox -s benchmarks [-- --quick]`.
 
     The full run also trains the original DantinoX 0.4.14 (from PyPI, in its own virtual
-    environment so its JAX and Flax never meet ours) on the same shape and corpus.
+    environment so its JAX and Flax never meet ours) on the same shape and corpus, and times
+    nanoGPT's step in PyTorch (benchmarks/nanogpt_ref.py, torch in another environment).
+    `-- --no-dantinox` / `-- --no-nanogpt` leave either out.
     """
     session.install("-e", ".[dev]")
-    args = [a for a in session.posargs if a != "--no-dantinox"]
+    skip = {"--no-dantinox", "--no-nanogpt"}
+    args = [a for a in session.posargs if a not in skip]
     if "--quick" not in args and "--no-dantinox" not in session.posargs:
-        ref = os.path.join(os.path.dirname(session.virtualenv.location), "dantinox-ref")
-        exe = os.path.join(ref, "bin", "dantinox")
-        if not os.path.exists(exe):
-            session.run("python", "-m", "venv", ref)
-            session.run(os.path.join(ref, "bin", "pip"), "install", "-q", "dantinox==0.4.14", external=True)
-        args += ["--dantinox", exe]
+        args += ["--dantinox", _reference_venv(session, "dantinox-ref", "dantinox", "dantinox==0.4.14")]
+    if "--quick" not in args and "--no-nanogpt" not in session.posargs:
+        args += ["--nanogpt", _reference_venv(session, "nanogpt-ref", "python", "torch==2.13.*", "numpy")]
     session.run("python", "benchmarks/run.py", *args, env={"WANDB_MODE": "offline"})
+
+
+def _reference_venv(session: nox.Session, name: str, exe: str, *pip_args: str) -> str:
+    """A virtual environment of its own beside ours (its packages never meet our JAX), with
+    `pip install pip_args`; returns the path of its `exe`. Created once, then reused."""
+    ref = os.path.join(os.path.dirname(session.virtualenv.location), name)
+    path = os.path.join(ref, "bin", exe)
+    if not os.path.exists(os.path.join(ref, ".installed")):
+        session.run("python", "-m", "venv", ref)
+        session.run(os.path.join(ref, "bin", "pip"), "install", "-q", *pip_args, external=True)
+        open(os.path.join(ref, ".installed"), "w").close()
+    return path

@@ -255,6 +255,16 @@ def bench_ours_cli() -> dict:
                                          "--max_steps", str(n), "--eval_interval", "1000", "--eval_iters", "5"])
 
 
+def bench_nanogpt(python: str) -> dict:
+    """nanoGPT's baby-shape step in PyTorch, eager and compiled (benchmarks/nanogpt_ref.py),
+    run by `python` (a virtual environment with torch)."""
+    proc = subprocess.run([python, str(ROOT / "benchmarks" / "nanogpt_ref.py")], capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def write_table() -> None:
     """Rebuild the Markdown table in benchmarks/README.md from every results file."""
     rows = []
@@ -290,6 +300,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small matrix that finishes in < 3 min on CPU")
     ap.add_argument("--only", nargs="*", help="run only these matrix entries")
     ap.add_argument("--dantinox", help="path to DantinoX 0.4.14's `dantinox` executable (side by side)")
+    ap.add_argument("--nanogpt", help="a Python with torch: time nanoGPT's step on the baby shape beside ours")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per config")
     args = ap.parse_args()
     keep_freed_memory()  # what the CLI and the Trainer do (dantinox_eqx/hostmem.py)
@@ -338,6 +349,15 @@ def main() -> None:
             if ours:
                 out["ratio_vs_dantinox"] = round(ours / out["cli_dantinox"]["ms_per_step"], 3)
             print(f"  DantinoX 0.4.14 CLI, baby shape: {out['cli_dantinox']} ratio {out.get('ratio_vs_dantinox')}")
+    if args.nanogpt and not args.quick and not on_gpu:
+        out["nanogpt"] = bench_nanogpt(args.nanogpt)
+        baby = next((r for r in out["configs"] if r["name"] == "baby"), None)
+        for mode in ("eager", "compiled"):
+            theirs = out["nanogpt"].get(mode, {}).get("ms_per_step")
+            if baby and theirs:
+                out[f"ratio_vs_nanogpt_{mode}"] = round(baby["ms_per_step"] / theirs, 3)
+        print(f"  nanoGPT (PyTorch) step, baby shape: {out['nanogpt']}; ours / theirs: "
+              f"{out.get('ratio_vs_nanogpt_eager')} eager, {out.get('ratio_vs_nanogpt_compiled')} compiled")
     out["max_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = machine_name() + ("-quick" if args.quick else "")
