@@ -8,8 +8,9 @@ settings of its README's CPU "baby GPT" run (`--block_size=64 --batch_size=12 --
 weight decay 0.1 on matrices, grad clip 1.0): learned positions, LayerNorm, exact GELU, dropout modules at p=0,
 `scaled_dot_product_attention`, tied head. One step = forward, loss, backward, clip, AdamW
 step, zero_grad: train.py's loop body with gradient_accumulation_steps=1. Timed eager and under
-`torch.compile`, median wall time after warm-up, on random token batches of the char vocabulary.
-`nox -s benchmarks` runs it in its own virtual environment (torch never meets our JAX).
+`torch.compile` (the fastest of 3 interleaved rounds' median wall time, after warm-up), on random
+token batches of the char vocabulary. `nox -s benchmarks` runs it in its own virtual environment
+(torch never meets our JAX).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def time_steps(compiled: bool, steps: int) -> dict:
+def make_step(compiled: bool):
+    """nanoGPT's train.py loop body for a fresh model (eager, or under torch.compile)."""
     torch.manual_seed(1337)
     model = GPT()
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -84,7 +86,6 @@ def time_steps(compiled: bool, steps: int) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.99))
     forward = torch.compile(model) if compiled else model
-    t0 = time.perf_counter()
 
     def step():
         x = torch.randint(VOCAB, (BATCH, CTX + 1))
@@ -95,29 +96,43 @@ def time_steps(compiled: bool, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step()
-    first_s = time.perf_counter() - t0  # includes compilation under torch.compile
-    for _ in range(10):
-        step()
+    return step
+
+
+def time_round(step, steps: int) -> float:
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"ms_per_step": round(1e3 * statistics.median(times), 2), "first_step_s": round(first_s, 2)}
+    return statistics.median(times)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "eager": time_steps(False, args.steps)}
-    try:
-        out["compiled"] = time_steps(True, args.steps)
-    except Exception as e:  # noqa: BLE001 (torch.compile needs a C++ toolchain; report, don't fail)
-        out["compiled"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds}
+    steps = {}
+    for mode in ("eager", "compiled"):
+        try:
+            t0 = time.perf_counter()
+            steps[mode] = make_step(mode == "compiled")
+            steps[mode]()  # the first step compiles under torch.compile
+            out[mode] = {"first_step_s": round(time.perf_counter() - t0, 2)}
+            for _ in range(10):
+                steps[mode]()
+        except Exception as e:  # noqa: BLE001 (torch.compile needs a C++ toolchain: report, go on)
+            out[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            steps.pop(mode, None)
+    medians = {mode: [] for mode in steps}
+    for _ in range(args.rounds):  # interleaved, the fastest round's median kept (as run.py does)
+        for mode, step in steps.items():
+            medians[mode].append(time_round(step, args.steps))
+    for mode, ms in medians.items():
+        out[mode].update(ms_per_step=round(1e3 * min(ms), 2), ms_per_step_rounds=[round(1e3 * m, 2) for m in ms])
     print(json.dumps(out))
 
 
