@@ -12,8 +12,8 @@ Two deliberate departures from "modules take one example" (STYLE.md section 2):
 
 The blocks are stacked (every array has a leading `num_blocks` axis) and run with `lax.scan`,
 so one block is traced whatever the depth. `scan_unroll` (config; default auto = every layer up
-to 12 blocks) lets XLA unroll the loop: on XLA:CPU the rolled loop copies its carried stacks
-every iteration (baby shape 62 -> 37 ms/step unrolled) for ~0.08 s more compile per block.
+to 6 blocks) lets XLA unroll the loop: on XLA:CPU the rolled loop copies its carried stacks
+every iteration (baby shape 62 -> 37 ms/step unrolled) for ~0.1 s more compile per block.
 Block parts are swappable: the attention is `Attention` or `mla.MLAttention`, the MLP is `MLP`
 or `moe.MoE`; every MLP returns `(y, balance_loss)` (0 for dense) and every attention
 `(y, cache)`.
