@@ -72,12 +72,8 @@ class LoRALinear(eqx.Module):
 
     def __init__(self, base: Linear, rank: int, alpha: float = 16.0, dropout: float = 0.0, *,
                  key: PRNGKeyArray):
-        d_in, d_out = base.weight.shape
-        bound = 1.0 / d_in**0.5
         self.weight = base.weight
-        self.lora_a = jax.random.uniform(key, (d_in, rank), minval=-bound, maxval=bound
-                                         ).astype(base.weight.dtype)
-        self.lora_b = jnp.zeros((rank, d_out), base.weight.dtype)
+        self.lora_a, self.lora_b = _init_factors(base.weight, rank, key)
         self.dropout_key = None
         self.scale, self.dropout = alpha / rank, dropout
 
@@ -90,9 +86,7 @@ class LoRALinear(eqx.Module):
 
     def merge_weights(self) -> Float[Array, "*stack d_in d_out"]:
         """W + scale * A @ B, computed in float32 and cast to W's dtype (works stacked too)."""
-        f32 = jnp.float32
-        delta = jnp.matmul(self.lora_a.astype(f32), self.lora_b.astype(f32))
-        return (self.weight.astype(f32) + self.scale * delta).astype(self.weight.dtype)
+        return _merge(self.weight, self.lora_a, self.lora_b, self.scale)
 
     def merged(self) -> Linear:
         """The plain `Linear` holding `merge_weights()`."""
@@ -113,12 +107,8 @@ class LoRAExpertLinear(eqx.Module):
 
     def __init__(self, base: ExpertLinear, rank: int, alpha: float = 16.0, dropout: float = 0.0, *,
                  key: PRNGKeyArray):
-        n_experts, d_in, d_out = base.weight.shape
-        bound = 1.0 / d_in**0.5
         self.weight = base.weight
-        self.lora_a = jax.random.uniform(key, (n_experts, d_in, rank), minval=-bound, maxval=bound
-                                         ).astype(base.weight.dtype)
-        self.lora_b = jnp.zeros((n_experts, rank, d_out), base.weight.dtype)
+        self.lora_a, self.lora_b = _init_factors(base.weight, rank, key)
         self.dropout_key = None
         self.scale, self.dropout = alpha / rank, dropout
 
@@ -131,13 +121,27 @@ class LoRAExpertLinear(eqx.Module):
 
     def merge_weights(self) -> Float[Array, "*stack n_experts d_in d_out"]:
         """W + scale * A @ B per expert, in float32, cast to W's dtype (works stacked too)."""
-        f32 = jnp.float32
-        delta = jnp.matmul(self.lora_a.astype(f32), self.lora_b.astype(f32))
-        return (self.weight.astype(f32) + self.scale * delta).astype(self.weight.dtype)
+        return _merge(self.weight, self.lora_a, self.lora_b, self.scale)
 
     def merged(self) -> ExpertLinear:
         """The plain `ExpertLinear` holding `merge_weights()`."""
         return jax.tree_util.tree_unflatten(_expert_treedef(), [self.merge_weights()])
+
+
+def _init_factors(weight: Array, rank: int, key: PRNGKeyArray) -> tuple[Array, Array]:
+    """A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's Kaiming-uniform) and B = 0, in `weight`'s
+    dtype, for a weight (*lead, d_in, d_out): one independent adapter per leading index."""
+    *lead, d_in, d_out = weight.shape
+    bound = 1.0 / d_in**0.5
+    a = jax.random.uniform(key, (*lead, d_in, rank), minval=-bound, maxval=bound).astype(weight.dtype)
+    return a, jnp.zeros((*lead, rank, d_out), weight.dtype)
+
+
+def _merge(weight: Array, a: Array, b: Array, scale: float) -> Array:
+    """weight + scale * a @ b over any leading axes, in float32, cast back to weight's dtype."""
+    f32 = jnp.float32
+    delta = jnp.matmul(a.astype(f32), b.astype(f32))
+    return (weight.astype(f32) + scale * delta).astype(weight.dtype)
 
 
 @functools.cache
