@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dantinox_eqx.config import Config
+from dantinox_eqx.config import Config, atomic_write_text
 from dantinox_eqx.data import sample_batch
 from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.model import Transformer, cast_floating
@@ -309,13 +309,7 @@ def write_table() -> None:
         text = text[: text.index(start) + len(start)] + "\n" + table + text[text.index(end):]
     else:
         text += f"\n{start}\n{table}{end}\n"
-    _atomic(readme, text)
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(readme, text)
 
 
 def main() -> None:
@@ -389,9 +383,8 @@ def main() -> None:
         print(f"  nanoGPT (PyTorch) step, baby shape: {out['nanogpt']}; ours / theirs: "
               f"{out.get('ratio_vs_nanogpt_eager')} eager, {out.get('ratio_vs_nanogpt_compiled')} compiled")
     out["max_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = machine_name() + ("-quick" if args.quick else "")
-    _atomic(RESULTS / f"{name}.json", json.dumps(out, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(out, indent=2) + "\n")
     write_table()
     print(f"wrote {RESULTS / (name + '.json')} and benchmarks/README.md")
 
