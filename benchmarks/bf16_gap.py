@@ -24,6 +24,7 @@ import numpy as np
 
 from dantinox_eqx import checkpoint as ckpt
 from dantinox_eqx.config import Config
+from dantinox_eqx.corpus import default_corpus_path
 from dantinox_eqx.data import prepare_data
 from dantinox_eqx.model import Transformer
 from dantinox_eqx.step import make_eval_step
@@ -31,7 +32,6 @@ from dantinox_eqx.tokenizer import load_tokenizer
 from dantinox_eqx.trainer import Trainer, default_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def full_val_loss(run: Path, corpus: Path) -> float:
@@ -49,6 +49,7 @@ def full_val_loss(run: Path, corpus: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--data_path", type=Path, default=None, help="a text file (default: the default corpus)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bf16_gap.json")
     args = ap.parse_args()
     base = Config.from_yaml(default_config_path()).replace(max_steps=args.steps, eval_iters=20)
@@ -56,8 +57,8 @@ def main() -> None:
                 "bf16 + f32 master weights": {"use_bf16": True, "master_weights": True}}
     out = {"steps": args.steps, "jax": jax.__version__, "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "tinyshakespeare.txt"
-        shutil.copy(CORPUS, corpus)
+        corpus = Path(tmp) / "corpus.txt"  # a copy: the token cache is written beside it
+        shutil.copy(args.data_path or default_corpus_path(), corpus)
         for i, (name, kw) in enumerate(variants.items()):
             run = Path(tmp) / f"run{i}"
             t = time.perf_counter()

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dantinox_eqx.config import Config, atomic_write_text
+from dantinox_eqx.corpus import default_corpus_path
 from dantinox_eqx.data import Dataset, sample_batch
 from dantinox_eqx.lr_finder import find_lr, prepare_config_data
 from dantinox_eqx.model import Transformer
@@ -56,7 +57,7 @@ def short_run(config: Config, data: Dataset, steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "default_config.yaml"))
-    parser.add_argument("--data_path", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--data_path", default=None, help="a text file (default: the default corpus)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2")
     parser.add_argument("--min_lr", type=float, default=1e-6)
@@ -66,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = Config.from_yaml(args.config)
+    args.data_path = args.data_path or str(default_corpus_path())
     data = prepare_config_data(config, args.data_path)
     config = config.replace(vocab_size=data.vocab_size)
 

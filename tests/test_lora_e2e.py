@@ -1,7 +1,7 @@
-"""LoRA fine-tuning end to end: train a base on Shakespeare, fine-tune it with LoRA on War and
-Peace, load it, export it merged, generate; the Python flows, exact resume and bad inputs.
+"""LoRA fine-tuning end to end: train a base on Shakespeare's plays, fine-tune it with LoRA on his
+poems, load it, export it merged, generate; the Python flows, exact resume and bad inputs.
 
-The fine-tune corpus is a War and Peace slice filtered to the characters of the base's char
+The fine-tune corpus is a slice of the poems filtered to the characters of the base's char
 vocabulary (a fine-tune keeps its base's tokenizer, which cannot grow; characters outside it
 are a DataError, checked below).
 """
@@ -37,7 +37,7 @@ from dantinox_eqx.step import init_opt_state, loss_fn, make_eval_step, make_trai
 from dantinox_eqx.tokenizer import build_tokenizer, load_tokenizer
 from dantinox_eqx.trainer import LOG_COLUMNS, Trainer, read_log
 
-from .conftest import SHAKESPEARE, WAR_AND_PEACE
+from .conftest import plays_text, poems_text
 from .runs import write_run
 
 EXE = Path(sys.executable).parent / "dantinox-eqx"
@@ -64,17 +64,15 @@ def _arrays(model) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> tuple[Path, Path]:
-    """(Shakespeare slice, War and Peace slice filtered to the Shakespeare slice's characters)."""
-    if not (SHAKESPEARE.is_file() and WAR_AND_PEACE.is_file()):
-        pytest.skip("shared corpora not found")
+    """(a slice of the plays, a slice of the poems filtered to the plays slice's characters)."""
     root = tmp_path_factory.mktemp("corpora")
-    shk = SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
+    shk = plays_text()[:60_000]
     vocab = set(shk)
-    wp = "".join(c for c in WAR_AND_PEACE.read_text(encoding="utf-8")[100_000:160_000] if c in vocab)
-    assert len(wp) > 55_000  # the filter drops little (accents, BOM): it is still War and Peace
+    poems = "".join(c for c in poems_text()[:62_000] if c in vocab)
+    assert len(poems) > 55_000  # the filter drops little: it is still the poems
     (root / "shakespeare.txt").write_text(shk, encoding="utf-8")
-    (root / "war_and_peace.txt").write_text(wp, encoding="utf-8")
-    return root / "shakespeare.txt", root / "war_and_peace.txt"
+    (root / "poems.txt").write_text(poems, encoding="utf-8")
+    return root / "shakespeare.txt", root / "poems.txt"
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,7 @@ def test_cli_train_lora_export_generate(tmp_path: Path, corpora, base_run: Path)
                         tokenizer=load_tokenizer(base / "tokenizer.json"), cache_dir=tmp_path)
     windows = sample_batch(jnp.asarray(data.val), jax.random.key(123), 16, 32, accum=32)
     loss_base, loss_tuned = _val_loss(base_model, windows), _val_loss(tuned, windows)
-    print(f"\nval loss on War and Peace: base {loss_base:.4f} -> LoRA {loss_tuned:.4f}; rows "
+    print(f"\nval loss on the poems: base {loss_base:.4f} -> LoRA {loss_tuned:.4f}; rows "
           f"{[round(r['val_loss'], 4) for r in rows]}")
     assert loss_tuned < loss_base - 0.05, (loss_base, loss_tuned)
 

