@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.generate import (
+from dantinox_eqx.infer.generate import (
     Sampling,
     _last_logits,
     bucket,

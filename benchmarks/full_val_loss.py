@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dantinox_eqx import checkpoint as ckpt
 from dantinox_eqx.config import Config
-from dantinox_eqx.data import prepare_data
+from dantinox_eqx.data.sampling import prepare_data
+from dantinox_eqx.data.tokenizer import load_tokenizer
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.step import make_eval_step
-from dantinox_eqx.tokenizer import load_tokenizer
+from dantinox_eqx.run import checkpoint as ckpt
+from dantinox_eqx.train.step import make_eval_step
 
 
 def main() -> None:

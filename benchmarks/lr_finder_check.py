@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from dantinox_eqx.config import Config, atomic_write_text
-from dantinox_eqx.corpus import default_corpus_path
-from dantinox_eqx.data import Dataset, sample_batch
-from dantinox_eqx.lr_finder import find_lr, prepare_config_data
+from dantinox_eqx.data.corpus import default_corpus_path
+from dantinox_eqx.data.sampling import Dataset, sample_batch
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step
+from dantinox_eqx.train.lr_finder import find_lr, prepare_config_data
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

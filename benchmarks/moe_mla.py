@@ -35,11 +35,11 @@ import equinox as eqx
 import jax
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.data import sample_batch
+from dantinox_eqx.data.sampling import sample_batch
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_train_step
-from dantinox_eqx.summary import model_summary
+from dantinox_eqx.run.summary import model_summary
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(num_blocks=4, dim=128, n_heads=4, head_size=32, max_context=64, vocab_size=256,

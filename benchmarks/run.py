@@ -37,12 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dantinox_eqx.config import Config, atomic_write_text
-from dantinox_eqx.corpus import default_corpus_path
-from dantinox_eqx.data import sample_batch
+from dantinox_eqx.data.corpus import default_corpus_path
+from dantinox_eqx.data.sampling import sample_batch
 from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.model import Transformer, cast_floating
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_train_step
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,7 +104,7 @@ def flops_per_token(cfg: Config, params) -> float:
         n += params.embedding.size  # the tied head is still a matmul every token pays for
     if cfg.use_moe:  # only top_k of n_experts expert MLPs run per token
         try:
-            from dantinox_eqx.moe import param_counts
+            from dantinox_eqx.nn.moe import param_counts
 
             total, active = param_counts(cfg)
             n -= total - active

@@ -37,12 +37,12 @@ def child(n: int, mode: str, steps: int) -> dict:
     import equinox as eqx
     import jax
 
-    from dantinox_eqx import sharding as sh
     from dantinox_eqx.config import Config
-    from dantinox_eqx.data import sample_batch
+    from dantinox_eqx.data.sampling import sample_batch
     from dantinox_eqx.model import Transformer
-    from dantinox_eqx.optim import make_optimizer
-    from dantinox_eqx.step import init_opt_state, make_train_step
+    from dantinox_eqx.parallel import sharding as sh
+    from dantinox_eqx.train.optim import make_optimizer
+    from dantinox_eqx.train.step import init_opt_state, make_train_step
 
     cfg = Config(**SHAPE)
     params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)

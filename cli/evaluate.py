@@ -23,13 +23,14 @@ from .common import handle_errors
 def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: int, seed: int,
                  latest: bool, as_json: bool) -> None:
     """Evaluate the model of RUN_DIR on the text in --data_path (one it was not trained on)."""
-    from dantinox_eqx.data import read_corpus
-    from dantinox_eqx.evaluate import evaluate
-    from dantinox_eqx.pretrained import from_pretrained
-    from dantinox_eqx.tokenizer import load_tokenizer
+    from dantinox_eqx.data.sampling import read_corpus
+    from dantinox_eqx.data.tokenizer import load_tokenizer
+    from dantinox_eqx.infer.evaluate import evaluate
+    from dantinox_eqx.run.layout import TOKENIZER_FILE
+    from dantinox_eqx.run.pretrained import from_pretrained
 
     model = from_pretrained(run_dir, best=not latest)
-    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
     result = evaluate(model, tokenizer, read_corpus(data_path), batch_size=batch_size, n_batches=batches,
                       seed=seed)
     if as_json:

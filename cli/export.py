@@ -24,25 +24,26 @@ def export(run_dir: Path, out_dir: Path, merge_lora: bool, dtype: str | None) ->
     run. OUT_DIR must not exist or be empty.
     """
     from dantinox_eqx.config import Config
-    from dantinox_eqx.export import export_run
+    from dantinox_eqx.data.tokenizer import load_tokenizer
     from dantinox_eqx.lora import has_lora
-    from dantinox_eqx.tokenizer import load_tokenizer
+    from dantinox_eqx.run.export import export_run
+    from dantinox_eqx.run.layout import CONFIG_FILE, TOKENIZER_FILE
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         fail(f"OUT_DIR {str(out_dir)!r} exists and is not empty; export never overwrites, choose a new directory")
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         fail(f"RUN_DIR {str(run_dir)!r} is not a run directory (no config.yaml)")
     try:
-        from dantinox_eqx.pretrained import from_pretrained
+        from dantinox_eqx.run.pretrained import from_pretrained
     except ModuleNotFoundError as e:
-        if e.name != "dantinox_eqx.pretrained":
+        if e.name != "dantinox_eqx.run.pretrained":
             raise
-        fail("export needs dantinox_eqx.pretrained.from_pretrained, which this installation lacks")
+        fail("export needs dantinox_eqx.run.pretrained.from_pretrained, which this installation lacks")
     model = from_pretrained(run_dir)
     if has_lora(model) and not merge_lora:
         fail(f"{str(run_dir)!r} is a LoRA run: pass --merge-lora to export its merged weights")
-    config = Config.from_yaml(run_dir / "config.yaml")
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    config = Config.from_yaml(run_dir / CONFIG_FILE)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     out = export_run(model, config, tokenizer, out_dir, dtype)
     click.echo(f"exported {run_dir} -> {out} (model.safetensors, checkpoints, config.yaml, tokenizer.json)")
 

@@ -40,8 +40,8 @@ def find_lr(config_path: str, data_path: str, min_lr: float, max_lr: float, num_
     """LR range test: train briefly with an exponentially rising LR and suggest the LR of the
     steepest loss descent, on the model `train` would start from (same tokenizer, init and
     optimizer). Changes no run. --FIELD VALUE options override the config."""
-    from dantinox_eqx.lr_plots import plot_lr_finder
-    from dantinox_eqx.trainer import Trainer
+    from dantinox_eqx.tools.lr_plots import plot_lr_finder
+    from dantinox_eqx.train.trainer import Trainer
 
     config = load_config(config_path, fields)
     suggested, lrs, losses = Trainer(config).find_lr(data_path, min_lr, max_lr, num_steps)
@@ -71,7 +71,7 @@ def plot_lr_schedule(config_path: str, total_steps: int | None, out: str, all_sc
                      **fields: str | None) -> None:
     """Plot the LR against the step for the config's schedule (warmup, then cosine / linear /
     constant / wsd). --FIELD VALUE options override the config (e.g. --lr_schedule wsd)."""
-    from dantinox_eqx.lr_plots import plot_lr_schedule as plot
+    from dantinox_eqx.tools.lr_plots import plot_lr_schedule as plot
 
     config = load_config(config_path, fields)
     if total_steps is None:

@@ -24,7 +24,7 @@ from .common import fail, handle_errors
 def generate(run_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
              top_p: float | None, seed: int, stop: tuple[str, ...], stream: bool, latest: bool) -> None:
     """Continue PROMPT with the model of RUN_DIR and print the prompt and the new text."""
-    from dantinox_eqx.generate import Generator
+    from dantinox_eqx.infer.generate import Generator
 
     if not prompt:
         fail("--prompt: empty; give at least one character to continue")

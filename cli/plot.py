@@ -14,7 +14,7 @@ from .common import handle_errors
 @handle_errors
 def plot(run_dir: str, out: str | None) -> None:
     """Plot train and val loss against step from RUN_DIR/training_log.csv."""
-    from dantinox_eqx.plotting import plot_loss_curve
+    from dantinox_eqx.tools.plotting import plot_loss_curve
 
     try:
         path = plot_loss_curve(run_dir, out)

@@ -34,7 +34,7 @@ def sweep(sweep_config: str, data_path: str, config_path: str | None, wandb_proj
     """Run COUNT trials of a sweep; each trains the base config with the trial's values and
     reports the sweep's metric. Writes sweep_results.csv (best first) and sweep.png.
     --FIELD VALUE options override the base config (e.g. --max_steps 300)."""
-    from dantinox_eqx import sweep as sw
+    from dantinox_eqx.tools import sweep as sw
 
     spec = sw.load_sweep_config(sweep_config)  # every check before anything runs
     base = load_config(config_path, fields)

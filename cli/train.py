@@ -23,8 +23,8 @@ def build_config(config_path: str | None, run_dir: str | None, resume: bool,
     The seed's fine-tuning flow, `--config RUN/config.yaml --use_lora True` with no
     --init_from, fine-tunes RUN: when use_lora is on, init_from is empty and the config file is
     the config.yaml of a run directory with a best checkpoint, init_from becomes that run."""
-    from dantinox_eqx import checkpoint
-    from dantinox_eqx.trainer import CONFIG_FILE, default_config_path
+    from dantinox_eqx.run import checkpoint
+    from dantinox_eqx.train.trainer import CONFIG_FILE, default_config_path
 
     if config_path is None and resume and run_dir is not None and (Path(run_dir) / CONFIG_FILE).is_file():
         config_path = str(Path(run_dir) / CONFIG_FILE)
@@ -76,13 +76,13 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     Exit codes: 0 done, 1 training diverged (NaN/inf loss), 2 bad input (nothing written),
     130/143 interrupted by SIGINT/SIGTERM after saving a checkpoint.
     """
-    from dantinox_eqx import distributed
+    from dantinox_eqx.parallel import distributed
 
     # First: jax.distributed must be initialised before anything touches a device (a no-op
     # without the flags or the JAX_* variables; ConfigError for partial or bad values).
     distributed.initialize(coordinator, num_processes, process_id)
 
-    from dantinox_eqx.trainer import CONFIG_FILE, Trainer, TrainingDiverged, TrainingInterrupted
+    from dantinox_eqx.train.trainer import CONFIG_FILE, Trainer, TrainingDiverged, TrainingInterrupted
 
     config = build_config(config_path, run_dir, resume, overrides)
     try:

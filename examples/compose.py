@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from dantinox_eqx import Config, Transformer
-from dantinox_eqx.data import prepare_data, sample_batch
+from dantinox_eqx.data.sampling import prepare_data, sample_batch
 from dantinox_eqx.hostmem import keep_freed_memory
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step
 
 
 def main(corpus: str, steps: int = 300) -> None:

@@ -11,8 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from dantinox_eqx import corpus  # noqa: E402
 from dantinox_eqx.config import Config  # noqa: E402
+from dantinox_eqx.data import corpus  # noqa: E402
 from dantinox_eqx.hostmem import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # as the CLI and Trainer do: faster XLA:CPU steps in the tests too

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from dantinox_eqx import distributed
+from dantinox_eqx.parallel import distributed
 
 
 def device_env(devices: int, **extra: str) -> dict[str, str]:

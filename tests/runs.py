@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 from tokenizers import Tokenizer
 
-from dantinox_eqx import checkpoint
 from dantinox_eqx.config import Config
-from dantinox_eqx.data import prepare_data, sample_batch
+from dantinox_eqx.data.sampling import prepare_data, sample_batch
+from dantinox_eqx.data.tokenizer import save_tokenizer
 from dantinox_eqx.model import Transformer, cast_floating
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_train_step
-from dantinox_eqx.tokenizer import save_tokenizer
+from dantinox_eqx.run import checkpoint
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 # A tiny char model: trains 100 steps in a few seconds on a contended CPU.
 RUN_CONFIG = dict(dim=32, n_heads=4, head_size=8, num_blocks=2, max_context=32, batch_size=8,

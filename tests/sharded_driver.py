@@ -31,13 +31,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dantinox_eqx import checkpoint, distributed  # noqa: E402
-from dantinox_eqx import sharding as sh  # noqa: E402
 from dantinox_eqx.config import Config  # noqa: E402
-from dantinox_eqx.data import sample_batch  # noqa: E402
+from dantinox_eqx.data.sampling import sample_batch  # noqa: E402
 from dantinox_eqx.model import Transformer  # noqa: E402
-from dantinox_eqx.optim import make_optimizer  # noqa: E402
-from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step  # noqa: E402
+from dantinox_eqx.parallel import distributed  # noqa: E402
+from dantinox_eqx.parallel import sharding as sh  # noqa: E402
+from dantinox_eqx.run import checkpoint
+from dantinox_eqx.train.optim import make_optimizer  # noqa: E402
+from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step  # noqa: E402
 
 # dim 48, expansion 3 and 32 rows per device keep the stacked weight shapes, their FSDP shards
 # and the activation shapes all distinct

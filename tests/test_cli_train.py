@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.trainer import read_log
+from dantinox_eqx.train.trainer import read_log
 
 from .conftest import TINY
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dantinox_eqx import corpus
-from dantinox_eqx.data import DataError
+from dantinox_eqx.data.sampling import DataError, corpus
 
 HEADER = ("The Project Gutenberg EBook of Hamlet\r\n\r\nLicence blah\r\n"
           "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n")

@@ -15,12 +15,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from dantinox_eqx import checkpoint
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.export import export_run, to_safetensors
+from dantinox_eqx.data.tokenizer import build_tokenizer, encode, load_tokenizer
 from dantinox_eqx.lora import LoRALinear, apply_lora, merge_lora
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.tokenizer import build_tokenizer, encode, load_tokenizer
+from dantinox_eqx.run import checkpoint
+from dantinox_eqx.run.export import export_run, to_safetensors
 
 from .conftest import TINY
 

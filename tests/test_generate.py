@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dantinox_eqx.checkpoint import CheckpointError
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.evaluate import covering_windows, evaluate, evaluate_ids
-from dantinox_eqx.generate import (
+from dantinox_eqx.data.tokenizer import TokenizerError, bpe_tokenizer, char_tokenizer
+from dantinox_eqx.infer.evaluate import covering_windows, evaluate, evaluate_ids
+from dantinox_eqx.infer.generate import (
     Generator,
     bucket,
     generate_ids,
@@ -30,9 +30,9 @@ from dantinox_eqx.generate import (
     top_p_filter,
 )
 from dantinox_eqx.model import Transformer, cast_floating
-from dantinox_eqx.pretrained import from_pretrained, load_config
-from dantinox_eqx.step import make_eval_step
-from dantinox_eqx.tokenizer import TokenizerError, bpe_tokenizer, char_tokenizer
+from dantinox_eqx.run.checkpoint import CheckpointError
+from dantinox_eqx.run.pretrained import from_pretrained, load_config
+from dantinox_eqx.train.step import make_eval_step
 
 from .conftest import SHAKESPEARE, TINY
 from .runs import make_run, write_run
@@ -306,8 +306,8 @@ def test_a_run_saved_on_two_devices_loads_on_one(tmp_path):
         from jax.sharding import NamedSharding, PartitionSpec as P
         from dantinox_eqx.config import Config
         from dantinox_eqx.model import Transformer
-        from dantinox_eqx.sharding import make_mesh
-        from dantinox_eqx.tokenizer import char_tokenizer
+        from dantinox_eqx.parallel.sharding import make_mesh
+        from dantinox_eqx.data.tokenizer import char_tokenizer
         from tests.runs import write_run
         assert len(jax.devices()) == 2
         mesh = make_mesh(2)

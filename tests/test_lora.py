@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dantinox_eqx import checkpoint
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.data import prepare_data, sample_batch
+from dantinox_eqx.data.sampling import prepare_data, sample_batch
 from dantinox_eqx.lora import (
     LoRALinear,
     adapter_params,
@@ -24,8 +23,9 @@ from dantinox_eqx.lora import (
     with_dropout_keys,
 )
 from dantinox_eqx.model import Linear, Transformer
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, loss_fn, make_eval_step, make_train_step
+from dantinox_eqx.run import checkpoint
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, loss_fn, make_eval_step, make_train_step
 
 from .conftest import TINY
 
@@ -301,10 +301,10 @@ def test_bad_inputs_raise_config_errors_naming_the_field():
 
 # --------------------------------------------------------------------------- other blocks
 _VARIANTS = {
-    "mla": ("dantinox_eqx.mla", dict(mla=True, down_dim_q=16, down_dim_kv=16, rope_dim=4)),
-    "mla-absorbed": ("dantinox_eqx.mla", dict(mla=True, inference=True, down_dim_q=16, down_dim_kv=16,
+    "mla": ("dantinox_eqx.nn.mla", dict(mla=True, down_dim_q=16, down_dim_kv=16, rope_dim=4)),
+    "mla-absorbed": ("dantinox_eqx.nn.mla", dict(mla=True, inference=True, down_dim_q=16, down_dim_kv=16,
                                               rope_dim=4)),
-    "moe": ("dantinox_eqx.moe", dict(use_moe=True, n_experts=4, top_k_mlp=2)),
+    "moe": ("dantinox_eqx.nn.moe", dict(use_moe=True, n_experts=4, top_k_mlp=2)),
 }
 
 

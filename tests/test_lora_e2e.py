@@ -24,18 +24,18 @@ import numpy as np
 import pytest
 import yaml
 
-from dantinox_eqx import checkpoint as ckpt
-from dantinox_eqx import finetune
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.data import prepare_data, sample_batch
-from dantinox_eqx.generate import Generator
+from dantinox_eqx.data.sampling import prepare_data, sample_batch
+from dantinox_eqx.data.tokenizer import build_tokenizer, load_tokenizer
+from dantinox_eqx.infer.generate import Generator
 from dantinox_eqx.lora import adapter_params, apply_lora, has_lora, lora_summary, lora_trainable
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.pretrained import from_pretrained, saved_dtypes
-from dantinox_eqx.step import init_opt_state, loss_fn, make_eval_step, make_train_step
-from dantinox_eqx.tokenizer import build_tokenizer, load_tokenizer
-from dantinox_eqx.trainer import LOG_COLUMNS, Trainer, read_log
+from dantinox_eqx.run import checkpoint as ckpt
+from dantinox_eqx.run import finetune
+from dantinox_eqx.run.pretrained import from_pretrained, saved_dtypes
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, loss_fn, make_eval_step, make_train_step
+from dantinox_eqx.train.trainer import LOG_COLUMNS, Trainer, read_log
 
 from .conftest import plays_text, poems_text
 from .runs import write_run

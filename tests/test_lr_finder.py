@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from dantinox_eqx.config import SCHEDULES, Config, ConfigError
-from dantinox_eqx.lr_finder import exponential_ramp, find_lr, prepare_config_data, smooth_losses, steepest_descent
-from dantinox_eqx.lr_plots import plot_lr_finder, plot_lr_schedule, schedule_values
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer
+from dantinox_eqx.tools.lr_plots import plot_lr_finder, plot_lr_schedule, schedule_values
+from dantinox_eqx.train.lr_finder import exponential_ramp, find_lr, prepare_config_data, smooth_losses, steepest_descent
+from dantinox_eqx.train.optim import make_optimizer
 
 from .conftest import TINY
 

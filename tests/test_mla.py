@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dantinox_eqx.checkpoint import flatten
 from dantinox_eqx.config import Config
-from dantinox_eqx.mla import MLACache, MLAttention, cache_bytes_per_token, cache_summary, for_inference
 from dantinox_eqx.model import Transformer, cast_floating
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_train_step
+from dantinox_eqx.nn.mla import MLACache, MLAttention, cache_bytes_per_token, cache_summary, for_inference
+from dantinox_eqx.run.checkpoint import flatten
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 from .conftest import TINY
 

@@ -8,11 +8,11 @@ import optax
 import pytest
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.data import prepare_data, sample_batch
+from dantinox_eqx.data.sampling import prepare_data, sample_batch
 from dantinox_eqx.model import MLP, Transformer, cast_floating
-from dantinox_eqx.moe import MoE, capacity, expert_counts, param_counts
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step
+from dantinox_eqx.nn.moe import MoE, capacity, expert_counts, param_counts
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step
 
 from .conftest import TINY
 
@@ -232,7 +232,7 @@ def test_moe_with_grad_accum_and_bf16(dtype):
 
 
 def test_stacked_expert_weights_are_decayed_and_named_weight():
-    from dantinox_eqx.optim import decay_mask
+    from dantinox_eqx.train.optim import decay_mask
 
     model = Transformer(_cfg(), key=jax.random.key(0))
     assert model.blocks.mlp.up.weight.shape == (2, 4, 32, 2 * 2 * 32)  # (L, E, D, 2F)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.data import prepare_data, sample_batch
-from dantinox_eqx.expert_log import EXPERT_COUNTS_FILE, columns, read_expert_counts
-from dantinox_eqx.generate import Generator, generate_ids, naive_generate
+from dantinox_eqx.data.sampling import prepare_data, sample_batch
+from dantinox_eqx.data.tokenizer import encode, load_tokenizer
+from dantinox_eqx.infer.generate import Generator, generate_ids, naive_generate
 from dantinox_eqx.lora import (
     LoRAExpertLinear,
     LoRALinear,
@@ -27,14 +27,14 @@ from dantinox_eqx.lora import (
     merge_lora,
     with_dropout_keys,
 )
-from dantinox_eqx.mla import MLAttention, for_inference
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.moe import expert_counts
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.pretrained import from_pretrained
-from dantinox_eqx.step import init_opt_state, make_train_step
-from dantinox_eqx.tokenizer import encode, load_tokenizer
-from dantinox_eqx.trainer import Trainer, read_log
+from dantinox_eqx.nn.mla import MLAttention, for_inference
+from dantinox_eqx.nn.moe import expert_counts
+from dantinox_eqx.run.pretrained import from_pretrained
+from dantinox_eqx.train.expert_log import EXPERT_COUNTS_FILE, columns, read_expert_counts
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_train_step
+from dantinox_eqx.train.trainer import Trainer, read_log
 
 from .conftest import TINY
 
@@ -332,11 +332,11 @@ def test_lora_mlp_on_moe_adapts_every_expert(shared):
 DP_SCRIPT = r"""
 import json, sys
 import equinox as eqx, jax, jax.numpy as jnp, numpy as np
-from dantinox_eqx import sharding as sh
+from dantinox_eqx.parallel import sharding as sh
 from dantinox_eqx.config import Config
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_train_step
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 assert jax.device_count() == 2
 out = {}

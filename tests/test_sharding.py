@@ -21,12 +21,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dantinox_eqx import distributed
-from dantinox_eqx import sharding as sh
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.data import sample_batch
+from dantinox_eqx.data.sampling import sample_batch
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.step import make_train_step
+from dantinox_eqx.parallel import distributed
+from dantinox_eqx.parallel import sharding as sh
+from dantinox_eqx.train.step import make_train_step
 
 from .conftest import TINY
 from .procs import device_env, free_port

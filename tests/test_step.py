@@ -7,8 +7,8 @@ import pytest
 
 from dantinox_eqx.config import Config
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import decay_mask, make_optimizer, make_schedule
-from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step
+from dantinox_eqx.train.optim import decay_mask, make_optimizer, make_schedule
+from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step
 
 from .conftest import TINY
 

@@ -21,14 +21,14 @@ import optuna
 import pytest
 import yaml
 
-from dantinox_eqx import sweep as sw
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.data import sample_batch
-from dantinox_eqx.lr_finder import prepare_config_data
+from dantinox_eqx.data.sampling import sample_batch
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step
-from dantinox_eqx.sweep_config import build_trial_config, load_sweep_config, parse_sweep_config
+from dantinox_eqx.tools import sweep as sw
+from dantinox_eqx.tools.sweep_config import build_trial_config, load_sweep_config, parse_sweep_config
+from dantinox_eqx.train.lr_finder import prepare_config_data
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step
 
 from .conftest import ROOT, TINY
 
@@ -335,7 +335,7 @@ def test_wandb_backend_trial_path_with_a_stand_in_agent(small_corpus, tmp_path, 
     import wandb
     from wandb.sdk.lib import config_util
 
-    from dantinox_eqx.wandb_logger import make_wandb_logger, read_wandb_file
+    from dantinox_eqx.train.wandb_logger import make_wandb_logger, read_wandb_file
 
     spec = parse_sweep_config(_spec(parameters={"lr": {"values": [1e-3, 1e-2]}, "dim": {"values": [64]}}))
     monkeypatch.setenv("WANDB_MODE", "online")  # lets run_wandb_sweep start; the agent goes offline
@@ -390,7 +390,7 @@ def test_wandb_backend_needs_a_server(small_corpus, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_cli_local_sweep_trains_with_the_trainer(small_corpus, tmp_path):
     """`dantinox-eqx sweep --backend local` end to end: each trial is a real Trainer run."""
-    from dantinox_eqx.trainer import read_log
+    from dantinox_eqx.train.trainer import read_log
 
     spec_path, base_path = tmp_path / "sweep.yaml", tmp_path / "base.yaml"
     spec_path.write_text(yaml.safe_dump(_spec(method="grid", parameters={"lr": {"values": [1e-3, 1e-2]}})))

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from dantinox_eqx import data, tokenizer
+from dantinox_eqx.data import sampling as data
+from dantinox_eqx.data import tokenizer
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])

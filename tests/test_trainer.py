@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import yaml
 
-from dantinox_eqx import checkpoint as ckpt
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.data import prepare_data, sample_batch
+from dantinox_eqx.data.sampling import prepare_data, sample_batch
+from dantinox_eqx.data.tokenizer import load_tokenizer
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.step import make_eval_step
-from dantinox_eqx.tokenizer import load_tokenizer
-from dantinox_eqx.trainer import CURSOR_FILE, LOG_COLUMNS, Trainer, TrainingDiverged, read_log
+from dantinox_eqx.run import checkpoint as ckpt
+from dantinox_eqx.train.step import make_eval_step
+from dantinox_eqx.train.trainer import CURSOR_FILE, LOG_COLUMNS, Trainer, TrainingDiverged, read_log
 
 from .conftest import TINY
 

@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.trainer import Trainer, read_log
-from dantinox_eqx.wandb_logger import METRICS_FILE, read_metrics_file, read_wandb_file
+from dantinox_eqx.train.trainer import Trainer, read_log
+from dantinox_eqx.train.wandb_logger import METRICS_FILE, read_metrics_file, read_wandb_file
 
 from .conftest import TINY
 from .procs import device_env, free_port

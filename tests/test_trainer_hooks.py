@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from dantinox_eqx.config import Config, ConfigError
-from dantinox_eqx.lr_finder import find_lr, prepare_config_data
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.trainer import Trainer
-from dantinox_eqx.wandb_logger import WandbError
+from dantinox_eqx.train.lr_finder import find_lr, prepare_config_data
+from dantinox_eqx.train.trainer import Trainer
+from dantinox_eqx.train.wandb_logger import WandbError
 
 from .conftest import TINY
 

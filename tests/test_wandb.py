@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.wandb_logger import METRICS_FILE, WandbLogger, make_wandb_logger, read_metrics_file, read_wandb_file
+from dantinox_eqx.train.wandb_logger import (
+    METRICS_FILE,
+    WandbLogger,
+    make_wandb_logger,
+    read_metrics_file,
+    read_wandb_file,
+)
 
 from .conftest import TINY
 

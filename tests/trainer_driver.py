@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import jax  # noqa: E402
 
 from dantinox_eqx.config import Config  # noqa: E402
-from dantinox_eqx.trainer import Trainer  # noqa: E402
+from dantinox_eqx.train.trainer import Trainer  # noqa: E402
 
 SNAPSHOT_STEP = 10
 

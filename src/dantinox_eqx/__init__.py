@@ -15,11 +15,11 @@ __all__ = ["Config", "ConfigError", "Transformer", "Trainer", "Generator", "__ve
 def __getattr__(name: str):
     # Trainer and Generator pull in orbax, rich and tokenizers: import them on first use.
     if name == "Trainer":
-        from .trainer import Trainer
+        from .train.trainer import Trainer
 
         return Trainer
     if name == "Generator":
-        from .generate import Generator
+        from .infer.generate import Generator
 
         return Generator
     raise AttributeError(f"module 'dantinox_eqx' has no attribute {name!r}")

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import types
 import typing
 import warnings
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import atomic_write_text
 
 __all__ = ["Config", "ConfigError", "SECTIONS", "IGNORED_FIELDS", "MODEL_SHAPE_FIELDS"]
 
@@ -452,18 +453,3 @@ def read_yaml_mapping(path: str | os.PathLike, label: str, fix: str, holds: str)
     if not isinstance(data, dict):
         raise ConfigError(f"{label} {str(path)!r} must hold {holds}")
     return data
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -45,7 +45,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from .config import ConfigError
 from .model import Linear, dropout, matmul
-from .moe import ExpertLinear
+from .nn.moe import ExpertLinear
 
 __all__ = ["LoRALinear", "LoRAExpertLinear", "apply_lora", "lora_trainable", "merge_lora", "has_lora", "adapter_params",
            "load_adapter", "lora_summary", "with_dropout_keys", "TARGETS"]

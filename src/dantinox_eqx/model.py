@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .config import Config
-from .sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathered
+from .parallel.sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathered
 
 __all__ = ["Transformer", "Block", "Attention", "MLP", "Linear", "Norm", "KVCache",
            "rope", "attend", "gelu", "matmul", "write_cache", "causal_mask", "dropout", "cast_floating"]
@@ -342,7 +342,7 @@ gelu.defvjp(lambda x: (jax.nn.gelu(x), x), _gelu_bwd)
 # --------------------------------------------------------------------------- block
 def _make_attention(cfg: Config, key: PRNGKeyArray) -> eqx.Module:
     if cfg.mla:
-        from .mla import MLAttention  # noqa: PLC0415 (kept out of the dense import path)
+        from .nn.mla import MLAttention  # noqa: PLC0415 (kept out of the dense import path)
 
         return MLAttention(cfg, key=key)
     return Attention(cfg, key=key)
@@ -350,7 +350,7 @@ def _make_attention(cfg: Config, key: PRNGKeyArray) -> eqx.Module:
 
 def _make_mlp(cfg: Config, key: PRNGKeyArray) -> eqx.Module:
     if cfg.use_moe:
-        from .moe import MoE  # noqa: PLC0415
+        from .nn.moe import MoE  # noqa: PLC0415
 
         return MoE(cfg, key=key)
     return MLP(cfg, key=key)
@@ -428,7 +428,7 @@ class Transformer(eqx.Module):
     def from_pretrained(cls, run_dir: Any, best: bool = True, *, dtype: Any = None) -> Transformer:
         """Load a trained run directory's model (best checkpoint, or latest with best=False) in
         the dtype it was saved in; see `pretrained.from_pretrained`."""
-        from .pretrained import from_pretrained  # noqa: PLC0415 (orbax stays off the model's import path)
+        from .run.pretrained import from_pretrained  # noqa: PLC0415 (orbax stays off the model's import path)
 
         return from_pretrained(run_dir, best, dtype=dtype)
 

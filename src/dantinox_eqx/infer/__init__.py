@@ -1,0 +1,1 @@
+"""Using a trained model (layer 8): sampling (`Generator`) and evaluation."""

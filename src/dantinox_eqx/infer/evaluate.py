@@ -1,0 +1,116 @@
+"""How well a model predicts a text: loss, perplexity, bits per token and per character.
+
+Two ways to choose the scored windows (each `seq_len + 1` tokens: inputs and shifted targets):
+- all (default): consecutive windows with stride `seq_len` cover the text, so every token but
+  the first is predicted exactly once (a last window aligned to the end scores only the
+  tokens not yet scored). Deterministic; the cost grows with the text.
+- random (`n_batches`): `n_batches * batch_size` windows at uniform random starts drawn with
+  `seed` (`data.sample_batch`): a fixed-cost estimate, the same for the same seed.
+
+Every window gives each target the full context before it in that window (up to seq_len - 1
+tokens), as in training. Losses are float32 per token and summed in float64 on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Bool, Float, Int
+from tokenizers import Tokenizer
+
+from ..data.sampling import DataError, sample_batch
+from ..data.tokenizer import encode
+from ..model import Transformer
+
+__all__ = ["EvalResult", "evaluate", "evaluate_ids", "covering_windows"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy, nats per predicted token
+    perplexity: float  # exp(loss)
+    bits_per_token: float
+    bits_per_char: float  # total bits / characters of the predicted text
+    n_tokens: int  # predicted (scored) tokens
+    n_chars: float  # characters they stand for (estimated from the text's ratio in random mode)
+    n_windows: int
+    seq_len: int
+    mode: str  # "all" or "random"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def covering_windows(n: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window starts and a (n_windows, seq_len) mask of the targets to score, such that every
+    token index 1..n-1 is scored exactly once (n >= seq_len + 1)."""
+    starts = list(range(0, n - seq_len, seq_len))
+    mask = np.ones((len(starts), seq_len), bool)
+    covered = starts[-1] + seq_len  # last token index scored so far
+    if covered < n - 1:
+        last = n - seq_len - 1
+        starts.append(last)
+        mask = np.concatenate([mask, (last + 1 + np.arange(seq_len) > covered)[None]])
+    return np.asarray(starts), mask
+
+
+@eqx.filter_jit
+def _nll_sum(model: Transformer, windows: Int[Array, "B W"], mask: Bool[Array, "B T"]) -> Float[Array, ""]:
+    logits, _ = model(windows[:, :-1])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:])
+    return jnp.sum(jnp.where(mask, nll, 0.0))
+
+
+def evaluate_ids(model: Transformer, ids: np.ndarray, *, batch_size: int = 8, seq_len: int | None = None,
+                 n_batches: int | None = None, seed: int = 0) -> tuple[float, int, int, int]:
+    """(summed nats, scored tokens, windows, seq_len) of `model` on token ids `ids`.
+
+    `n_batches=None` scores every token once (see the module docstring); otherwise
+    `n_batches` batches of random windows drawn with `seed`.
+    """
+    ids = np.asarray(ids)
+    if len(ids) < 2:
+        raise DataError(f"data_path: the text has {len(ids)} token(s); evaluation needs at least 2")
+    seq_len = min(seq_len or model.max_context, model.max_context, len(ids) - 1)
+    if n_batches is None:
+        starts, mask = covering_windows(len(ids), seq_len)
+        pad = -len(starts) % batch_size  # whole batches: one compiled shape
+        starts = np.concatenate([starts, np.zeros(pad, int)])
+        mask = np.concatenate([mask, np.zeros((pad, seq_len), bool)])
+        windows = ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+        batches = windows.reshape(-1, batch_size, seq_len + 1)
+        masks = mask.reshape(-1, batch_size, seq_len)
+        n_windows = len(starts) - pad
+    else:
+        tokens = jnp.asarray(ids, jnp.int32)
+        batches = np.asarray(sample_batch(tokens, jax.random.key(seed), batch_size, seq_len, n_batches))
+        masks = np.ones((n_batches, batch_size, seq_len), bool)
+        n_windows = n_batches * batch_size
+    total = 0.0
+    for w, m in zip(batches, masks):
+        total += float(_nll_sum(model, jnp.asarray(w), jnp.asarray(m)))
+    return total, int(masks.sum()), n_windows, seq_len
+
+
+def evaluate(model: Transformer, tokenizer: Tokenizer, text: str, *, batch_size: int = 8,
+             seq_len: int | None = None, n_batches: int | None = None, seed: int = 0) -> EvalResult:
+    """Loss, perplexity and bits per token / character of `model` on `text` (see the module
+    docstring for the windows). Raises TokenizerError for text a char vocabulary cannot encode."""
+    ids = np.asarray(encode(tokenizer, text))
+    nats, n_tokens, n_windows, seq_len = evaluate_ids(model, ids, batch_size=batch_size, seq_len=seq_len,
+                                                      n_batches=n_batches, seed=seed)
+    if n_batches is None:  # exactly the characters after the first token
+        n_chars = float(len(text) - len(tokenizer.decode([int(ids[0])])))
+    else:
+        n_chars = n_tokens * len(text) / len(ids)
+    loss = nats / n_tokens
+    bits = nats / math.log(2)
+    return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_token=bits / n_tokens,
+                      bits_per_char=bits / max(n_chars, 1.0), n_tokens=n_tokens, n_chars=n_chars,
+                      n_windows=n_windows, seq_len=seq_len, mode="all" if n_batches is None else "random")

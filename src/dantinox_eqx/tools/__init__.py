@@ -1,0 +1,1 @@
+"""Tools built on training and inference (layer 9): sweeps, plots."""

@@ -1,0 +1,110 @@
+"""What a `fit` trains: its tokenizer and data, and its initial model (fresh, a fine-tune's
+base, or a given model; with LoRA adapters when `use_lora`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from ..config import Config, ConfigError
+from ..data import tokenizer as tk
+from ..data.corpus import cache_dir, default_corpus_path
+from ..data.sampling import DataError, Dataset, prepare_data
+from ..lora import has_lora, lora_trainable
+from ..model import Transformer
+from ..run import finetune
+from ..run.layout import TOKENIZER_FILE, read_cursor
+
+__all__ = ["training_data", "resolve_vocab", "initial_model", "trainable_mask"]
+
+
+def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
+                  resume: bool) -> tuple[Path, Dataset]:
+    """(the corpus path, its prepared dataset). The tokenizer is the run's own on resume, then
+    `tokenizer_path`, then a fine-tune's base run's, else trained on the corpus. `data_path`
+    None = on resume the corpus recorded in the cursor, else the default corpus."""
+    if data_path is None and resume:
+        recorded = read_cursor(run_dir).get("data_path")
+        if recorded and Path(recorded).is_file():
+            data_path = recorded
+    path = Path(data_path) if data_path is not None else default_corpus_path()
+    if resume:
+        tokenizer = tk.load_tokenizer(run_dir / TOKENIZER_FILE)
+    elif config.tokenizer_path:
+        tokenizer = tk.load_tokenizer(config.tokenizer_path)
+    elif config.init_from:  # a fine-tune keeps its base's tokenizer (never retrained)
+        base_tokenizer = finetune.base_dir(config.init_from) / TOKENIZER_FILE
+        if not base_tokenizer.is_file():
+            raise ConfigError(f"init_from: {str(config.init_from)!r} has no {TOKENIZER_FILE}; pass the "
+                              "directory of a finished `dantinox-eqx train` run")
+        tokenizer = tk.load_tokenizer(base_tokenizer)
+    elif config.use_lora:
+        raise ConfigError("use_lora: a LoRA fine-tune keeps its base model's tokenizer: set init_from to the "
+                          "base run directory (CLI: --init_from RUN_DIR), or with model= set tokenizer_path "
+                          "to the model's tokenizer.json")
+    else:
+        tokenizer = None
+    try:
+        dataset = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
+                               val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
+                               bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer,
+                               cache_dir=cache_dir())
+    except DataError as e:
+        if tokenizer is None or "outside the char vocabulary" not in str(e):
+            raise
+        source = ("the run" if resume else "tokenizer_path" if config.tokenizer_path
+                  else f"the base run {str(config.init_from)!r}")
+        raise DataError(f"{e}; the tokenizer comes from {source} and a char vocabulary cannot grow: "
+                        "remove those characters from the corpus") from None
+    return path, dataset
+
+
+def resolve_vocab(config: Config, vocab: int) -> Config:
+    """`config` with vocab_size taken from the tokenizer (ConfigError if a set one is too small)."""
+    if config.vocab_size is None:
+        return config.replace(vocab_size=vocab)
+    if config.vocab_size < vocab:
+        raise ConfigError(f"vocab_size: {config.vocab_size} is smaller than the tokenizer's {vocab} "
+                          "tokens; leave vocab_size unset (null) to take it from the tokenizer")
+    return config
+
+
+def initial_model(config: Config, key: Any, given: Transformer | None = None
+                  ) -> tuple[Transformer, dict[str, Any] | None]:
+    """(the model to train, the base pointer of an adapter-only LoRA run or None).
+
+    The model is `given` if any, else the best weights of the run `config.init_from`
+    (fine-tuning), else a fresh `Transformer(config)`; with `use_lora`, LoRA adapters are added.
+    A LoRA run with a base run (init_from) saves only its adapters plus the pointer
+    (lora_base.json, run/finetune.py)."""
+    base = None
+    if given is not None:
+        if given.vocab_size != config.vocab_size:
+            raise ConfigError(f"vocab_size: the given model has vocab_size={given.vocab_size}, "
+                              f"the tokenizer needs {config.vocab_size}")
+        model = given
+        if has_lora(model) and not config.use_lora:
+            raise ConfigError("use_lora: the given model has LoRA adapters but use_lora is false; pass "
+                              "lora.merge_lora(model) to train all its weights")
+        if config.use_lora and config.init_from:
+            base = finetune.pointer_of(model, config.init_from, config)
+    elif config.init_from:
+        model, pointer = finetune.load_base(config.init_from, config)
+        base = pointer if config.use_lora else None
+    elif config.use_lora:
+        raise ConfigError("use_lora: LoRA fine-tunes a trained model: set init_from to its run directory "
+                          "(CLI: --init_from RUN_DIR), or pass model= to Trainer")
+    else:
+        model = Transformer(config, key=key)
+    if config.use_lora:
+        model = finetune.add_adapters(model, config, jax.random.fold_in(key, 1))
+    return model, base
+
+
+def trainable_mask(model: Transformer) -> Any:
+    """A bool pytree like the params marking what trains; None = everything. A model with
+    LoRA adapters trains only its adapters."""
+    return lora_trainable(model) if has_lora(model) else None

@@ -1,0 +1,172 @@
+"""The learning-rate range test (Smith 2015): train briefly with an exponentially rising LR.
+
+    suggested_lr, lrs, losses = find_lr(config, data, min_lr=1e-6, max_lr=1e-2, num_steps=100)
+
+Step `s` of `num_steps` trains at `min_lr * (max_lr / min_lr) ** (s / (num_steps - 1))`, with
+the config's own optimizer (same family, betas, clipping, weight decay and decay mask: only the
+schedule is replaced by the ramp). The loss is smoothed with a bias-corrected exponential
+moving average; the test stops early once the smoothed loss exceeds `diverge_factor` x its best
+(or the loss is not finite). The suggestion is the LR of steepest descent of the smoothed loss
+against log(LR), i.e. the most negative d loss / d log lr, skipping the first points (the
+average is still warming up there) and the last one when the test diverged.
+
+The test trains a fresh model in memory and writes nothing: no run directory, checkpoint or log
+is created or changed (preparing the data may cache token ids beside the corpus, as training
+does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import Config, ConfigError
+from ..data.sampling import Dataset, prepare_data, sample_batch
+from ..model import Transformer
+from .optim import make_optimizer
+from .step import init_opt_state, make_train_step
+
+__all__ = ["find_lr", "find_lr_on_path", "exponential_ramp", "smooth_losses", "steepest_descent",
+           "prepare_config_data"]
+
+
+def exponential_ramp(min_lr: float, max_lr: float, num_steps: int) -> Any:
+    """The schedule `step -> min_lr * (max_lr / min_lr) ** (step / (num_steps - 1))`.
+
+    Step 0 trains at `min_lr`, step `num_steps - 1` at `max_lr`; the LR grows by the same factor
+    every step, so the steps are evenly spaced on a log axis.
+    """
+    log_ratio = math.log(max_lr / min_lr)
+    denom = max(num_steps - 1, 1)
+
+    def schedule(step: Any) -> Any:
+        return min_lr * jnp.exp(log_ratio * jnp.asarray(step, jnp.float32) / denom)
+
+    return schedule
+
+
+def smooth_losses(losses: Any, smoothing: float = 0.98) -> np.ndarray:
+    """Bias-corrected exponential moving average: `avg_i / (1 - smoothing ** (i + 1))` with
+    `avg_i = smoothing * avg_{i-1} + (1 - smoothing) * loss_i` (the first value is the loss)."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(np.asarray(losses, np.float64)):
+        avg = smoothing * avg + (1.0 - smoothing) * loss
+        out.append(avg / (1.0 - smoothing ** (i + 1)))
+    return np.asarray(out)
+
+
+def steepest_descent(lrs: Any, smoothed: Any, *, skip_start: int | None = None, skip_end: int = 0) -> float:
+    """The LR where `smoothed` falls fastest against log(LR): argmin of np.gradient(smoothed,
+    log lrs) over the points `[skip_start, len - skip_end)`. `skip_start` defaults to a tenth of
+    the points (at least 1); when too few points remain, every point is used."""
+    lrs, smoothed = np.asarray(lrs, np.float64), np.asarray(smoothed, np.float64)
+    n = len(lrs)
+    if n < 2:
+        raise ValueError("steepest_descent needs at least 2 points")
+    if skip_start is None:
+        skip_start = max(1, n // 10)
+    slopes = np.gradient(smoothed, np.log(lrs))
+    lo, hi = skip_start, n - skip_end
+    if hi - lo < 2:
+        lo, hi = 0, n
+    window = slopes[lo:hi]
+    window = np.where(np.isfinite(window), window, np.inf)
+    return float(lrs[lo + int(np.argmin(window))])
+
+
+def _check_args(min_lr: float, max_lr: float, num_steps: int, smoothing: float, diverge_factor: float) -> None:
+    if not min_lr > 0:
+        raise ConfigError(f"min_lr: must be positive, got {min_lr}")
+    if not max_lr > min_lr:
+        raise ConfigError(f"max_lr: must be greater than min_lr={min_lr}, got {max_lr}")
+    if num_steps < 5:
+        raise ConfigError(f"num_steps: the range test needs at least 5 steps, got {num_steps}")
+    if not 0.0 <= smoothing < 1.0:
+        raise ConfigError(f"smoothing: must be in [0, 1), got {smoothing}")
+    if not diverge_factor > 1.0:
+        raise ConfigError(f"diverge_factor: must be greater than 1, got {diverge_factor}")
+
+
+def find_lr(config: Config, data: Dataset, min_lr: float = 1e-6, max_lr: float = 1e-2, num_steps: int = 100,
+            *, smoothing: float = 0.98, diverge_factor: float = 4.0, model: Transformer | None = None,
+            trainable: Any = None) -> tuple[float, list[float], list[float]]:
+    """Run the range test on `data` (a `prepare_data` Dataset) with a fresh model of `config`
+    (or a copy of `model`, e.g. pretrained weights to fine-tune; `trainable` is the bool pytree
+    of `make_train_step`, e.g. LoRA's, to test only those leaves). The caller's model is not
+    changed: the test updates its own copy of the arrays.
+
+    Returns `(suggested_lr, lr_history, loss_history)`: the LR of each step taken and the
+    smoothed (bias-corrected EMA) training loss after it; both lists stop at the step where the
+    smoothed loss first exceeded `diverge_factor` x its best, or where the loss became NaN/inf
+    (that step is included, with its LR, unless its loss is not finite). The suggestion lies in
+    `[min_lr, max_lr]`. Raises ConfigError for bad arguments. Writes nothing.
+    """
+    _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor)
+    if config.vocab_size is None:
+        config = config.replace(vocab_size=data.vocab_size)
+    elif config.vocab_size < data.vocab_size:
+        raise ConfigError(f"vocab_size: {config.vocab_size} is smaller than the tokenizer's "
+                          f"{data.vocab_size}; remove vocab_size or raise it")
+    model_key, data_key, step_key = jax.random.split(jax.random.key(config.seed), 3)
+    if model is None:
+        model = Transformer(config, key=model_key)
+    params, static = eqx.partition(model, eqx.is_array)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs: never the caller's arrays
+    schedule = exponential_ramp(min_lr, max_lr, num_steps)
+    optimizer = make_optimizer(config, num_steps, schedule=schedule)
+    opt_state = init_opt_state(optimizer, params, trainable)
+    step = make_train_step(static, optimizer, alpha_balance=config.alpha_balance, trainable=trainable)
+    train = jnp.asarray(data.train)
+
+    lrs, smoothed = [], []
+    avg, best = 0.0, math.inf
+    for s in range(num_steps):
+        batch = sample_batch(train, jax.random.fold_in(data_key, s), config.batch_size, config.max_context,
+                             config.grad_accum)
+        params, opt_state, metrics = step(params, opt_state, batch, jax.random.fold_in(step_key, s))
+        loss = float(metrics["loss"])  # one host sync per step: the stop rule needs the value now
+        if not math.isfinite(loss):
+            break
+        avg = smoothing * avg + (1.0 - smoothing) * loss
+        value = avg / (1.0 - smoothing ** (s + 1))
+        lrs.append(float(schedule(s)))
+        smoothed.append(value)
+        if s > 0 and value > diverge_factor * best:
+            break
+        best = min(best, value)
+    if len(lrs) < 2:
+        raise ConfigError(f"min_lr: the loss diverged within {len(lrs) + 1} steps at min_lr={min_lr}; "
+                          "lower min_lr")
+    diverged = len(lrs) < num_steps
+    suggested = steepest_descent(lrs, smoothed, skip_end=1 if diverged else 0)
+    return suggested, lrs, smoothed
+
+
+def prepare_config_data(config: Config, data_path: str | os.PathLike) -> Dataset:
+    """The Dataset training would see for `config`: its tokenizer (the one at `tokenizer_path`
+    when set, else one trained on the corpus), context length, split and token cap."""
+    tokenizer = None
+    if config.tokenizer_path:
+        from ..data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer_path)
+    return prepare_data(data_path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
+                        val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
+                        bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer)
+
+
+def find_lr_on_path(config: Config, data_path: str | os.PathLike, min_lr: float = 1e-6, max_lr: float = 1e-2,
+                    num_steps: int = 100, *, smoothing: float = 0.98, diverge_factor: float = 4.0,
+                    model: Transformer | None = None, trainable: Any = None
+                    ) -> tuple[float, list[float], list[float]]:
+    """`find_lr` on the corpus at `data_path` (what `Trainer(config).find_lr(data_path, ...)` does)."""
+    _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor)
+    data = prepare_config_data(config, data_path)
+    return find_lr(config, data, min_lr, max_lr, num_steps, smoothing=smoothing, diverge_factor=diverge_factor,
+                   model=model, trainable=trainable)

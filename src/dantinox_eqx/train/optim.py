@@ -1,0 +1,94 @@
+"""Learning-rate schedules and the optimizer, composed from optax transformations.
+
+A schedule is a plain function `step -> lr`. Every schedule warms up linearly, then:
+
+    warmup (s < W):      lr * (s + 1) / W                      (reaches lr at s = W - 1)
+    p = clip((s - W) / (T - W), 0, 1)                          (progress after warmup)
+    cosine:              lo + (lr - lo) * (1 + cos(pi * p)) / 2
+    linear:              lr - (lr - lo) * p
+    constant:            lr
+    wsd:                 lr while p < f, then lo + (lr - lo) * (1 + cos(pi * q)) / 2
+                         with q = (p - f) / (1 - f)            (warmup -> stable -> cosine decay)
+
+where lo = lr * min_lr_ratio (0.01 by default), T is the run's total steps and f is
+`wsd_stable_fraction` (0.4: the seed's "stable (40 %)" is 40 % of the post-warmup steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..config import Config
+
+__all__ = ["make_schedule", "make_optimizer", "decay_mask"]
+
+
+def make_schedule(name: str, lr: float, warmup_steps: int, total_steps: int,
+                  min_lr_ratio: float = 0.01, wsd_stable_fraction: float = 0.4) -> optax.Schedule:
+    """The schedule `name` ("cosine" | "linear" | "constant" | "wsd"); formulas in the module doc."""
+    lo = lr * min_lr_ratio
+    W, T = warmup_steps, max(total_steps, warmup_steps + 1)
+
+    def schedule(step: Any) -> Any:
+        s = jnp.asarray(step, jnp.float32)
+        p = jnp.clip((s - W) / (T - W), 0.0, 1.0)
+        if name == "cosine":
+            after = lo + (lr - lo) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        elif name == "linear":
+            after = lr - (lr - lo) * p
+        elif name == "constant":
+            after = jnp.full_like(p, lr)
+        elif name == "wsd":
+            f = wsd_stable_fraction
+            q = jnp.clip((p - f) / (1.0 - f), 0.0, 1.0)
+            after = lo + (lr - lo) * 0.5 * (1.0 + jnp.cos(jnp.pi * q))
+        else:
+            raise ValueError(f"lr_schedule: unknown schedule {name!r}")
+        if W == 0:
+            return after
+        return jnp.where(s < W, lr * (s + 1.0) / W, after)
+
+    return schedule
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the leaves that get weight decay: the matrices of `Linear`s (fields named
+    `weight`, LoRA factors excluded) and nothing else (no norms, biases or embeddings)."""
+
+    def is_decayed(path: tuple, leaf: Any) -> bool:
+        last = path[-1] if path else None
+        return getattr(last, "name", None) == "weight" and getattr(leaf, "ndim", 0) >= 2
+
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) -> the chosen optimizer with the config's schedule.
+
+    `mu_dtype` sets the dtype of first moments (bfloat16 for use_bf16, as the seed does).
+    `schedule` replaces the config's schedule (the LR finder's exponential ramp) and leaves
+    everything else (betas, clipping, weight decay and its mask) as a real run has it.
+    """
+    if schedule is None:
+        schedule = make_schedule(config.lr_schedule, config.lr, config.warmup_steps, total_steps,
+                                 config.min_lr_ratio, config.wsd_stable_fraction)
+    if config.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
+                          mask=decay_mask, mu_dtype=mu_dtype)
+    elif config.optimizer == "lion":
+        opt = optax.lion(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
+                         mask=decay_mask, mu_dtype=mu_dtype)
+    elif config.optimizer == "adafactor":
+        opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
+                              weight_decay_rate=config.weight_decay or None,
+                              weight_decay_mask=decay_mask)
+    else:
+        raise ValueError(f"optimizer: unknown optimizer {config.optimizer!r}")
+    if config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
+    return opt

@@ -1,0 +1,130 @@
+"""The loss and the pure, jitted training and evaluation steps.
+
+    step = make_train_step(static, optimizer)
+    params, opt_state, metrics = step(params, opt_state, batch, key)
+
+`params` is the array part of the model (`eqx.partition(model, eqx.is_array)`), `static` the
+rest, closed over. A `batch` holds token windows of shape (grad_accum, batch, seq + 1): inputs
+are `[..., :-1]`, targets `[..., 1:]`. Micro-batches are accumulated with `lax.scan` inside the
+one jitted call, so the compiled graph does not depend on `grad_accum`.
+
+With a `trainable` filter (LoRA), only the selected leaves get gradients and optimizer state:
+initialise with `init_opt_state(optimizer, params, trainable)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
+
+from ..lora import with_dropout_keys
+from ..model import cast_floating
+
+__all__ = ["cross_entropy", "loss_fn", "make_train_step", "make_eval_step", "init_opt_state"]
+
+Metrics = dict[str, Array]
+
+
+def cross_entropy(logits: Float[Array, "*B T V"], targets: Int[Array, "*B T"]) -> Scalar:
+    """Mean token cross-entropy, computed in float32 whatever the logits' dtype."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def loss_fn(model: Any, batch: Int[Array, "B W"], key: PRNGKeyArray | None = None,
+            alpha_balance: float = 0.0) -> tuple[Scalar, Metrics]:
+    """LM loss (+ alpha_balance * MoE balance loss) of `model` on windows `batch` (W = T + 1)."""
+    logits, balance = model(batch[:, :-1], key=key)
+    lm = cross_entropy(logits, batch[:, 1:])
+    return lm + alpha_balance * balance, {"loss": lm, "bal": balance}
+
+
+def _everything(params: PyTree) -> PyTree:
+    return jax.tree.map(lambda _: True, params)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: PyTree,
+                   trainable: PyTree | None = None) -> PyTree:
+    """Optimizer state for the trainable leaves of `params` only (all leaves when None)."""
+    return optimizer.init(eqx.filter(params, trainable if trainable is not None else _everything(params)))
+
+
+def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
+                    alpha_balance: float = 0.0, trainable: PyTree | None = None,
+                    donate: bool = True, compute_dtype: Any = None) -> Callable:
+    """Build `step(params, opt_state, batch, key) -> (params, opt_state, metrics)`, jitted.
+
+    - static: the non-array part of the model, closed over.
+    - trainable: a pytree of bools like `params` (e.g. `lora.lora_trainable(model)`); leaves
+      marked False are frozen: no gradient, no optimizer state, returned bitwise unchanged.
+    - batch: int32 (grad_accum, batch, seq + 1). The gradient is the mean over micro-batches,
+      equal to the gradient of the concatenated batch.
+    - metrics: mean "loss" (LM), "bal" (MoE balance) and the pre-clip "grad_norm", as arrays
+      (fetch them only when you log, so the loop never waits on the device).
+    - compute_dtype: e.g. bfloat16 with float32 `params` = mixed precision with float32 master
+      weights: the forward and backward run in compute_dtype, the gradient arrives in float32
+      (the cast's transpose) and the update is applied to the float32 masters, so small updates
+      are not rounded away as they are with pure bfloat16 weights.
+    Buffers of `params` and `opt_state` are donated (updated in place) unless donate=False.
+    """
+
+    def lm_loss(train_p, frozen_p, micro, key):
+        model = eqx.combine(train_p, frozen_p, static)
+        if compute_dtype is not None:
+            model = cast_floating(model, compute_dtype)
+        # LoRA dropout acts only with per-step keys (lora.py); other models come back as they are.
+        model = with_dropout_keys(model, jax.random.fold_in(key, 1))
+        return loss_fn(model, micro, key, alpha_balance)
+
+    grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
+
+    def step(params, opt_state, batch, key):
+        train_p, frozen_p = eqx.partition(params, trainable if trainable is not None else _everything(params))
+        keys = jax.random.split(key, batch.shape[0])
+        if batch.shape[0] == 1:
+            (_, metrics), grads = grad_fn(train_p, frozen_p, batch[0], keys[0])
+        else:
+            # Accumulate in float32 so bfloat16 gradients lose nothing across micro-batches.
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_p)
+
+            def micro_step(acc, xs):
+                (_, m), g = grad_fn(train_p, frozen_p, *xs)
+                acc_g, acc_m = acc
+                acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+                return (acc_g, jax.tree.map(jnp.add, acc_m, m)), None
+
+            init = (zeros, {"loss": jnp.zeros(()), "bal": jnp.zeros(())})
+            (grads, metrics), _ = jax.lax.scan(micro_step, init, (batch, keys))
+            n = batch.shape[0]
+            grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, train_p)
+            metrics = jax.tree.map(lambda m: m / n, metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, train_p)
+        train_p = eqx.apply_updates(train_p, updates)
+        return eqx.combine(train_p, frozen_p), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_eval_step(static: PyTree, *, alpha_balance: float = 0.0, compute_dtype: Any = None) -> Callable:
+    """Build `eval_step(params, batches) -> metrics`, jitted: mean "loss" and "bal" over
+    `batches` of shape (n_batches, batch, seq + 1), without dropout (and in compute_dtype)."""
+
+    def eval_step(params, batches):
+        model = eqx.combine(params, static)
+        if compute_dtype is not None:
+            model = cast_floating(model, compute_dtype)
+
+        def one(carry, batch):
+            _, m = loss_fn(model, batch, None, alpha_balance)
+            return carry, m
+
+        _, metrics = jax.lax.scan(one, None, batches)
+        return jax.tree.map(jnp.mean, metrics)
+
+    return jax.jit(eval_step)
