@@ -38,7 +38,7 @@ from dantinox_eqx.parallel import distributed  # noqa: E402
 from dantinox_eqx.parallel import sharding as sh  # noqa: E402
 from dantinox_eqx.run import checkpoint
 from dantinox_eqx.train.optim import make_optimizer  # noqa: E402
-from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step  # noqa: E402
+from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step, per_device_loss  # noqa: E402
 
 # dim 48, expansion 3 and 32 rows per device keep the stacked weight shapes, their FSDP shards
 # and the activation shapes all distinct
@@ -201,7 +201,7 @@ def curves(args) -> dict:
                                     eqx.filter(p.blocks, eqx.is_array))
             out["state_follows_params"] = _state_follows(params, state)
             batch = batch_at(tokens, mesh, 0, False)
-            per = sh.per_device_loss(static, mesh)(p, batch)
+            per = per_device_loss(static, mesh)(p, batch)
             ev = sh.shard_eval_step(make_eval_step(static), mesh, p)(p, batch)
             out["per_device"] = {"losses": [float(v) for v in per], "eval_loss": float(ev["loss"])}
     return out

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from dantinox_eqx.config import Config
-from dantinox_eqx.model import Transformer, cast_floating
-from dantinox_eqx.nn.mla import MLACache, MLAttention, cache_bytes_per_token, cache_summary, for_inference
+from dantinox_eqx.model import Transformer, cast_floating, make_attention
+from dantinox_eqx.nn.mla import MLACache, for_inference
 from dantinox_eqx.run.checkpoint import flatten
+from dantinox_eqx.run.summary import cache_bytes_per_token, cache_summary
 from dantinox_eqx.train.optim import make_optimizer
 from dantinox_eqx.train.step import init_opt_state, make_train_step
 
@@ -170,7 +171,7 @@ def test_causal_in_both_forms(inference):
 
 
 def test_attention_module_shapes_and_projections():
-    attn = MLAttention(_cfg(), key=jax.random.key(0))
+    attn = make_attention(_cfg(), key=jax.random.key(0))
     assert attn.q_down.weight.shape == (32, 16) and attn.q_up.weight.shape == (16, 4 * (8 + 4))
     assert attn.kv_down.weight.shape == (32, 12 + 4) and attn.kv_up.weight.shape == (12, 2 * 4 * 8)
     assert attn.o.weight.shape == (32, 32)

@@ -9,8 +9,8 @@ import pytest
 
 from dantinox_eqx.config import Config
 from dantinox_eqx.data.sampling import prepare_data, sample_batch
-from dantinox_eqx.model import MLP, Transformer, cast_floating
-from dantinox_eqx.nn.moe import MoE, capacity, expert_counts, param_counts
+from dantinox_eqx.model import Transformer, cast_floating, expert_counts, make_mlp, param_counts
+from dantinox_eqx.nn.moe import MoE, capacity
 from dantinox_eqx.train.optim import make_optimizer
 from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step
 
@@ -34,8 +34,8 @@ def _with_router(moe: MoE, weight) -> MoE:
 @pytest.mark.parametrize("swiglu", [True, False])
 def test_one_expert_top_one_equals_dense_mlp(swiglu):
     cfg = _cfg(n_experts=1, top_k_mlp=1, use_swiglu=swiglu)
-    mlp = MLP(cfg, key=jax.random.key(0))
-    moe = MoE(cfg, key=jax.random.key(1))
+    mlp = make_mlp(cfg.replace(use_moe=False), key=jax.random.key(0))
+    moe = make_mlp(cfg, key=jax.random.key(1))
     moe = eqx.tree_at(lambda m: (m.up.weight, m.down.weight), moe,
                       (mlp.up.weight[None], mlp.down.weight[None]))
     x = _x()
@@ -60,7 +60,7 @@ def test_one_expert_model_equals_dense_model():
 
 def test_balance_is_one_for_uniform_routing():
     E = 4
-    moe = MoE(_cfg(n_experts=E, top_k_mlp=1), key=jax.random.key(0))
+    moe = make_mlp(_cfg(n_experts=E, top_k_mlp=1), key=jax.random.key(0))
     # Uniform router probabilities: a zero router.
     _, bal = _with_router(moe, np.zeros((32, E)))(_x())
     np.testing.assert_allclose(bal, 1.0, atol=1e-6)
@@ -82,7 +82,7 @@ def test_balance_grows_when_routing_collapses(k):
     E = 4
     router = np.zeros((32, E))
     router[0, :k] = 8.0  # every token prefers the first k experts
-    moe = _with_router(MoE(_cfg(n_experts=E, top_k_mlp=k), key=jax.random.key(0)), router)
+    moe = _with_router(make_mlp(_cfg(n_experts=E, top_k_mlp=k), key=jax.random.key(0)), router)
     x = jnp.zeros((2, 16, 32)).at[..., 0].set(1.0)
     _, bal = moe(x)
     # All assignments on k experts, each with probability ~1/k: balance -> E / k.
@@ -91,9 +91,9 @@ def test_balance_grows_when_routing_collapses(k):
 
 def test_capacity_drops_exactly_the_overflow():
     cfg = _cfg(n_experts=4, top_k_mlp=1)
-    dropless = MoE(cfg, key=jax.random.key(0))
+    dropless = make_mlp(cfg, key=jax.random.key(0))
     dropless = _with_router(dropless, 3.0 * jax.random.normal(jax.random.key(1), (32, 4)))
-    tiny = eqx.tree_at(lambda m: m.up, MoE(cfg.replace(capacity_factor=0.25), key=jax.random.key(0)),
+    tiny = eqx.tree_at(lambda m: m.up, make_mlp(cfg.replace(capacity_factor=0.25), key=jax.random.key(0)),
                        dropless.up)
     tiny = eqx.tree_at(lambda m: (m.down, m.router), tiny, (dropless.down, dropless.router))
     x = _x(b=2, t=16)
@@ -117,17 +117,17 @@ def test_capacity_drops_exactly_the_overflow():
 
 def test_large_capacity_equals_dropless():
     cfg = _cfg(n_experts=4, top_k_mlp=2)
-    dropless = MoE(cfg, key=jax.random.key(0))
-    roomy = MoE(cfg.replace(capacity_factor=50.0), key=jax.random.key(0))
+    dropless = make_mlp(cfg, key=jax.random.key(0))
+    roomy = make_mlp(cfg.replace(capacity_factor=50.0), key=jax.random.key(0))
     x = _x()
     np.testing.assert_array_equal(roomy(x)[0], dropless(x)[0])
-    tight = MoE(cfg.replace(capacity_factor=0.5), key=jax.random.key(0))
+    tight = make_mlp(cfg.replace(capacity_factor=0.5), key=jax.random.key(0))
     assert float(jnp.abs(tight(x)[0] - dropless(x)[0]).max()) > 1e-4
 
 
 def test_shared_expert_adds_a_dense_mlp():
     cfg = _cfg(shared_expert=True)
-    moe = MoE(cfg, key=jax.random.key(0))
+    moe = make_mlp(cfg, key=jax.random.key(0))
     routed_only = eqx.tree_at(lambda m: m.shared, moe, None, is_leaf=lambda n: n is None)
     x = _x()
     np.testing.assert_allclose(moe(x)[0], routed_only(x)[0] + moe.shared(x)[0], atol=1e-6)
@@ -136,7 +136,7 @@ def test_shared_expert_adds_a_dense_mlp():
 def test_no_python_loop_over_experts():
     """The traced program has the same number of operations whatever n_experts is."""
     x = _x()
-    n_ops = [len(jax.make_jaxpr(lambda m, x: m(x))(MoE(_cfg(n_experts=e), key=jax.random.key(0)), x).eqns)
+    n_ops = [len(jax.make_jaxpr(lambda m, x: m(x))(make_mlp(_cfg(n_experts=e), key=jax.random.key(0)), x).eqns)
              for e in (2, 8)]
     assert n_ops[0] == n_ops[1]
 
@@ -162,7 +162,7 @@ def test_expert_counts_sum_to_assignments_and_match_the_router():
     assert counts.shape == (1, 4)
     assert int(counts.sum()) == 2 * 16 * 2
     blk = jax.tree.map(lambda a: a[0], model.blocks)  # the one block, unstacked
-    x = model._embed(toks, jnp.arange(16))
+    x = model.embed(toks, jnp.arange(16))
     x = x + blk.attn(blk.attn_norm(x), jnp.arange(16))[0]
     experts = blk.mlp.route(blk.mlp_norm(x).reshape(32, 32)).experts
     np.testing.assert_array_equal(counts[0], np.bincount(np.asarray(experts).ravel(), minlength=4))

@@ -25,11 +25,9 @@ from dantinox_eqx.lora import (
     apply_lora,
     lora_trainable,
     merge_lora,
-    with_dropout_keys,
 )
-from dantinox_eqx.model import Transformer
+from dantinox_eqx.model import Transformer, expert_counts
 from dantinox_eqx.nn.mla import MLAttention, for_inference
-from dantinox_eqx.nn.moe import expert_counts
 from dantinox_eqx.run.pretrained import from_pretrained
 from dantinox_eqx.train.expert_log import EXPERT_COUNTS_FILE, columns, read_expert_counts
 from dantinox_eqx.train.optim import make_optimizer
@@ -320,12 +318,16 @@ def test_lora_mlp_on_moe_adapts_every_expert(shared):
     want = jnp.stack([x[e] @ (layer.weight[e] + layer.scale * layer.lora_a[e] @ layer.lora_b[e])
                       for e in range(4)])
     np.testing.assert_allclose(layer(x), want, atol=1e-5)
-    # LoRA dropout: one key per block reaches the stacked expert adapters.
+    # LoRA dropout: the call's key reaches the stacked expert adapters (and only with a key).
     drop = apply_lora(base, "mlp", rank=2, dropout=0.5, key=jax.random.key(1))
     drop = eqx.tree_at(lambda m: m.blocks.mlp.up.lora_b, drop, jnp.ones_like(drop.blocks.mlp.up.lora_b))
-    keyed = with_dropout_keys(drop, jax.random.key(3))
-    assert keyed.blocks.mlp.up.dropout_key.shape == (2,)
-    assert float(jnp.abs(_fwd(keyed, TOKENS) - _fwd(drop, TOKENS)).max()) > 1e-4
+    undropped = eqx.tree_at(lambda m: m.blocks.mlp.up, drop,
+                            replace_fn=lambda a: type(a)(a, 2, dropout=0.0, key=jax.random.key(0)))
+    undropped = eqx.tree_at(lambda m: (m.blocks.mlp.up.lora_a, m.blocks.mlp.up.lora_b), undropped,
+                            (drop.blocks.mlp.up.lora_a, drop.blocks.mlp.up.lora_b))
+    np.testing.assert_array_equal(_fwd(drop, TOKENS), _fwd(undropped, TOKENS))
+    k = jax.random.key(3)
+    assert float(jnp.abs(drop(TOKENS, key=k)[0] - undropped(TOKENS, key=k)[0]).max()) > 1e-4
 
 
 # --------------------------------------------------------------------------- data parallel

@@ -26,10 +26,10 @@ The embedding and the output head are never adapted.
 On the fused `qkv` the adapter is one rank-r update of the whole (D, (H + 2K) E) matrix (as PEFT
 does for GPT-2's fused `c_attn`), not three separate rank-r updates of Q, K and V.
 
-Dropout on the LoRA path (`dropout > 0`) needs a key, and the model's Linears are called
-without one. A `LoRALinear` therefore uses its `dropout_key` field, None in every stored model
-(no dropout: evaluation, generation, merging). The training loss sets fresh per-step keys with
-`with_dropout_keys(model, key)` before the forward pass; without that call LoRA dropout is off.
+Dropout on the LoRA path (`dropout > 0`) takes the `key=` of the call, as Equinox layers do:
+every layer passes its sublayers their own keys (`nn.functional.fold_key`), so the training
+forward `model(tokens, key=k)` reaches every adapter with a distinct key (per block and per
+projection), and a call without a key (evaluation, generation) has no dropout.
 """
 
 from __future__ import annotations
@@ -48,80 +48,67 @@ from .model import Linear, dropout, matmul
 from .nn.moe import ExpertLinear
 
 __all__ = ["LoRALinear", "LoRAExpertLinear", "apply_lora", "lora_trainable", "merge_lora", "has_lora", "adapter_params",
-           "load_adapter", "lora_summary", "with_dropout_keys", "TARGETS"]
+           "load_adapter", "lora_summary", "TARGETS"]
 
 TARGETS = {"attention": ("attn",), "mlp": ("mlp",), "all": ("attn", "mlp")}
 NEVER_ADAPTED = frozenset({"router"})  # field names of Linears that no target selects
 ADAPTER_FIELDS = ("lora_a", "lora_b")
 
 
-class LoRALinear(eqx.Module):
-    """y = x @ W + scale * dropout(x) @ A @ B, with W frozen and scale = alpha / rank.
+class _Adapter(eqx.Module):
+    """What LoRALinear and LoRAExpertLinear share: y = mm(x, W) + scale * mm(mm(dropout(x), A), B)
+    with W frozen, scale = alpha / rank, A Kaiming-uniform and B zeros (a fresh adapter leaves the
+    layer unchanged), the factors in the base weight's dtype. Subclasses say what `mm` is and
+    which plain module `merged` returns."""
 
-    Same call contract as `model.Linear`: any leading axes, flattened into one GEMM. A is
-    initialised like PEFT's Kaiming-uniform (U(-1/sqrt(d_in), 1/sqrt(d_in))), B with zeros, so
-    a fresh adapter leaves the layer unchanged. The factors take the base weight's dtype.
-    """
-
-    weight: Float[Array, "d_in d_out"]  # the frozen base weight (same name as in Linear)
-    lora_a: Float[Array, "d_in r"]
-    lora_b: Float[Array, "r d_out"]
-    dropout_key: PRNGKeyArray | None  # None except inside a training loss (module docstring)
+    weight: Float[Array, "*experts d_in d_out"]  # the frozen base weight (same name as the base's)
+    lora_a: Float[Array, "*experts d_in r"]
+    lora_b: Float[Array, "*experts r d_out"]
     scale: float = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
 
-    def __init__(self, base: Linear, rank: int, alpha: float = 16.0, dropout: float = 0.0, *,
+    def __init__(self, base: Linear | ExpertLinear, rank: int, alpha: float = 16.0, dropout: float = 0.0, *,
                  key: PRNGKeyArray):
         self.weight = base.weight
         self.lora_a, self.lora_b = _init_factors(base.weight, rank, key)
-        self.dropout_key = None
         self.scale, self.dropout = alpha / rank, dropout
 
-    def __call__(self, x: Float[Array, "*lead d_in"], *, key: PRNGKeyArray | None = None
-                 ) -> Float[Array, "*lead d_out"]:
-        """`key` (or else `dropout_key`) enables dropout on the adapter's input."""
-        key = self.dropout_key if key is None else key
+    @staticmethod
+    def _mm(x: Array, w: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        """`key` enables dropout on the adapter's input (training); None: no dropout. The layer
+        that holds the adapter passes it, as Equinox layers pass `key=` (nn/functional.fold_key)."""
         h = dropout(x, self.dropout, key)
-        return matmul(x, self.weight) + self.scale * matmul(matmul(h, self.lora_a), self.lora_b)
+        return self._mm(x, self.weight) + self.scale * self._mm(self._mm(h, self.lora_a), self.lora_b)
 
     def merge_weights(self) -> Float[Array, "*stack d_in d_out"]:
         """W + scale * A @ B, computed in float32 and cast to W's dtype (works stacked too)."""
         return _merge(self.weight, self.lora_a, self.lora_b, self.scale)
+
+
+class LoRALinear(_Adapter):
+    """LoRA on a `Linear`: y = x @ W + scale * dropout(x) @ A @ B. Same call contract as
+    `Linear`: any leading axes, flattened into one GEMM."""
+
+    @staticmethod
+    def _mm(x: Array, w: Array) -> Array:
+        return matmul(x, w)
 
     def merged(self) -> Linear:
         """The plain `Linear` holding `merge_weights()`."""
         return jax.tree_util.tree_unflatten(_linear_treedef(), [self.merge_weights()])
 
 
-class LoRAExpertLinear(eqx.Module):
-    """LoRA on the E stacked experts of a `moe.ExpertLinear`: y[e] = x[e] @ W[e] + scale *
-    dropout(x[e]) @ A[e] @ B[e], an independent rank-r adapter per expert (initialised like
-    `LoRALinear`, B = 0). Same call contract as `ExpertLinear`."""
+class LoRAExpertLinear(_Adapter):
+    """LoRA on the E stacked experts of an `ExpertLinear`: y[e] = x[e] @ W[e] + scale *
+    dropout(x[e]) @ A[e] @ B[e], an independent rank-r adapter per expert; one dropout key for
+    the whole (E, C, d_in) input. Same call contract as `ExpertLinear`."""
 
-    weight: Float[Array, "n_experts d_in d_out"]  # frozen
-    lora_a: Float[Array, "n_experts d_in r"]
-    lora_b: Float[Array, "n_experts r d_out"]
-    dropout_key: PRNGKeyArray | None  # one key for the whole (E, C, d_in) input (see LoRALinear)
-    scale: float = eqx.field(static=True)
-    dropout: float = eqx.field(static=True)
-
-    def __init__(self, base: ExpertLinear, rank: int, alpha: float = 16.0, dropout: float = 0.0, *,
-                 key: PRNGKeyArray):
-        self.weight = base.weight
-        self.lora_a, self.lora_b = _init_factors(base.weight, rank, key)
-        self.dropout_key = None
-        self.scale, self.dropout = alpha / rank, dropout
-
-    def __call__(self, x: Float[Array, "n_experts C d_in"], *, key: PRNGKeyArray | None = None
-                 ) -> Float[Array, "n_experts C d_out"]:
-        key = self.dropout_key if key is None else key
-        h = dropout(x, self.dropout, key)
-        mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w.astype(x.dtype))
-        return mm(x, self.weight) + self.scale * mm(mm(h, self.lora_a), self.lora_b)
-
-    def merge_weights(self) -> Float[Array, "*stack n_experts d_in d_out"]:
-        """W + scale * A @ B per expert, in float32, cast to W's dtype (works stacked too)."""
-        return _merge(self.weight, self.lora_a, self.lora_b, self.scale)
+    @staticmethod
+    def _mm(x: Array, w: Array) -> Array:
+        return jnp.einsum("ecd,edf->ecf", x, w.astype(x.dtype))
 
     def merged(self) -> ExpertLinear:
         """The plain `ExpertLinear` holding `merge_weights()`."""
@@ -247,27 +234,6 @@ def apply_lora(model: Any, targets: str = "attention", rank: int = 8, alpha: flo
 def merge_lora(model: Any) -> Any:
     """A plain model: every LoRALinear replaced by a Linear holding W + scale * A @ B."""
     return jax.tree.map(lambda x: x.merged() if _is_lora(x) else x, model, is_leaf=_is_lora)
-
-
-def with_dropout_keys(model: Any, key: PRNGKeyArray) -> Any:
-    """The model with a fresh dropout key in every LoRALinear whose dropout > 0 (one key per
-    layer of the stack). Call inside the training loss, once per step; never store the result.
-    Models without LoRA dropout come back unchanged."""
-    modules = [x for x in jax.tree.leaves(model, is_leaf=_is_lora) if _is_lora(x) and x.dropout > 0]
-    if not modules:
-        return model
-    keys = []
-    for m, k in zip(modules, jax.random.split(key, len(modules))):
-        stack = m.weight.shape[:-3 if isinstance(m, LoRAExpertLinear) else -2]  # the block axis
-        keys.append(jax.random.split(k, stack) if stack else k)
-    ids = {id(m): k for m, k in zip(modules, keys)}
-
-    def set_key(x: Any) -> Any:
-        if _is_lora(x) and id(x) in ids:
-            return eqx.tree_at(lambda m: m.dropout_key, x, ids[id(x)], is_leaf=lambda v: v is None)
-        return x
-
-    return jax.tree.map(set_key, model, is_leaf=_is_lora)
 
 
 # --------------------------------------------------------------------------- filters and adapters

@@ -46,6 +46,7 @@ from ..config import Config, ConfigError
 from ..data.tokenizer import TokenizerError, encode, load_tokenizer
 from ..model import Transformer
 from ..run.layout import TOKENIZER_FILE
+from ..run.pretrained import from_pretrained, load_config
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
            "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
@@ -316,7 +317,6 @@ class Generator:
     """
 
     def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None):
-        from ..run.pretrained import from_pretrained, load_config  # noqa: PLC0415
 
         config = load_config(run_dir)
         if not (Path(run_dir) / TOKENIZER_FILE).is_file():

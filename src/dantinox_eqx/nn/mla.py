@@ -11,7 +11,7 @@ Q = down_dim_q, C = down_dim_kv (the latent), R = rope_dim.
 
 kv_heads is ignored: every head has its own k_nope and v, all decompressed from one latent.
 The cache holds only c and the rotated k_rope per token ((C + R) numbers per layer, against
-2 * kv_heads * E for GQA) and `pos` (-1 = empty slot), in a ring buffer like `model.KVCache`.
+2 * kv_heads * E for GQA) and `pos` (-1 = empty slot), in a ring buffer like `attention.KVCache`.
 
 `inference` picks the computation, never the parameters:
 - False (naive, for training): decompress K and V for every key slot, then attention with H
@@ -37,10 +37,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ..config import Config
-from ..model import Linear, Norm, attend, causal_mask, residual_std, rope, rope_base, write_cache
+from .attention import attend, cached_mask
+from .functional import fold_key
+from .linear import Linear
+from .norm import Norm
+from .rope import rope
 
-__all__ = ["MLAttention", "MLACache", "for_inference", "cache_bytes_per_token", "cache_summary"]
+__all__ = ["MLAttention", "MLACache", "for_inference"]
 
 
 class MLACache(eqx.Module):
@@ -72,20 +75,22 @@ class MLAttention(eqx.Module):
     dropout_rate: float = eqx.field(static=True)
     absorbed: bool = eqx.field(static=True)  # config.inference
 
-    def __init__(self, cfg: Config, *, key: PRNGKeyArray):
+    def __init__(self, dim: int, n_heads: int, head_size: int, rope_dim: int, down_dim_q: int,
+                 down_dim_kv: int, *, key: PRNGKeyArray, norm_type: str = "rmsnorm",
+                 rope_base: float | None = 10000.0, window: int | None = None, sink: bool = False,
+                 dropout_rate: float = 0.0, absorbed: bool = False, out_std: float = 0.02):
+        """Sizes as in the module docstring; `rope_base` None: the rope parts are not rotated;
+        `absorbed` picks the computation (config.inference), never the parameters."""
         keys = jax.random.split(key, 5)
-        H, E, R, Q, C = cfg.n_heads, cfg.head_size, cfg.rope_dim, cfg.down_dim_q, cfg.down_dim_kv
-        self.q_down, self.q_norm = Linear(cfg.dim, Q, key=keys[0]), Norm(Q, cfg.norm_type)
+        H, E, R, Q, C = n_heads, head_size, rope_dim, down_dim_q, down_dim_kv
+        self.q_down, self.q_norm = Linear(dim, Q, key=keys[0]), Norm(Q, norm_type)
         self.q_up = Linear(Q, H * (E + R), key=keys[1])
-        self.kv_down, self.kv_norm = Linear(cfg.dim, C + R, key=keys[2]), Norm(C, cfg.norm_type)
+        self.kv_down, self.kv_norm = Linear(dim, C + R, key=keys[2]), Norm(C, norm_type)
         self.kv_up = Linear(C, 2 * H * E, key=keys[3])
-        self.o = Linear(H * E, cfg.dim, key=keys[4], std=residual_std(cfg))
+        self.o = Linear(H * E, dim, key=keys[4], std=out_std)
         self.n_heads, self.head_size, self.rope_dim, self.latent_dim = H, E, R, C
-        self.rope_base = rope_base(R, cfg.rope_scale_factor) if cfg.use_rotary_pos else None
-        self.window = cfg.context_window if cfg.sliding_window else None
-        self.sink = cfg.sliding_window and not cfg.no_sink
-        self.dropout_rate = cfg.dropout_rate
-        self.absorbed = cfg.inference
+        self.rope_base, self.window, self.sink = rope_base, window, sink
+        self.dropout_rate, self.absorbed = dropout_rate, absorbed
 
     def init_cache(self, batch: int, size: int, dtype: Any) -> MLACache:
         return MLACache(jnp.zeros((batch, size, self.latent_dim), dtype),
@@ -97,29 +102,26 @@ class MLAttention(eqx.Module):
                  ) -> tuple[Float[Array, "B T D"], MLACache | None]:
         B, T, _ = x.shape
         H, E, C = self.n_heads, self.head_size, self.latent_dim
-        q = self.q_up(self.q_norm(self.q_down(x))).reshape(B, T, H, -1)
+        q = self.q_up(self.q_norm(self.q_down(x, key=fold_key(key, 1))), key=fold_key(key, 2)).reshape(B, T, H, -1)
         q_nope, q_rope = q[..., :E], q[..., E:]
-        kv = self.kv_down(x)
+        kv = self.kv_down(x, key=fold_key(key, 3))
         c, k_rope = self.kv_norm(kv[..., :C]), kv[..., C:]
         if self.rope_base is not None:
             q_rope = rope(q_rope, positions, self.rope_base)
             k_rope = rope(k_rope[:, :, None], positions, self.rope_base)[:, :, 0]
-        if cache is None:
-            mask = causal_mask(positions, positions, self.window, self.sink)
-        else:
-            cache = write_cache(cache, positions, c_kv=c, k_rope=k_rope)
+        mask, cache = cached_mask(positions, cache, self.window, self.sink, c_kv=c, k_rope=k_rope)
+        if cache is not None:
             c, k_rope = cache.c_kv, cache.k_rope
-            mask = causal_mask(jnp.broadcast_to(positions, (B, T)), cache.pos, self.window, self.sink)
         attn = self._absorbed if self.absorbed else self._naive
         out = attn(q_nope, q_rope, c.astype(x.dtype), k_rope.astype(x.dtype), mask, key)
-        return self.o(out.reshape(B, T, H * E)), cache
+        return self.o(out.reshape(B, T, H * E), key=fold_key(key, 5)), cache
 
     def _naive(self, q_nope: Float[Array, "B T H E"], q_rope: Float[Array, "B T H R"],
                c: Float[Array, "B S C"], k_rope: Float[Array, "B S R"], mask: Array,
                key: PRNGKeyArray | None) -> Float[Array, "B T H E"]:
         B, S, _ = c.shape
         H, E, R = self.n_heads, self.head_size, self.rope_dim
-        k_nope, v = jnp.split(self.kv_up(c).reshape(B, S, 2, H, E), 2, axis=2)
+        k_nope, v = jnp.split(self.kv_up(c, key=fold_key(key, 4)).reshape(B, S, 2, H, E), 2, axis=2)
         k = jnp.concatenate([k_nope[:, :, 0], jnp.broadcast_to(k_rope[:, :, None], (B, S, H, R))], -1)
         q = jnp.concatenate([q_nope, q_rope], -1)
         out = attend(q[:, :, :, None], k, v[:, :, 0], mask, dropout_rate=self.dropout_rate, key=key)
@@ -159,24 +161,3 @@ def for_inference(model: Any, inference: bool = True) -> Any:
         return new
 
     return eqx.tree_at(lambda m: m.blocks.attn, model, replace_fn=switch)
-
-
-def cache_bytes_per_token(cfg: Config, dtype: Any = jnp.float32) -> int:
-    """KV-cache bytes per token per layer: (down_dim_kv + rope_dim) * itemsize for MLA,
-    2 * kv_heads * head_size * itemsize for (grouped-query) attention. The int32 `pos` slot
-    bookkeeping, the same for both, is not counted."""
-    itemsize = jnp.dtype(dtype).itemsize
-    if cfg.mla:
-        return (cfg.down_dim_kv + cfg.rope_dim) * itemsize
-    return 2 * cfg.effective_kv_heads * cfg.head_size * itemsize
-
-
-def cache_summary(cfg: Config, dtype: Any = jnp.float32) -> dict[str, Any]:
-    """KV-cache sizes for model_summary.json: this model's, per token per layer and per token
-    (all layers), beside the equivalent GQA cache (same heads, no MLA)."""
-    own = cache_bytes_per_token(cfg, dtype)
-    gqa = cache_bytes_per_token(cfg.replace(mla=False), dtype)
-    return {"kv_cache_dtype": jnp.dtype(dtype).name,
-            "kv_cache_bytes_per_token_per_layer": own,
-            "kv_cache_bytes_per_token": own * cfg.num_blocks,
-            "gqa_kv_cache_bytes_per_token_per_layer": gqa}

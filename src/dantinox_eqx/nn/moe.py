@@ -52,11 +52,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
-from ..config import Config
-from ..model import MLP, Linear, residual_std
+from .functional import fold_key
+from .linear import Linear
+from .mlp import MLP, activate
 
-__all__ = ["MoE", "ExpertLinear", "Routing", "capacity", "balance_loss", "expert_counts",
-           "param_counts"]
+__all__ = ["MoE", "ExpertLinear", "Routing", "capacity", "balance_loss", "find_modules"]
 
 
 class ExpertLinear(eqx.Module):
@@ -68,7 +68,9 @@ class ExpertLinear(eqx.Module):
                  std: float = 0.02):
         self.weight = std * jax.random.normal(key, (n_experts, d_in, d_out))
 
-    def __call__(self, x: Float[Array, "n_experts C d_in"]) -> Float[Array, "n_experts C d_out"]:
+    def __call__(self, x: Float[Array, "n_experts C d_in"], *, key: PRNGKeyArray | None = None
+                 ) -> Float[Array, "n_experts C d_out"]:
+        """`key`: unused, as for `Linear` (a LoRA adapter in its place takes it)."""
         return jnp.einsum("ecd,edf->ecf", x, self.weight.astype(x.dtype))
 
 
@@ -109,15 +111,20 @@ class MoE(eqx.Module):
     swiglu: bool = eqx.field(static=True)
     activation: str = eqx.field(static=True)
 
-    def __init__(self, cfg: Config, *, key: PRNGKeyArray):
+    def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int, *, key: PRNGKeyArray,
+                 capacity_factor: float = 0.0, shared_expert: bool = False, swiglu: bool = False,
+                 activation: str = "gelu", out_std: float = 0.02):
+        """E = `n_experts` expert MLPs D = `dim` -> F = `hidden` -> D, `top_k` per token;
+        `capacity_factor` 0 = dropless; `shared_expert` adds an always-on MLP of width F."""
         k_router, k_up, k_down, k_shared = jax.random.split(key, 4)
-        E, D, F = cfg.n_experts, cfg.dim, cfg.expansion * cfg.dim
+        E, D, F = n_experts, dim, hidden
         self.router = Linear(D, E, key=k_router)
-        self.up = ExpertLinear(E, D, (2 if cfg.use_swiglu else 1) * F, key=k_up)
-        self.down = ExpertLinear(E, F, D, key=k_down, std=residual_std(cfg))
-        self.shared = MLP(cfg, key=k_shared) if cfg.shared_expert else None
-        self.n_experts, self.top_k, self.capacity_factor = E, cfg.top_k_mlp, cfg.capacity_factor
-        self.swiglu, self.activation = cfg.use_swiglu, cfg.activation
+        self.up = ExpertLinear(E, D, (2 if swiglu else 1) * F, key=k_up)
+        self.down = ExpertLinear(E, F, D, key=k_down, std=out_std)
+        self.shared = (MLP(D, F, key=k_shared, swiglu=swiglu, activation=activation, out_std=out_std)
+                       if shared_expert else None)
+        self.n_experts, self.top_k, self.capacity_factor = E, top_k, capacity_factor
+        self.swiglu, self.activation = swiglu, activation
 
     def route(self, x: Float[Array, "N D"]) -> Routing:
         """Router probabilities (float32) and each token's top-k experts and gates."""
@@ -126,16 +133,17 @@ class MoE(eqx.Module):
         top, experts = jax.lax.top_k(probs, self.top_k)
         return Routing(probs, top / top.sum(-1, keepdims=True), experts)
 
-    def _experts(self, h: Float[Array, "E C D"]) -> Float[Array, "E C D"]:
-        h = self.up(h)
-        if self.swiglu:
-            gate, h = jnp.split(h, 2, axis=-1)
-            h = jax.nn.silu(gate) * h
-        else:
-            h = getattr(jax.nn, self.activation)(h)
-        return self.down(h)
+    def _experts(self, h: Float[Array, "E C D"], key: PRNGKeyArray | None) -> Float[Array, "E C D"]:
+        h = activate(self.up(h, key=fold_key(key, 1)), self.swiglu, self.activation)
+        return self.down(h, key=fold_key(key, 2))
 
-    def __call__(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], Scalar]:
+    def expert_counts(self, x: Float[Array, "B T D"]) -> Int[Array, " E"]:
+        """Tokens routed to each expert (top-k assignments before capacity dropping)."""
+        r = self.route(x.reshape(-1, x.shape[-1]))
+        return jax.nn.one_hot(r.experts, self.n_experts, dtype=jnp.int32).sum((0, 1))
+
+    def __call__(self, x: Float[Array, "B T D"], *, key: PRNGKeyArray | None = None
+                 ) -> tuple[Float[Array, "B T D"], Scalar]:
         B, T, D = x.shape
         N, E, k = B * T, self.n_experts, self.top_k
         C = capacity(N, E, k, self.capacity_factor)
@@ -148,56 +156,16 @@ class MoE(eqx.Module):
         keep = rank < C
         slot = jnp.where(keep, expert * C + rank, E * C)  # E * C: out of range, dropped
         buf = jnp.zeros((E * C, D), x.dtype).at[slot].set(jnp.tile(flat, (k, 1)), mode="drop")
-        out = self._experts(buf.reshape(E, C, D)).reshape(E * C, D)
+        out = self._experts(buf.reshape(E, C, D), key).reshape(E * C, D)
         rows = jnp.take(out, slot, axis=0, mode="fill", fill_value=0)  # (kN, D)
         weight = r.gates.T.reshape(-1) * keep
         y = (rows.astype(jnp.float32) * weight[:, None]).reshape(k, N, D).sum(0).astype(x.dtype)
         y = y.reshape(B, T, D)
         if self.shared is not None:
-            y = y + self.shared(x)[0]
+            y = y + self.shared(x, key=fold_key(key, 3))[0]
         return y, balance_loss(r.probs, r.experts)
 
 
 # --------------------------------------------------------------------------- reporting
-def expert_counts(model: Any, tokens: Int[Array, "B T"]) -> Int[Array, "L E"]:
-    """Tokens routed to each expert in each block by a full (dropout-free) forward of
-    `model` over `tokens`: (num_blocks, n_experts) int32; every row sums to B * T * top_k.
-    Counts are top-k assignments before capacity dropping. For logging; jit it if called
-    often (`eqx.filter_jit(expert_counts)`)."""
-    positions = jnp.arange(tokens.shape[1])
-    dynamic, static = eqx.partition(model.blocks, eqx.is_array)
-
-    def body(x, params):
-        blk = eqx.combine(params, static)
-        h, _ = blk.attn(blk.attn_norm(x), positions)
-        x = x + h
-        m = blk.mlp_norm(x)
-        r = blk.mlp.route(m.reshape(-1, m.shape[-1]))
-        counts = jax.nn.one_hot(r.experts, blk.mlp.n_experts, dtype=jnp.int32).sum((0, 1))
-        return x + blk.mlp(m)[0], counts
-
-    _, counts = jax.lax.scan(body, model._embed(tokens, positions), dynamic)
-    return counts
-
-
-def param_counts(model_or_config: Any) -> tuple[int, int]:
-    """(total, active per token) parameter counts of a model, or of the model a `Config`
-    describes (shapes only, nothing allocated). Every array counts (embeddings included);
-    active counts only top_k of the n_experts routed experts' weights. Dense: active = total."""
-    if isinstance(model_or_config, Config):
-        from ..model import Transformer  # noqa: PLC0415
-
-        model = eqx.filter_eval_shape(Transformer, model_or_config, key=jax.random.key(0))
-    else:
-        model = model_or_config
-    size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree) if hasattr(a, "shape"))
-    total = size(model)
-    active = total
-    for moe in _find(model, MoE):
-        routed = size(moe.up) + size(moe.down)
-        active -= routed * (moe.n_experts - moe.top_k) // moe.n_experts
-    return total, active
-
-
-def _find(tree: Any, kind: type) -> list[Any]:
+def find_modules(tree: Any, kind: type) -> list[Any]:
     return [n for n in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, kind)) if isinstance(n, kind)]

@@ -28,17 +28,16 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, PyTree
 
 from ..config import ConfigError
 
 __all__ = ["DATA", "MODES", "make_mesh", "put", "replicate", "shard_batch", "batch_sharding", "num_devices",
            "fsdp_spec", "param_sharding", "state_sharding", "place", "bytes_per_device",
-           "shard_train_step", "shard_eval_step", "per_device_loss"]
+           "shard_train_step", "shard_eval_step"]
 
 DATA = "data"
 MODES = ("dp", "fsdp")
@@ -278,27 +277,3 @@ def shard_eval_step(eval_step: Callable, mesh: Mesh, params: PyTree, *,
     data = tuple(data_shardings) if data_shardings is not None else (batch_sharding(mesh, BATCH_AXIS),)
     jitted = jax.jit(eval_step, in_shardings=(_shardings_of(params), *data), out_shardings=rep)
     return _with_mesh(jitted, mesh)
-
-
-def per_device_loss(static: PyTree, mesh: Mesh) -> Callable:
-    """`f(params, batch (accum, batch, seq + 1)) -> (n_devices,)` LM loss of each device's share
-    of the batch, for debugging data-parallel runs (e.g. one device's data gone bad).
-
-    An explicit per-device computation, so it uses `jax.shard_map` (not pmap): each device
-    gathers the parameters it needs (FSDP) and evaluates its own rows, no cross-device mean.
-    The mean of the result equals the global loss when shards are equal-sized.
-    """
-    import equinox as eqx
-
-    from ..train.step import loss_fn
-
-    def local(params, batch: Int[Array, "accum rows window"]):
-        model = eqx.combine(params, static)
-        losses = jax.vmap(lambda micro: loss_fn(model, micro)[1]["loss"])(batch)
-        return jnp.mean(losses)[None]
-
-    def f(params, batch):
-        specs = jax.tree.map(lambda _: P(), params)  # gather parameters whole on every device
-        return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(None, DATA)), out_specs=P(DATA))(params, batch)
-
-    return jax.jit(f)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config, ConfigError
+from ..data.tokenizer import save_tokenizer
 from ..files import atomic_dir, atomic_path
 from ..lora import has_lora, merge_lora
 from ..model import Transformer, cast_floating
@@ -123,8 +124,6 @@ def export_run(model: Any, config: Config, tokenizer: Any, out_dir: str | os.Pat
     `out_dir` and renamed at the end, so an interrupted export leaves nothing half-written.
     Refuses (FileExistsError) an `out_dir` that exists and is not an empty directory.
     """
-    from ..data.tokenizer import save_tokenizer  # noqa: PLC0415
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out_dir: {str(out)!r} exists and is not empty; export never "

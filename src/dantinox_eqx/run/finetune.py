@@ -46,6 +46,7 @@ from ..model import Transformer, cast_floating
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .layout import CONFIG_FILE, LORA_BASE_FILE
+from .weights import load_config, restore_arrays, skeleton, which
 
 __all__ = ["BASE_FILE", "base_dir", "params_digest", "check_base_shape", "load_base", "pointer_of",
            "read_pointer", "write_pointer", "add_adapters", "load_lora_run"]
@@ -86,10 +87,8 @@ def check_base_shape(base: Config, config: Config, init_from: Any) -> None:
 
 def _load(path: Path, best: bool = True, inference: bool = False) -> Transformer:
     """A run's plain model (a LoRA run's adapters merged in), errors prefixed with init_from."""
-    from .pretrained import from_pretrained  # noqa: PLC0415 (pretrained imports this module)
-
     try:
-        model = from_pretrained(path, best, inference=inference)
+        model = load_run(path, load_config(path), best, inference=inference)
     except (FileNotFoundError, CheckpointError, ConfigError) as e:
         raise type(e)(f"init_from: {e}") from None
     return merge_lora(model) if has_lora(model) else model
@@ -98,8 +97,6 @@ def _load(path: Path, best: bool = True, inference: bool = False) -> Transformer
 def load_base(init_from: str | os.PathLike, config: Config) -> tuple[Transformer, dict[str, Any]]:
     """The best weights of the run `init_from` (shape-checked against `config`) and the pointer
     to them written as lora_base.json."""
-    from .pretrained import load_config  # noqa: PLC0415
-
     path = base_dir(init_from)
     check_base_shape(load_config(path), config, init_from)
     model = _load(path, best=True)
@@ -114,13 +111,11 @@ def _pointer(path: Path, which: str, model: Any) -> dict[str, Any]:
 def pointer_of(model: Any, init_from: str | os.PathLike, config: Config) -> dict[str, Any]:
     """The pointer for a given `model` that must hold the best (or else latest) weights of the
     run `init_from`: ConfigError when it holds neither (the fine-tune could not be reloaded)."""
-    from .pretrained import load_config  # noqa: PLC0415
-
     path = base_dir(init_from)
     check_base_shape(load_config(path), config, init_from)
     digest = params_digest(model)
-    for which in (checkpoint.BEST, checkpoint.LATEST):
-        pointer = _pointer(path, which, _load(path, best=which == checkpoint.BEST))
+    for name in (checkpoint.BEST, checkpoint.LATEST):
+        pointer = _pointer(path, name, _load(path, best=name == checkpoint.BEST))
         if pointer["params_sha256"] == digest:
             return pointer
     raise ConfigError(f"init_from: the given model's weights are neither the best nor the latest checkpoint "
@@ -172,8 +167,6 @@ def load_lora_run(run_dir: str | os.PathLike, config: Config, best: bool = True,
                   inference: bool = False) -> Transformer:
     """The adapted model (LoRALinear modules, unmerged) of the LoRA run `run_dir` with config
     `config` (see the module docstring)."""
-    from .pretrained import restore_arrays  # noqa: PLC0415
-
     run_dir = Path(run_dir)
     which = checkpoint.BEST if best else checkpoint.LATEST
     pointer = read_pointer(run_dir)
@@ -186,3 +179,14 @@ def load_lora_run(run_dir: str | os.PathLike, config: Config, best: bool = True,
     model = add_adapters(base, config)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter_params(model))
     return load_adapter(model, restore_arrays(run_dir, which, like))
+
+
+def load_run(run_dir: str | os.PathLike, config: Config, best: bool = True, *, inference: bool = False
+             ) -> Transformer:
+    """The model of `run_dir` (whose config is `config`): a LoRA run's adapted model (unmerged),
+    else the plain model, in the saved dtypes. `from_pretrained` is the public front of this."""
+    if inference and config.mla:
+        config = config.replace(inference=True)
+    if config.use_lora:
+        return load_lora_run(run_dir, config, best, inference=inference)
+    return restore_arrays(run_dir, which(best), skeleton(config))

@@ -49,11 +49,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config
-from ..nn.mla import cache_summary
-from ..nn.moe import MoE, capacity, param_counts
+from ..model import param_counts
+from ..nn.moe import MoE, capacity
 
 __all__ = ["model_summary", "tree_bytes", "tree_size"]
 
@@ -187,3 +188,24 @@ def model_summary(config: Config, params: Any, opt_state: Any) -> dict[str, Any]
         "vocab_size": V,
         "max_context": T,
     }
+
+
+def cache_bytes_per_token(cfg: Config, dtype: Any = jnp.float32) -> int:
+    """KV-cache bytes per token per layer: (down_dim_kv + rope_dim) * itemsize for MLA,
+    2 * kv_heads * head_size * itemsize for (grouped-query) attention. The int32 `pos` slot
+    bookkeeping, the same for both, is not counted."""
+    itemsize = jnp.dtype(dtype).itemsize
+    if cfg.mla:
+        return (cfg.down_dim_kv + cfg.rope_dim) * itemsize
+    return 2 * cfg.effective_kv_heads * cfg.head_size * itemsize
+
+
+def cache_summary(cfg: Config, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """KV-cache sizes for model_summary.json: this model's, per token per layer and per token
+    (all layers), beside the equivalent GQA cache (same heads, no MLA)."""
+    own = cache_bytes_per_token(cfg, dtype)
+    gqa = cache_bytes_per_token(cfg.replace(mla=False), dtype)
+    return {"kv_cache_dtype": jnp.dtype(dtype).name,
+            "kv_cache_bytes_per_token_per_layer": own,
+            "kv_cache_bytes_per_token": own * cfg.num_blocks,
+            "gqa_kv_cache_bytes_per_token_per_layer": gqa}

@@ -33,7 +33,7 @@ import numpy as np
 from jaxtyping import Array, Int, PyTree
 
 from ..files import atomic_write_text
-from ..nn.moe import expert_counts
+from ..model import expert_counts
 from ..run.layout import EXPERT_COUNTS_FILE
 
 __all__ = ["EXPERT_COUNTS_FILE", "make_counts_fn", "ExpertCountsLog", "read_expert_counts", "columns"]

@@ -21,12 +21,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
-from ..lora import with_dropout_keys
 from ..model import cast_floating
+from ..parallel.sharding import DATA
 
-__all__ = ["cross_entropy", "loss_fn", "make_train_step", "make_eval_step", "init_opt_state"]
+__all__ = ["cross_entropy", "loss_fn", "make_train_step", "make_eval_step", "init_opt_state", "per_device_loss"]
 
 Metrics = dict[str, Array]
 
@@ -77,8 +79,6 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
         model = eqx.combine(train_p, frozen_p, static)
         if compute_dtype is not None:
             model = cast_floating(model, compute_dtype)
-        # LoRA dropout acts only with per-step keys (lora.py); other models come back as they are.
-        model = with_dropout_keys(model, jax.random.fold_in(key, 1))
         return loss_fn(model, micro, key, alpha_balance)
 
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
@@ -128,3 +128,23 @@ def make_eval_step(static: PyTree, *, alpha_balance: float = 0.0, compute_dtype:
         return jax.tree.map(jnp.mean, metrics)
 
     return jax.jit(eval_step)
+
+
+def per_device_loss(static: PyTree, mesh: Mesh) -> Callable:
+    """`f(params, batch (accum, batch, seq + 1)) -> (n_devices,)` LM loss of each device's share
+    of the batch, for debugging data-parallel runs (e.g. one device's data gone bad).
+
+    An explicit per-device computation, so it uses `jax.shard_map` (not pmap): each device
+    gathers the parameters it needs (FSDP) and evaluates its own rows, no cross-device mean.
+    The mean of the result equals the global loss when shards are equal-sized.
+    """
+    def local(params, batch: Int[Array, "accum rows window"]):
+        model = eqx.combine(params, static)
+        losses = jax.vmap(lambda micro: loss_fn(model, micro)[1]["loss"])(batch)
+        return jnp.mean(losses)[None]
+
+    def f(params, batch):
+        specs = jax.tree.map(lambda _: P(), params)  # gather parameters whole on every device
+        return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(None, DATA)), out_specs=P(DATA))(params, batch)
+
+    return jax.jit(f)

@@ -1,0 +1,199 @@
+"""Causal grouped-query attention with RoPE and a ring-buffer KV cache.
+
+Shapes: B batch, T new tokens, S key slots (T in training, the cache size when decoding),
+D = dim, H query heads, K kv heads (GQA: H = K * G), E = head_size.
+
+Attention reads explicit `positions` and an optional KV cache, so training, prefill and
+one-token decoding share one code path (and the cached path equals the full forward). The
+softmax backward is hand-written (`_attention_bwd`, as in FlashAttention).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .functional import dropout, fold_key
+from .linear import Linear
+from .rope import rope
+
+__all__ = ["Attention", "KVCache", "attend", "causal_mask", "write_cache", "cached_mask", "NEG_INF"]
+
+NEG_INF = -1e30  # finite: a fully masked row (left padding) gives a uniform softmax, not NaN
+
+
+class KVCache(eqx.Module):
+    """A fixed-size ring buffer of keys and values for one layer (stacked over layers).
+
+    Position p lives in slot p % S; `pos` records which absolute position each slot holds
+    (-1 = empty), so masking needs no separate length and generation past S slides the window.
+    """
+
+    k: Float[Array, "B S K E"]
+    v: Float[Array, "B S K E"]
+    pos: Int[Array, "B S"]
+
+
+def causal_mask(q_pos: Int[Array, "*pb T"], k_pos: Int[Array, "*pb S"], window: int | None = None,
+                sink: bool = False) -> Array:
+    """mask[..., t, s]: query at q_pos[t] may read key at k_pos[s] (k_pos < 0 = empty slot).
+
+    Causal (k <= q); with `window`, only the last `window` positions (q - k < window), plus
+    position 0 when `sink` keeps it as an attention sink.
+    """
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        near = q - k < window
+        mask = mask & ((near | (k == 0)) if sink else near)
+    return mask
+
+
+def attend(q: Float[Array, "B T K G E"], k: Float[Array, "B S K E"], v: Float[Array, "B S K Ev"],
+           mask: Array, *, dropout_rate: float = 0.0, key: PRNGKeyArray | None = None
+           ) -> Float[Array, "B T K G Ev"]:
+    """Grouped softmax attention. `mask` broadcasts to (B, T, S) (or is (T, S)).
+
+    Scores and the softmax are float32 even for bfloat16 inputs (accurate row sums). Without
+    dropout the backward is the hand-written `_attention` rule (same values as autodiff).
+    """
+    mask = mask if mask.ndim == 2 else mask[:, None, None]
+    if dropout_rate == 0.0 or key is None:
+        return _attention(q, k, v, mask)
+    probs = _softmax_probs(q, k, mask)
+    probs = dropout(probs, dropout_rate, key).astype(v.dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs, v)
+
+
+def _softmax_probs(q: Array, k: Array, mask: Array) -> Array:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    return jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+
+
+@jax.custom_vjp
+def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    probs = _softmax_probs(q, k, mask)
+    out = jnp.einsum("bkgts,bske->btkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype), (q, k, v, mask, probs, out)
+
+
+def _attention_bwd(res, g):
+    """The softmax backward as in FlashAttention: dS = P * (dP - rowsum(dO * O)). The row sum
+    over the head size E replaces autodiff's sum of P * dP over the S keys, which XLA:CPU runs as
+    a slow reduction fusion (baby shape: ~1 ms of the step)."""
+    q, k, v, mask, probs, out = res
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dv = jnp.einsum("bkgts,btkge->bske", probs.astype(g.dtype), g).astype(v.dtype)
+    dp = jnp.einsum("btkge,bske->bkgts", g, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("btkge,btkge->bkgt", g.astype(jnp.float32), out)
+    # Masked scores get no gradient (fully masked rows have a uniform, not a zero, softmax).
+    ds = jnp.where(mask, probs * (dp - delta[..., None]) * scale, 0.0).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bske->btkge", ds, k).astype(q.dtype)
+    dk = jnp.einsum("bkgts,btkge->bske", ds, q).astype(k.dtype)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+class Attention(eqx.Module):
+    """Causal multi-head attention with grouped-query heads (K <= H) and RoPE."""
+
+    qkv: Linear  # D -> (H + 2K) * E, one GEMM for all three projections
+    o: Linear  # H * E -> D
+    n_heads: int = eqx.field(static=True)
+    kv_heads: int = eqx.field(static=True)
+    head_size: int = eqx.field(static=True)
+    rope_base: float | None = eqx.field(static=True)  # None: no rotary positions
+    window: int | None = eqx.field(static=True)
+    sink: bool = eqx.field(static=True)
+    dropout_rate: float = eqx.field(static=True)
+    impl: str = eqx.field(static=True)  # config.attention_impl: auto | fused | plain
+
+    def __init__(self, dim: int, n_heads: int, kv_heads: int, head_size: int, *, key: PRNGKeyArray,
+                 rope_base: float | None = 10000.0, window: int | None = None, sink: bool = False,
+                 dropout_rate: float = 0.0, impl: str = "auto", out_std: float = 0.02):
+        """`dim` D -> H = n_heads query heads and K = kv_heads key/value heads (H % K == 0) of
+        `head_size` E -> D. `rope_base` None: no rotary positions. `window`: sliding-window
+        attention over the last `window` positions (+ position 0 with `sink`). `out_std`: the
+        output projection's init std (it writes into the residual stream)."""
+        k1, k2 = jax.random.split(key)
+        H, K, E = n_heads, kv_heads, head_size
+        self.qkv = Linear(dim, (H + 2 * K) * E, key=k1)
+        self.o = Linear(H * E, dim, key=k2, std=out_std)
+        self.n_heads, self.kv_heads, self.head_size = H, K, E
+        self.rope_base, self.window, self.sink = rope_base, window, sink
+        self.dropout_rate, self.impl = dropout_rate, impl
+
+    def _fused(self, dtype: Any, dropout: bool) -> bool:
+        """Whether the full causal forward may use `jax.nn.dot_product_attention` (cuDNN's flash
+        attention on GPUs): not with attention dropout or a sink (it has neither)."""
+        if self.impl == "plain" or dropout or (self.window is not None and self.sink):
+            return False
+        return self.impl == "fused" or (jax.default_backend() == "gpu"
+                                        and dtype in (jnp.bfloat16, jnp.float16))
+
+    def init_cache(self, batch: int, size: int, dtype: Any) -> KVCache:
+        shape = (batch, size, self.kv_heads, self.head_size)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                       jnp.full((batch, size), -1, jnp.int32))
+
+    def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "*pb T"],
+                 cache: KVCache | None = None, *, key: PRNGKeyArray | None = None
+                 ) -> tuple[Float[Array, "B T D"], KVCache | None]:
+        B, T, _ = x.shape
+        H, K, E = self.n_heads, self.kv_heads, self.head_size
+        q, k, v = jnp.split(self.qkv(x, key=fold_key(key, 1)).reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
+        if self.rope_base is not None:
+            q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):
+            # Training and eval see positions 0..T-1, so the mask is plain causal (+ window).
+            window = None if self.window is None else (self.window - 1, 0)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+            return self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), None
+        mask, cache = cached_mask(positions, cache, self.window, self.sink, k=k, v=v)
+        if cache is not None:
+            k, v = cache.k, cache.v
+        out = attend(q.reshape(B, T, K, H // K, E), k, v, mask,
+                     dropout_rate=self.dropout_rate, key=key)
+        return self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), cache
+
+
+def write_cache(cache: Any, positions: Int[Array, "*pb T"], **new: Array) -> Any:
+    """Write the new tokens' entries (`new[name]`: (B, T, ...)) into slot position % S.
+
+    Positions < 0 (left padding) are not written. Returns the cache with `pos` updated.
+    """
+    B, S = cache.pos.shape
+    positions = jnp.broadcast_to(positions, (B, positions.shape[-1]))
+    slots = jnp.where(positions >= 0, positions % S, S)  # S is out of range: dropped
+    rows = jnp.arange(B)[:, None]
+    updates = {name: getattr(cache, name).at[rows, slots].set(val.astype(getattr(cache, name).dtype),
+                                                               mode="drop")
+               for name, val in new.items()}
+    updates["pos"] = cache.pos.at[rows, slots].set(positions, mode="drop")
+    return eqx.tree_at(lambda c: [getattr(c, n) for n in updates], cache, list(updates.values()))
+
+
+
+
+def cached_mask(positions: Int[Array, "*pb T"], cache: Any, window: int | None, sink: bool, **new: Array
+                ) -> tuple[Array, Any]:
+    """(mask, cache) for T new tokens at `positions`: without a cache, the causal mask over the
+    new tokens (the cache stays None); with one, `new` (B, T, ...) written into it first and
+    the mask over every slot it holds. Shared by every attention with a KV cache."""
+    if cache is None:
+        return causal_mask(positions, positions, window, sink), None
+    cache = write_cache(cache, positions, **new)
+    B = cache.pos.shape[0]
+    return causal_mask(jnp.broadcast_to(positions, (B, positions.shape[-1])), cache.pos, window, sink), cache

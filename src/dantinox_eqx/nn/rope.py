@@ -1,0 +1,35 @@
+"""Positions: rotary embeddings (rotate-half form over the whole head) and sinusoids."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+__all__ = ["rope_base", "rope", "sinusoidal"]
+
+
+def rope_base(head_dim: int, scale_factor: float = 1.0, base: float = 10000.0) -> float:
+    """NTK-aware scaling: base * s^(d / (d - 2)) stretches the longest wavelengths by ~s while
+    leaving the shortest ones nearly untouched (s = 1 gives the plain base)."""
+    if scale_factor == 1.0:
+        return base
+    return base * scale_factor ** (head_dim / (head_dim - 2))
+
+
+def rope(x: Float[Array, "*lead T n E"], positions: Int[Array, "*pb T"], base: float
+         ) -> Float[Array, "*lead T n E"]:
+    """Rotary embedding (rotate-half form) at absolute `positions`; float32 inside."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (*lead, T, E/2)
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def sinusoidal(positions: Int[Array, "*lead T"], dim: int) -> Float[Array, "*lead T dim"]:
+    half = dim // 2
+    inv_freq = 1.0 / 10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
