@@ -75,13 +75,13 @@ class MLAttention(eqx.Module):
     def __init__(self, cfg: Config, *, key: PRNGKeyArray):
         keys = jax.random.split(key, 5)
         H, E, R, Q, C = cfg.n_heads, cfg.head_size, cfg.rope_dim, cfg.down_dim_q, cfg.down_dim_kv
-        self.q_down, self.q_norm = Linear(cfg.dim, Q, key=keys[0]), Norm(Q, cfg.norm_type)
+        self.q_down, self.q_norm = Linear(cfg.dim, Q, key=keys[0]), Norm(Q, cfg.norm_type, cfg.norm_eps)
         self.q_up = Linear(Q, H * (E + R), key=keys[1])
-        self.kv_down, self.kv_norm = Linear(cfg.dim, C + R, key=keys[2]), Norm(C, cfg.norm_type)
+        self.kv_down, self.kv_norm = Linear(cfg.dim, C + R, key=keys[2]), Norm(C, cfg.norm_type, cfg.norm_eps)
         self.kv_up = Linear(C, 2 * H * E, key=keys[3])
         self.o = Linear(H * E, cfg.dim, key=keys[4], std=residual_std(cfg))
         self.n_heads, self.head_size, self.rope_dim, self.latent_dim = H, E, R, C
-        self.rope_base = rope_base(R, cfg.rope_scale_factor) if cfg.use_rotary_pos else None
+        self.rope_base = rope_base(R, cfg.rope_scale_factor, cfg.effective_rope_theta) if cfg.use_rotary_pos else None
         self.window = cfg.context_window if cfg.sliding_window else None
         self.sink = cfg.sliding_window and not cfg.no_sink
         self.dropout_rate = cfg.dropout_rate

@@ -221,6 +221,8 @@ class Attention(eqx.Module):
 
     qkv: Linear  # D -> (H + 2K) * E, one GEMM for all three projections
     o: Linear  # H * E -> D
+    qkv_bias: Float[Array, " qkv"] | None  # (H + 2K) * E with config.qkv_bias, else None
+    o_bias: Float[Array, " D"] | None  # with config.o_bias, else None
     n_heads: int = eqx.field(static=True)
     kv_heads: int = eqx.field(static=True)
     head_size: int = eqx.field(static=True)
@@ -235,8 +237,11 @@ class Attention(eqx.Module):
         H, K, E = cfg.n_heads, cfg.effective_kv_heads, cfg.head_size
         self.qkv = Linear(cfg.dim, (H + 2 * K) * E, key=k1)
         self.o = Linear(H * E, cfg.dim, key=k2, std=residual_std(cfg))
+        self.qkv_bias = jnp.zeros(((H + 2 * K) * E,)) if cfg.qkv_bias else None
+        self.o_bias = jnp.zeros((cfg.dim,)) if cfg.o_bias else None
         self.n_heads, self.kv_heads, self.head_size = H, K, E
-        self.rope_base = rope_base(E, cfg.rope_scale_factor) if cfg.use_rotary_pos else None
+        self.rope_base = (rope_base(E, cfg.rope_scale_factor, cfg.effective_rope_theta)
+                          if cfg.use_rotary_pos else None)
         self.window = cfg.context_window if cfg.sliding_window else None
         self.sink = cfg.sliding_window and not cfg.no_sink
         self.dropout_rate = cfg.dropout_rate
@@ -260,14 +265,14 @@ class Attention(eqx.Module):
                  ) -> tuple[Float[Array, "B T D"], KVCache | None]:
         B, T, _ = x.shape
         H, K, E = self.n_heads, self.kv_heads, self.head_size
-        q, k, v = jnp.split(self.qkv(x).reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
+        q, k, v = jnp.split(_biased(self.qkv(x), self.qkv_bias).reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
         if self.rope_base is not None:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
         if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):
             # Training and eval see positions 0..T-1, so the mask is plain causal (+ window).
             window = None if self.window is None else (self.window - 1, 0)
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
-            return self.o(out.reshape(B, T, H * E)), None
+            return _biased(self.o(out.reshape(B, T, H * E)), self.o_bias), None
         if cache is None:
             mask = causal_mask(positions, positions, self.window, self.sink)
         else:
@@ -276,7 +281,12 @@ class Attention(eqx.Module):
             mask = causal_mask(jnp.broadcast_to(positions, (B, T)), cache.pos, self.window, self.sink)
         out = attend(q.reshape(B, T, K, H // K, E), k, v, mask,
                      dropout_rate=self.dropout_rate, key=key)
-        return self.o(out.reshape(B, T, H * E)), cache
+        return _biased(self.o(out.reshape(B, T, H * E)), self.o_bias), cache
+
+
+def _biased(y: Float[Array, "*lead d"], bias: Float[Array, " d"] | None) -> Float[Array, "*lead d"]:
+    """y + bias (in y's dtype), or y itself when there is no bias (config.qkv_bias / o_bias / mlp_bias)."""
+    return y if bias is None else y + bias.astype(y.dtype)
 
 
 def write_cache(cache: Any, positions: Int[Array, "*pb T"], **new: Array) -> Any:
@@ -297,28 +307,32 @@ def write_cache(cache: Any, positions: Int[Array, "*pb T"], **new: Array) -> Any
 
 # --------------------------------------------------------------------------- MLP
 class MLP(eqx.Module):
-    """Position-wise MLP of width expansion * dim: SwiGLU (gate and up in one GEMM) or GELU."""
+    """Position-wise MLP of width config.mlp_width: SwiGLU (gate and up in one GEMM) or GELU."""
 
     up: Linear
     down: Linear
+    up_bias: Float[Array, " up"] | None  # with config.mlp_bias: (2F,) with SwiGLU ([gate | up]) or (F,)
+    down_bias: Float[Array, " D"] | None
     swiglu: bool = eqx.field(static=True)
     activation: str = eqx.field(static=True)
 
     def __init__(self, cfg: Config, *, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
-        hidden = cfg.expansion * cfg.dim
+        hidden = cfg.mlp_width
         self.up = Linear(cfg.dim, (2 if cfg.use_swiglu else 1) * hidden, key=k1)
         self.down = Linear(hidden, cfg.dim, key=k2, std=residual_std(cfg))
+        self.up_bias = jnp.zeros(((2 if cfg.use_swiglu else 1) * hidden,)) if cfg.mlp_bias else None
+        self.down_bias = jnp.zeros((cfg.dim,)) if cfg.mlp_bias else None
         self.swiglu, self.activation = cfg.use_swiglu, cfg.activation
 
     def __call__(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], Scalar]:
-        h = self.up(x)
+        h = _biased(self.up(x), self.up_bias)
         if self.swiglu:
             gate, h = jnp.split(h, 2, axis=-1)
             h = jax.nn.silu(gate) * h
         else:
             h = gelu(h) if self.activation == "gelu" else getattr(jax.nn, self.activation)(h)
-        return self.down(h), jnp.zeros((), jnp.float32)
+        return _biased(self.down(h), self.down_bias), jnp.zeros((), jnp.float32)
 
 
 @jax.custom_vjp
@@ -367,7 +381,8 @@ class Block(eqx.Module):
 
     def __init__(self, cfg: Config, *, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
-        self.attn_norm, self.mlp_norm = Norm(cfg.dim, cfg.norm_type), Norm(cfg.dim, cfg.norm_type)
+        self.attn_norm = Norm(cfg.dim, cfg.norm_type, cfg.norm_eps)
+        self.mlp_norm = Norm(cfg.dim, cfg.norm_type, cfg.norm_eps)
         self.attn, self.mlp = _make_attention(cfg, k1), _make_mlp(cfg, k2)
         self.dropout_rate = cfg.dropout_rate
 
@@ -418,7 +433,7 @@ class Transformer(eqx.Module):
                               if config.absolute_pos and config.trainable_pos else None)
         block_keys = jax.random.split(k_blocks, config.num_blocks)
         self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(block_keys)
-        self.norm = Norm(D, config.norm_type)
+        self.norm = Norm(D, config.norm_type, config.norm_eps)
         self.head = None if config.weight_tying else Linear(D, V, key=k_head)
         self.vocab_size, self.max_context = V, config.max_context
         self.dropout_rate = config.dropout_rate

@@ -1,8 +1,8 @@
 """Mixture-of-experts MLP (`use_moe`): a softmax router sends each token to `top_k_mlp` of
 `n_experts` expert MLPs (plus an optional always-on shared expert) and mixes their outputs.
 
-Shapes: N = B * T tokens, D = dim, E = n_experts, k = top_k_mlp, F = expansion * dim (width of
-one expert), C = slots per expert.
+Shapes: N = B * T tokens, D = dim, E = n_experts, k = top_k_mlp, F = config.mlp_width (width of
+one expert: mlp_hidden, or expansion * dim), C = slots per expert.
 
 Routing (float32 whatever the parameters' dtype): probs = softmax(x @ router), the top-k experts
 of each token, their probabilities renormalised to sum to 1 (the gates; k = 1 gives gate 1).
@@ -111,7 +111,7 @@ class MoE(eqx.Module):
 
     def __init__(self, cfg: Config, *, key: PRNGKeyArray):
         k_router, k_up, k_down, k_shared = jax.random.split(key, 4)
-        E, D, F = cfg.n_experts, cfg.dim, cfg.expansion * cfg.dim
+        E, D, F = cfg.n_experts, cfg.dim, cfg.mlp_width
         self.router = Linear(D, E, key=k_router)
         self.up = ExpertLinear(E, D, (2 if cfg.use_swiglu else 1) * F, key=k_up)
         self.down = ExpertLinear(E, F, D, key=k_down, std=residual_std(cfg))
