@@ -14,7 +14,7 @@ from .common import handle_errors
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Weights of the run (bfloat16 also sets use_bf16).")
-@click.option("--max-context", "max_context", type=click.IntRange(min=1), default=None,
+@click.option("--max_context", "--max-context", "max_context", type=click.IntRange(min=1), default=None,
               help="Training window and KV-cache size (default: config.json's max_position_embeddings; "
                    "GPT-2 keeps n_positions).")
 @handle_errors

@@ -41,7 +41,8 @@ def special_tokenizer(text: str = TEXT, bos: bool = True) -> Tokenizer:
     tok = char_tokenizer(text)
     tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        bos_id = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
     return tok
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -186,8 +185,8 @@ def test_import_refusals_name_the_file_or_field_and_write_nothing(tmp_path):
                   r"config.json implies \(32, 48\)"),
         "rope": (lambda f: _edit_config(f, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
                  "^config.json: rope_parameters.rope_type is 'llama3'"),
-        "extra": (lambda f: _edit_config(f, tie_word_embeddings=False, attention_bias=False),
-                  "^model.safetensors: tensor 'lm_head.weight' is missing"),
+        "untied": (lambda f: _edit_config(f, tie_word_embeddings=False),
+                   "^model.safetensors: tensor 'lm_head.weight' is missing"),
         "no_tokenizer": (lambda f: (f / "tokenizer.json").unlink(), "^tokenizer.json: .* has none"),
     }
     for name, (damage, message) in cases.items():
@@ -199,6 +198,11 @@ def test_import_refusals_name_the_file_or_field_and_write_nothing(tmp_path):
         with pytest.raises(HFFormatError, match=message):
             import_hf(folder, tmp_path / f"run_{name}")
         assert not (tmp_path / f"run_{name}").exists(), name
+    cfg, model = family_model("qwen2", tok)  # q/k/v biases in a folder that claims llama without them
+    _edit_config(to_hf(model, cfg, tok, tmp_path / "biased"), model_type="llama")
+    with pytest.raises(HFFormatError, match="^model.safetensors: tensor 'model.layers.0.self_attn.k_proj.bias' has no "
+                                            "place in the llama model"):
+        import_hf(tmp_path / "biased", tmp_path / "run_biased")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("keep")
@@ -282,7 +286,8 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
     llama_run, _ = family_run(tmp_path / "llama_run", "llama", tok)
     cases = [(("import-hf", no_config, tmp_path / "r1"), "config.json", tmp_path / "r1"),
              (("import-hf", bert, tmp_path / "r2"), "model_type 'bert'", tmp_path / "r2"),
-             (("import-hf", shape, tmp_path / "r3"), "'model.layers.0.self_attn.k_proj.weight' has shape", tmp_path / "r3"),
+             (("import-hf", shape, tmp_path / "r3"), "'model.layers.0.self_attn.k_proj.weight' has shape",
+              tmp_path / "r3"),
              (("import-hf", sharded, tmp_path / "r4"), "shard 'model-00001-of-00002.safetensors' is missing",
               tmp_path / "r4"),
              (("import-hf", good, taken), "RUN_DIR", None),

@@ -449,7 +449,8 @@ class _Weights:
             missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
             if missing:
                 raise HFFormatError(f"{INDEX}: shard {missing[0]!r} is missing from {str(folder)!r} "
-                                    f"({len(missing)} of {len(set(weight_map.values()))} missing); download every shard")
+                                    f"({len(missing)} of {len(set(weight_map.values()))} missing); "
+                                    "download every shard")
             self.files = dict(weight_map)
         elif (folder / WEIGHTS).is_file():
             with self._open(WEIGHTS) as f:
@@ -696,7 +697,6 @@ def to_hf(model: Any, config: Config, tokenizer: Tokenizer, out_dir: str | os.Pa
     dtype_name = "bfloat16" if weight_dtype == np.dtype(ml_dtypes.bfloat16) else str(weight_dtype)
     hf = hf_config(cfg, ids, dtype_name)
     generation = {k: v for k, v in hf.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    generation["max_length"] = cfg.max_context
     with _new_dir(out, "out_dir") as tmp:
         atomic_write_text(tmp / CONFIG_JSON, json.dumps(hf, indent=2) + "\n")
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
