@@ -438,9 +438,7 @@ class _Weights:
     without reading data, tensors as numpy arrays on demand."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open  # noqa: PLC0415 (only the Hugging Face paths need it)
-
-        self._open = lambda f: safe_open(str(folder / f), framework="numpy")
+        self._folder = folder
         if (folder / INDEX).is_file():
             try:
                 weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
@@ -468,6 +466,15 @@ class _Weights:
                     if name not in present:
                         raise HFFormatError(f"{INDEX}: tensor {name!r} is not in its shard {file!r}")
                     self.shapes[name] = tuple(f.get_slice(name).get_shape())
+
+    def _open(self, file: str) -> Any:
+        """safe_open of one file; HFFormatError naming it when it is not a safetensors file."""
+        from safetensors import SafetensorError, safe_open  # noqa: PLC0415 (only these paths need it)
+
+        try:
+            return safe_open(str(self._folder / file), framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise HFFormatError(f"{file}: not a readable safetensors file: {e}") from None
 
     def get(self, name: str) -> np.ndarray:
         with self._open(self.files[name]) as f:
