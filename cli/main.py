@@ -19,6 +19,7 @@ def app() -> None:
     dantinox-eqx train                      train the default config on Shakespeare
     dantinox-eqx train --config C --data_path FILE [--FIELD VALUE ...]
     dantinox-eqx generate RUN_DIR --prompt "..."
+    dantinox-eqx import-hf HF_DIR RUN_DIR       a Hugging Face model as a run (export --format hf: back)
     """
 
 
@@ -27,7 +28,7 @@ def _register() -> None:
     # does not appear in --help.
     import importlib
 
-    for name in ("train", "generate", "evaluate", "export", "find_lr", "sweep", "plot"):
+    for name in ("train", "generate", "evaluate", "export", "import_hf", "find_lr", "sweep", "plot"):
         try:
             module = importlib.import_module(f"cli.{name}")
         except ModuleNotFoundError as e:

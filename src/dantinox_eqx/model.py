@@ -52,25 +52,27 @@ def make_attention(cfg: Config, *, key: PRNGKeyArray) -> Attention | MLAttention
     window = cfg.context_window if cfg.sliding_window else None
     sink = cfg.sliding_window and not cfg.no_sink
     rope_dim = cfg.rope_dim if cfg.mla else cfg.head_size
-    base = rope_base(rope_dim, cfg.rope_scale_factor) if cfg.use_rotary_pos else None
+    base = rope_base(rope_dim, cfg.rope_scale_factor, cfg.effective_rope_theta) if cfg.use_rotary_pos else None
     if cfg.mla:
         return MLAttention(cfg.dim, cfg.n_heads, cfg.head_size, cfg.rope_dim, cfg.down_dim_q, cfg.down_dim_kv,
-                           key=key, norm_type=cfg.norm_type, rope_base=base, window=window, sink=sink,
-                           dropout_rate=cfg.dropout_rate, absorbed=cfg.inference, out_std=residual_std(cfg))
+                           key=key, norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, rope_base=base, window=window,
+                           sink=sink, dropout_rate=cfg.dropout_rate, absorbed=cfg.inference,
+                           out_std=residual_std(cfg))
     return Attention(cfg.dim, cfg.n_heads, cfg.effective_kv_heads, cfg.head_size, key=key, rope_base=base,
                      window=window, sink=sink, dropout_rate=cfg.dropout_rate, impl=cfg.attention_impl,
-                     out_std=residual_std(cfg))
+                     out_std=residual_std(cfg), qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias)
 
 
 def make_mlp(cfg: Config, *, key: PRNGKeyArray) -> MLP | MoE:
-    """The config's MLP: dense `MLP` of width expansion * dim, or `MoE` when `use_moe`."""
-    hidden = cfg.expansion * cfg.dim
+    """The config's MLP: dense `MLP` of width `mlp_width` (mlp_hidden, or expansion * dim), or
+    `MoE` (that width per expert) when `use_moe`."""
+    hidden = cfg.mlp_width
     if cfg.use_moe:
         return MoE(cfg.dim, hidden, cfg.n_experts, cfg.top_k_mlp, key=key, capacity_factor=cfg.capacity_factor,
                    shared_expert=cfg.shared_expert, swiglu=cfg.use_swiglu, activation=cfg.activation,
                    out_std=residual_std(cfg))
     return MLP(cfg.dim, hidden, key=key, swiglu=cfg.use_swiglu, activation=cfg.activation,
-               out_std=residual_std(cfg))
+               out_std=residual_std(cfg), bias=cfg.mlp_bias)
 
 
 # --------------------------------------------------------------------------- block
@@ -85,7 +87,8 @@ class Block(eqx.Module):
 
     def __init__(self, cfg: Config, *, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
-        self.attn_norm, self.mlp_norm = Norm(cfg.dim, cfg.norm_type), Norm(cfg.dim, cfg.norm_type)
+        self.attn_norm = Norm(cfg.dim, cfg.norm_type, cfg.norm_eps)
+        self.mlp_norm = Norm(cfg.dim, cfg.norm_type, cfg.norm_eps)
         self.attn, self.mlp = make_attention(cfg, key=k1), make_mlp(cfg, key=k2)
         self.dropout_rate = cfg.dropout_rate
 
@@ -147,7 +150,7 @@ class Transformer(eqx.Module):
                               if config.absolute_pos and config.trainable_pos else None)
         block_keys = jax.random.split(k_blocks, config.num_blocks)
         self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(block_keys)
-        self.norm = Norm(D, config.norm_type)
+        self.norm = Norm(D, config.norm_type, config.norm_eps)
         self.head = None if config.weight_tying else Linear(D, V, key=k_head)
         self.vocab_size, self.max_context = V, config.max_context
         self.dropout_rate = config.dropout_rate

@@ -56,11 +56,25 @@ def build_tokenizer(kind: str, text: str, vocab_size: int = 2048) -> Tokenizer:
     raise TokenizerError(f"tokenizer_type: unknown tokenizer {kind!r}; choose char or bpe")
 
 
-def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
-    """Write `tok` as tokenizer.json atomically (temporary file, then rename)."""
+def save_tokenizer(tok: Tokenizer, path: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+    """Write `tok` as tokenizer.json atomically (temporary file, then rename).
+
+    `source`: the file `tok` was read from. When it still describes `tok`, its text is written
+    unchanged instead of `tok`'s own (compact) serialization, so a tokenizer.json imported from
+    Hugging Face stays byte for byte the same through fine-tuning and export.
+    """
     from ..files import atomic_write_text
 
-    atomic_write_text(Path(path), tok.to_str(pretty=False))
+    text = tok.to_str(pretty=False)
+    if source is not None and Path(source).is_file():
+        with open(source, encoding="utf-8", newline="") as f:  # newline="": line endings kept as they are
+            original = f.read()
+        try:
+            if Tokenizer.from_str(original).to_str(pretty=False) == text:
+                text = original
+        except Exception:  # noqa: BLE001 (the library raises plain Exceptions for bad JSON): not a match
+            pass
+    atomic_write_text(Path(path), text)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .functional import dropout, fold_key
-from .linear import Linear
+from .linear import Linear, add_bias
 from .rope import rope
 
 __all__ = ["Attention", "KVCache", "attend", "causal_mask", "write_cache", "cached_mask", "NEG_INF"]
@@ -111,6 +111,8 @@ class Attention(eqx.Module):
 
     qkv: Linear  # D -> (H + 2K) * E, one GEMM for all three projections
     o: Linear  # H * E -> D
+    qkv_bias: Float[Array, " qkv"] | None  # (H + 2K) * E with qkv_bias, else None
+    o_bias: Float[Array, " D"] | None  # with o_bias, else None
     n_heads: int = eqx.field(static=True)
     kv_heads: int = eqx.field(static=True)
     head_size: int = eqx.field(static=True)
@@ -122,7 +124,8 @@ class Attention(eqx.Module):
 
     def __init__(self, dim: int, n_heads: int, kv_heads: int, head_size: int, *, key: PRNGKeyArray,
                  rope_base: float | None = 10000.0, window: int | None = None, sink: bool = False,
-                 dropout_rate: float = 0.0, impl: str = "auto", out_std: float = 0.02):
+                 dropout_rate: float = 0.0, impl: str = "auto", out_std: float = 0.02,
+                 qkv_bias: bool = False, o_bias: bool = False):
         """`dim` D -> H = n_heads query heads and K = kv_heads key/value heads (H % K == 0) of
         `head_size` E -> D. `rope_base` None: no rotary positions. `window`: sliding-window
         attention over the last `window` positions (+ position 0 with `sink`). `out_std`: the
@@ -131,6 +134,8 @@ class Attention(eqx.Module):
         H, K, E = n_heads, kv_heads, head_size
         self.qkv = Linear(dim, (H + 2 * K) * E, key=k1)
         self.o = Linear(H * E, dim, key=k2, std=out_std)
+        self.qkv_bias = jnp.zeros(((H + 2 * K) * E,)) if qkv_bias else None
+        self.o_bias = jnp.zeros((dim,)) if o_bias else None
         self.n_heads, self.kv_heads, self.head_size = H, K, E
         self.rope_base, self.window, self.sink = rope_base, window, sink
         self.dropout_rate, self.impl = dropout_rate, impl
@@ -153,20 +158,21 @@ class Attention(eqx.Module):
                  ) -> tuple[Float[Array, "B T D"], KVCache | None]:
         B, T, _ = x.shape
         H, K, E = self.n_heads, self.kv_heads, self.head_size
-        q, k, v = jnp.split(self.qkv(x, key=fold_key(key, 1)).reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
+        qkv = add_bias(self.qkv(x, key=fold_key(key, 1)), self.qkv_bias)
+        q, k, v = jnp.split(qkv.reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
         if self.rope_base is not None:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
         if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):
             # Training and eval see positions 0..T-1, so the mask is plain causal (+ window).
             window = None if self.window is None else (self.window - 1, 0)
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
-            return self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), None
+            return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), None
         mask, cache = cached_mask(positions, cache, self.window, self.sink, k=k, v=v)
         if cache is not None:
             k, v = cache.k, cache.v
         out = attend(q.reshape(B, T, K, H // K, E), k, v, mask,
                      dropout_rate=self.dropout_rate, key=key)
-        return self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), cache
+        return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), cache
 
 
 def write_cache(cache: Any, positions: Int[Array, "*pb T"], **new: Array) -> Any:

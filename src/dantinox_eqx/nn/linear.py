@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-__all__ = ["Linear", "matmul"]
+__all__ = ["Linear", "matmul", "add_bias"]
 
 
 class Linear(eqx.Module):
@@ -38,3 +38,10 @@ def matmul(x: Float[Array, "*lead d_in"], w: Float[Array, "d_in d_out"]) -> Floa
     """x @ w with the leading axes flattened into one GEMM (see the module docstring)."""
     y = x.reshape(-1, x.shape[-1]) @ w.astype(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def add_bias(y: Float[Array, "*lead d"], bias: Float[Array, " d"] | None) -> Float[Array, "*lead d"]:
+    """y + bias (in y's dtype), or y itself without a bias. Biases live beside a `Linear`, not in
+    it, so LoRA merging, its filters and the weight-decay mask (by the name `weight`) see only
+    weights (config.qkv_bias / o_bias / mlp_bias, for imported Hugging Face models)."""
+    return y if bias is None else y + bias.astype(y.dtype)

@@ -76,16 +76,16 @@ class MLAttention(eqx.Module):
     absorbed: bool = eqx.field(static=True)  # config.inference
 
     def __init__(self, dim: int, n_heads: int, head_size: int, rope_dim: int, down_dim_q: int,
-                 down_dim_kv: int, *, key: PRNGKeyArray, norm_type: str = "rmsnorm",
+                 down_dim_kv: int, *, key: PRNGKeyArray, norm_type: str = "rmsnorm", norm_eps: float = 1e-6,
                  rope_base: float | None = 10000.0, window: int | None = None, sink: bool = False,
                  dropout_rate: float = 0.0, absorbed: bool = False, out_std: float = 0.02):
         """Sizes as in the module docstring; `rope_base` None: the rope parts are not rotated;
         `absorbed` picks the computation (config.inference), never the parameters."""
         keys = jax.random.split(key, 5)
         H, E, R, Q, C = n_heads, head_size, rope_dim, down_dim_q, down_dim_kv
-        self.q_down, self.q_norm = Linear(dim, Q, key=keys[0]), Norm(Q, norm_type)
+        self.q_down, self.q_norm = Linear(dim, Q, key=keys[0]), Norm(Q, norm_type, norm_eps)
         self.q_up = Linear(Q, H * (E + R), key=keys[1])
-        self.kv_down, self.kv_norm = Linear(dim, C + R, key=keys[2]), Norm(C, norm_type)
+        self.kv_down, self.kv_norm = Linear(dim, C + R, key=keys[2]), Norm(C, norm_type, norm_eps)
         self.kv_up = Linear(C, 2 * H * E, key=keys[3])
         self.o = Linear(H * E, dim, key=keys[4], std=out_std)
         self.n_heads, self.head_size, self.rope_dim, self.latent_dim = H, E, R, C

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from .functional import fold_key
-from .linear import Linear
+from .linear import Linear, add_bias
 
 __all__ = ["MLP", "gelu", "activate"]
 
@@ -20,23 +20,27 @@ class MLP(eqx.Module):
 
     up: Linear
     down: Linear
+    up_bias: Float[Array, " up"] | None  # with mlp_bias: (2F,) with SwiGLU ([gate | up]) or (F,)
+    down_bias: Float[Array, " D"] | None
     swiglu: bool = eqx.field(static=True)
     activation: str = eqx.field(static=True)
 
     def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray, swiglu: bool = False,
-                 activation: str = "gelu", out_std: float = 0.02):
+                 activation: str = "gelu", out_std: float = 0.02, bias: bool = False):
         """D = `dim` -> `hidden` -> D; SwiGLU doubles `up` to [gate | up]; otherwise
         `activation` is "gelu" (tanh form, custom backward) or a `jax.nn` function name."""
         k1, k2 = jax.random.split(key)
         self.up = Linear(dim, (2 if swiglu else 1) * hidden, key=k1)
         self.down = Linear(hidden, dim, key=k2, std=out_std)
+        self.up_bias = jnp.zeros(((2 if swiglu else 1) * hidden,)) if bias else None
+        self.down_bias = jnp.zeros((dim,)) if bias else None
         self.swiglu, self.activation = swiglu, activation
 
     def __call__(self, x: Float[Array, "B T D"], *, key: PRNGKeyArray | None = None
                  ) -> tuple[Float[Array, "B T D"], Scalar]:
         """(y, 0.0): the MLP returns a balance loss like `MoE`. `key`: LoRA dropout in up/down."""
-        h = activate(self.up(x, key=fold_key(key, 1)), self.swiglu, self.activation)
-        return self.down(h, key=fold_key(key, 2)), jnp.zeros((), jnp.float32)
+        h = activate(add_bias(self.up(x, key=fold_key(key, 1)), self.up_bias), self.swiglu, self.activation)
+        return add_bias(self.down(h, key=fold_key(key, 2)), self.down_bias), jnp.zeros((), jnp.float32)
 
 
 def activate(h: Array, swiglu: bool, activation: str) -> Array:

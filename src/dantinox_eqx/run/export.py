@@ -44,7 +44,7 @@ from ..model import Transformer, cast_floating
 from . import checkpoint
 from .layout import CONFIG_FILE, TOKENIZER_FILE
 
-__all__ = ["to_safetensors", "safetensors_tensors", "export_run", "parse_dtype", "WEIGHTS_FILE"]
+__all__ = ["to_safetensors", "safetensors_tensors", "export_run", "parse_dtype", "plain_model", "WEIGHTS_FILE"]
 
 WEIGHTS_FILE = "model.safetensors"
 LAYOUT = "Linear weights are (in, out): y = x @ W"
@@ -60,7 +60,8 @@ def parse_dtype(dtype: Any) -> Any:
     return DTYPES[dtype]
 
 
-def _plain(model: Any, dtype: Any) -> Any:
+def plain_model(model: Any, dtype: Any = None) -> Any:
+    """`model` with LoRA adapters merged and, when `dtype` is given, floating weights cast to it."""
     model = merge_lora(model) if has_lora(model) else model
     dtype = parse_dtype(dtype)
     return cast_floating(model, dtype) if dtype is not None else model
@@ -68,7 +69,7 @@ def _plain(model: Any, dtype: Any) -> Any:
 
 def safetensors_tensors(model: Any, dtype: Any = None) -> dict[str, np.ndarray]:
     """The {name: host array} mapping written by `to_safetensors` (names in the module doc)."""
-    flat = checkpoint.flatten(eqx.filter(_plain(model, dtype), eqx.is_array))
+    flat = checkpoint.flatten(eqx.filter(plain_model(model, dtype), eqx.is_array))
     tensors = {}
     for name, arr in flat.items():
         arr = np.asarray(jax.device_get(arr))
@@ -128,7 +129,7 @@ def export_run(model: Any, config: Config, tokenizer: Any, out_dir: str | os.Pat
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out_dir: {str(out)!r} exists and is not empty; export never "
                               f"overwrites, choose a new directory")
-    plain = _plain(model, dtype)
+    plain = plain_model(model, dtype)
     config = config.replace(use_lora=False, init_from="", vocab_size=plain.vocab_size)
     _check_fits(plain, config)
     params = eqx.filter(plain, eqx.is_array)

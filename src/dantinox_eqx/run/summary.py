@@ -31,7 +31,7 @@ moe.capacity(N, X, k, c): dropless (c = 0) gives X, c > 0 about c * k).
         attn          = (H + 2 * K) * E                                 (fused qkv)
                         MLA: 2Q + 2C + R + 2 * H * (E + R) + 2 * H * E  (q_down, q_norm, q_up,
                         kv_down, kv_norm, kv_up, the per-head keys)
-        mlp           = F * (3 if swiglu else 2)                        (hidden units, F = expansion * D)
+        mlp           = F * (3 if swiglu else 2)                        (hidden units, F = config.mlp_width)
                         MoE: rows * (2 * D + F * (3|2)) + k * D  (+ F * (3|2) with a shared expert)
                         (rows = moe_expert_rows_per_token: input and output slot buffers and
                         hidden units per executed row, then the k gathered rows)
@@ -140,7 +140,7 @@ def model_summary(config: Config, params: Any, opt_state: Any) -> dict[str, Any]
     k = config.top_k_mlp if config.use_moe else 0
     flops_executed = 6 * (n_active_matmul + round((rows - k) * per_expert)) + attn_flops
 
-    hidden = config.expansion * D
+    hidden = config.mlp_width
     mlp_units = hidden * (3 if config.use_swiglu else 2)
     if config.mla:
         Q, C, R = config.down_dim_q, config.down_dim_kv, config.rope_dim

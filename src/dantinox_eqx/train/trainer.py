@@ -139,7 +139,11 @@ class Trainer:
         loggers = self._start_loggers(config, run_dir, summary, resume)
         if distributed.is_primary():
             config.to_yaml(run_dir / CONFIG_FILE)
-            tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE)
+            # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
+            # imported Hugging Face tokenizer.json survives fine-tuning and export unchanged.
+            source = (run_dir / TOKENIZER_FILE if resume else config.tokenizer_path
+                      or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
+            tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
             atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
             if base is not None:
                 finetune.write_pointer(run_dir, base)
