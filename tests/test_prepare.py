@@ -195,6 +195,41 @@ def test_text_jsonl_parquet_and_hf_give_the_same_stream(tmp_path):
     assert not (tmp_path / "bad_hf").exists()
 
 
+def test_hf_source_from_config_fields_on_the_cli(tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    texts = [make_text(30, s) for s in range(5)]
+    tok = tk.char_tokenizer("".join(texts))
+    tk.save_tokenizer(tok, tmp_path / "tok.json")
+    saved = tmp_path / "hf_saved"
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(saved))
+    expected = np.concatenate([tok.encode(t).ids + [tk.eot_id(tok)] for t in texts])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  dataset_source: hf\n  dataset_name: {saved}\n  dataset_text_field: body\n"
+                      f"  streaming: true\ntokenizer:\n  tokenizer_path: {tmp_path / 'tok.json'}\n")
+    code, out, err = run_cli(monkeypatch, capsys, "--config", config, tmp_path / "a")  # SOURCE = dataset_name
+    assert code == 0, err
+    np.testing.assert_array_equal(stream(tmp_path / "a"), expected)
+    code, out, err = run_cli(monkeypatch, capsys, "--dataset_source", "hf", saved, tmp_path / "b",
+                             "--text_field", "body", "--tokenizer_path", tmp_path / "tok.json")
+    assert code == 0, err
+    np.testing.assert_array_equal(stream(tmp_path / "b"), expected)
+    code, out, err = run_cli(monkeypatch, capsys, "--dataset_source", "hf", tmp_path / "c")
+    assert code == 2 and "dataset_name: dataset_source is hf but no dataset is named" in err
+    code, out, err = run_cli(monkeypatch, capsys, tmp_path / "c")
+    assert code == 2 and "give SOURCE and OUT_DIR" in err and not (tmp_path / "c").exists()
+
+
+def test_config_fields_of_the_data_path():
+    from dantinox_eqx.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="unknown_chars: unknown value 'keep'"):
+        Config(unknown_chars="keep")
+    with pytest.raises(ConfigError, match="dataset_source: unknown value 'hub'"):
+        Config(dataset_source="hub")
+    c = Config.from_dict({"data": {"dataset_source": "hf", "dataset_name": "x/y", "streaming": True}})
+    assert (c.dataset_source, c.dataset_name, c.streaming, c.dataset_split) == ("hf", "x/y", True, "train")
+
+
 def test_given_tokenizers_gpt2_style_old_char_and_unknown_chars(tmp_path, monkeypatch, capsys):
     texts = [make_text(20, s) for s in range(3)]
     folder = docs_folder(tmp_path / "src", texts)
@@ -317,3 +352,31 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch,
     assert not any(line.startswith("Error") for line in lines[:-1]) and "Traceback" not in stderr
     after = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
     assert after == before  # nothing written (no directory, or the other source's files untouched)
+
+
+def test_unknown_chars_reach_training_data_and_eval(tmp_path):
+    """Fine-tuning (data.prepare_data with the base's tokenizer) and eval drop the characters
+    a char vocabulary lacks when asked, and refuse them by default."""
+    import jax
+
+    from dantinox_eqx import data
+    from dantinox_eqx.config import Config
+    from dantinox_eqx.evaluate import evaluate
+    from dantinox_eqx.model import Transformer
+
+    from .conftest import TINY
+
+    text = make_text(200, 5)
+    tok = tk.char_tokenizer(text)
+    extra = "Zß" * 3
+    (tmp_path / "new.txt").write_text(extra + text)
+    with pytest.raises(DataError, match="outside the char vocabulary"):
+        data.prepare_data(tmp_path / "new.txt", tokenizer_type="char", max_context=16, tokenizer=tok)
+    dropped = data.prepare_data(tmp_path / "new.txt", tokenizer_type="char", max_context=16, tokenizer=tok,
+                                unknown_chars="drop", cache_dir=tmp_path)
+    np.testing.assert_array_equal(np.concatenate([dropped.train, dropped.val]), tok.encode(text).ids)
+    model = Transformer(Config(**{**TINY, "vocab_size": tok.get_vocab_size()}), key=jax.random.key(0))
+    with pytest.raises(tk.TokenizerError, match="unknown_chars: drop"):
+        evaluate(model, tok, extra + text[:300], batch_size=4)
+    assert evaluate(model, tok, extra + text[:300], batch_size=4, unknown_chars="drop") == \
+        evaluate(model, tok, text[:300], batch_size=4)
