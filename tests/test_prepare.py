@@ -176,6 +176,10 @@ def test_text_jsonl_parquet_and_hf_give_the_same_stream(tmp_path):
         index = read_index(out)
         assert index["source"]["kind"] == name and index["total_documents"] == 5
         assert index["total_bytes"] == sum(len(t.encode()) for t in texts)
+    out = prepare_dataset(str(folder / "doc_0*.txt"), tmp_path / "out_glob", tokenizer=tok, progress=False)
+    assert read_index(out)["source"]["kind"] == "folder"
+    assert read_index(out)["source"]["sha256"] == read_index(tmp_path / "out_folder")["source"]["sha256"]
+    np.testing.assert_array_equal(stream(out), streams["folder"])
     np.testing.assert_array_equal(streams["jsonl"], streams["folder"])
     np.testing.assert_array_equal(streams["parquet"], streams["folder"])
     # a single text file is one document

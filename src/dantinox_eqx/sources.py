@@ -406,8 +406,8 @@ def _walk(folder: Path, exclude: Path | None) -> list[Path]:
     return sorted(found)
 
 
-def open_source(spec: str | os.PathLike | HFDataset, *, text_field: str = "text", exclude: str | os.PathLike | None = None,
-                piece_bytes: int = PIECE_BYTES) -> Source:
+def open_source(spec: str | os.PathLike | HFDataset, *, text_field: str = "text",
+                exclude: str | os.PathLike | None = None, piece_bytes: int = PIECE_BYTES) -> Source:
     """Open `spec` (a path, a glob, or an `HFDataset`); see the module docstring for the kinds.
     Files under `exclude` (the output folder of `prepare`) are never part of the source.
     Raises DataError for a missing path, an empty folder, a glob without matches, a folder of
@@ -423,8 +423,8 @@ def open_source(spec: str | os.PathLike | HFDataset, *, text_field: str = "text"
                        and (excluded is None or excluded not in Path(p).resolve().parents))
         if not files:
             raise DataError(f"source: the glob {text!r} matches no files; check the pattern")
-        base = Path(pattern[:min(pattern.index(c) for c in _MAGIC if c in pattern)])
-        root = base if str(base).endswith(os.sep) else base.parent
+        fixed = pattern[:min(pattern.index(c) for c in _MAGIC if c in pattern)]  # before the first wildcard
+        root = Path(fixed) if fixed.endswith(os.sep) else Path(fixed).parent
         kinds = {_kind_of(f) for f in files}
         kind, name = (kinds.pop() if len(kinds) == 1 else None), pattern
     elif path.is_dir():
