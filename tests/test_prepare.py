@@ -308,6 +308,18 @@ def test_same_source_again_is_already_prepared(tmp_path):
     os.utime(folder / "doc_00.txt")  # touched, same bytes: scanned, still the same source
     prepare_dataset(folder, out, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # killed before its first .progress.json: only tokenizer.json and a temporary are left
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / TOKENIZER_FILE).write_text("{}")
+    (fresh / ".index.json.x.tmp").write_text("")
+    prepare_dataset(folder, fresh, progress=False)
+    assert (fresh / TOKENIZER_FILE).read_bytes() == (out / TOKENIZER_FILE).read_bytes()
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(before)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a prepared dataset"):
+        prepare_dataset(folder, tmp_path / "other", progress=False)
 
 
 # ------------------------------------------------------------------------------ bad input

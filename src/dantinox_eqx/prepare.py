@@ -18,7 +18,7 @@ index.json: {"format": "dantinox-eqx-tokens", "version": 1, "dtype", "vocab_size
 counts the UTF-8 bytes of the text encoded into a shard (bits per byte need them);
 `documents` the documents that end in it.
 
-How it runs, in two passes over the source (`sources.py` streams it in pieces of <= 1 MiB):
+How it runs, in two passes over the source (`sources.py` streams it in pieces of <= 64 KiB):
 1. scan: validates everything (binary files, malformed JSONL lines, missing fields or
    columns; nothing is written before it passed), computes the source's digest, counts its
    bytes (for the progress bar's ETA), collects the characters (char tokenizers) and the BPE
@@ -291,8 +291,10 @@ def _load_given(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out_dir: {str(out)!r} is a file; choose a new directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / INDEX_FILE).is_file() \
-            and not (out / PROGRESS_FILE).is_file():
+    # A prepare killed before its first .progress.json leaves at most tokenizer.json and temporaries.
+    ours = {INDEX_FILE, PROGRESS_FILE, TOKENIZER_FILE}
+    if out.is_dir() and not (out / INDEX_FILE).is_file() and not (out / PROGRESS_FILE).is_file() and any(
+            p.name not in ours and not p.name.endswith(".tmp") for p in out.iterdir()):
         raise FileExistsError(f"out_dir: {str(out)!r} exists and is not a prepared dataset; choose a new or "
                               "empty directory")
 

@@ -16,8 +16,8 @@ A folder or glob mixing kinds (text with *.jsonl or *.parquet) is refused. Empty
 (an empty string or null text, an empty file) are skipped.
 
 `Source.pieces(start)` yields `Piece`s in order: document text cut into pieces of at most
-`PIECE_BYTES` UTF-8 bytes, so memory never holds more than one piece of a document (a
-50 GB file is read 1 MiB at a time). Long text is cut after a newline that has a
+`PIECE_BYTES` UTF-8 bytes. A text file is read one piece at a time (a 50 GB file: 64 KiB at a
+time); a JSONL line, a Parquet row or an HF row is read whole, then cut. Long text is cut after a newline that has a
 non-whitespace character on both sides, where possible: byte-level BPE (GPT-2's regex
 pre-tokenizer) and char tokenizers then give exactly the ids of the uncut text (a test shows
 it). `Piece.position` is where the stream continues after that piece (a tuple of ints, or None
@@ -46,9 +46,9 @@ from .data import DataError
 
 __all__ = ["PIECE_BYTES", "Piece", "HFDataset", "Source", "open_source", "cut_text"]
 
-PIECE_BYTES = 1 << 16  # the most UTF-8 bytes of text in one piece (a long document is cut)
+PIECE_BYTES = 1 << 16  # the most UTF-8 bytes of text in one piece (a long document is cut); smaller
+# pieces bound the tokenizers library's per-call memory (~200 bytes per byte of text for byte-level BPE)
 _MAGIC = set("*?[")
-_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 _ROWS_PER_BATCH = 1024  # Parquet and HF rows decoded at a time
 
 
