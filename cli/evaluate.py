@@ -18,10 +18,12 @@ from .common import handle_errors
 @click.option("--batch_size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random windows.")
 @click.option("--latest", is_flag=True, help="Use the latest checkpoint instead of the best one.")
+@click.option("--unknown_chars", type=click.Choice(["error", "drop"]), default="error", show_default=True,
+              help="Characters outside a char vocabulary: refuse the text, or drop them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @handle_errors
 def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: int, seed: int,
-                 latest: bool, as_json: bool) -> None:
+                 latest: bool, unknown_chars: str, as_json: bool) -> None:
     """Evaluate the model of RUN_DIR on the text in --data_path (one it was not trained on)."""
     from dantinox_eqx.data.sampling import read_corpus
     from dantinox_eqx.data.tokenizer import load_tokenizer
@@ -32,7 +34,7 @@ def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: 
     model = from_pretrained(run_dir, best=not latest)
     tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
     result = evaluate(model, tokenizer, read_corpus(data_path), batch_size=batch_size, n_batches=batches,
-                      seed=seed)
+                      seed=seed, unknown_chars=unknown_chars)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

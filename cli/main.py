@@ -18,6 +18,7 @@ def app() -> None:
     \b
     dantinox-eqx train                      train the default config on Shakespeare
     dantinox-eqx train --config C --data_path FILE [--FIELD VALUE ...]
+    dantinox-eqx prepare SOURCE OUT_DIR     text/folder/JSONL/Parquet/HF -> token shards
     dantinox-eqx generate RUN_DIR --prompt "..."
     dantinox-eqx import-hf HF_DIR RUN_DIR       a Hugging Face model as a run (export --format hf: back)
     """
@@ -28,7 +29,7 @@ def _register() -> None:
     # does not appear in --help.
     import importlib
 
-    for name in ("train", "generate", "evaluate", "export", "import_hf", "find_lr", "sweep", "plot"):
+    for name in ("train", "prepare", "generate", "evaluate", "export", "import_hf", "find_lr", "sweep", "plot"):
         try:
             module = importlib.import_module(f"cli.{name}")
         except ModuleNotFoundError as e:

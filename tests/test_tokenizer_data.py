@@ -18,7 +18,8 @@ def test_round_trip_exact(kind, shakespeare, tmp_path):
     if kind == "bpe":
         assert loaded.get_vocab_size() == 1000 and len(ids) < 0.55 * len(text)
     else:
-        assert len(ids) == len(text) and loaded.get_vocab_size() == len(set(text))
+        # every character, then <|endoftext|> and [UNK] (issue 14: appended, ordinary ids unchanged)
+        assert len(ids) == len(text) and loaded.get_vocab_size() == len(set(text)) + 2
 
 
 def test_char_rejects_unknown_characters():

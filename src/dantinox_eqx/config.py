@@ -37,6 +37,8 @@ class ImmutableConfigError(ConfigError, dataclasses.FrozenInstanceError):
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 TOKENIZERS = ("char", "bpe")
+UNKNOWN_CHARS = ("error", "drop")  # issue 14: tokenizer.UNKNOWN_CHARS (config imports nothing of ours)
+DATASET_SOURCES = ("local", "hf")  # issue 14: DantinoX's dataset_source values
 LORA_TARGETS = ("attention", "mlp", "all")
 SHARDINGS = ("dp", "fsdp")
 REMATS = ("none", "dots", "full")
@@ -51,8 +53,8 @@ SECTIONS = ("model", "moe", "mla", "attention", "tokenizer", "data", "training",
             "logging", "devices", "optimizer")
 
 # Fields of DantinoX 0.4.14 outside our scope (its diffusion and flow-matching paradigms,
-# differential / linear / flash attention switches, latent MoE, tensor parallelism, hub
-# datasets). Its config files must still load: we warn that they are ignored.
+# differential / linear / flash attention switches, latent MoE, tensor parallelism). Its config
+# files must still load: we warn that they are ignored.
 IGNORED_FIELDS = frozenset({
     "model_type", "attention_type", "diffusion_steps", "noise_schedule", "mask_token_id",
     "num_sampling_steps", "time_emb_dim", "embed_dim", "bottleneck_dim", "num_time_tokens",
@@ -60,8 +62,7 @@ IGNORED_FIELDS = frozenset({
     "decoder_pmean", "decoder_pstd", "decoder_noise_scale", "denoiser_prob", "self_cond_prob",
     "cfg_scale_min", "cfg_scale_max", "flow_cfg_scale", "flow_n_steps", "sde_gamma", "t5_model_name",
     "moe_latent", "moe_latent_dim", "differential", "lambda_init", "use_flash_attention",
-    "use_linear_attention", "dataset_source", "dataset_name", "dataset_config", "dataset_text_field",
-    "dataset_split", "streaming", "tp_size",
+    "use_linear_attention", "tp_size",
 })
 
 # Fields that fix the shapes of the parameters: a resumed run or a fine-tune must keep them.
@@ -129,6 +130,14 @@ class Config:
     init_from: str = ""  # a run directory whose weights initialise this run (fine-tuning)
     max_train_tokens: int = 10_000_000
     val_fraction: float = 0.1  # ours: the tail of the corpus held out for validation
+    unknown_chars: str = "error"  # ours: text outside a char vocabulary (fine-tune, eval): error or drop
+    # --- Hugging Face datasets (DantinoX's fields; issue 14: `prepare` reads them) ----------
+    dataset_source: str = "local"  # "local": a file/folder/glob path; "hf": the dataset below
+    dataset_name: str = ""  # hub id, a local dataset folder, or a save_to_disk directory
+    dataset_config: str = ""  # the dataset's configuration (subset) name; "" = its default
+    dataset_split: str = "train"
+    dataset_text_field: str = "text"  # the text field of HF, JSONL and Parquet sources
+    streaming: bool = False  # read the HF dataset as a stream instead of downloading it first
     # --- training --------------------------------------------------------------------------
     lr: float = 3e-4
     batch_size: int = 32  # sequences per micro-batch; a step sees batch_size * grad_accum
@@ -427,6 +436,8 @@ def _validate(cfg: Config) -> None:
     _choice(cfg, "lr_schedule", SCHEDULES)
     _choice(cfg, "optimizer", OPTIMIZERS)
     _choice(cfg, "tokenizer_type", TOKENIZERS)
+    _choice(cfg, "unknown_chars", UNKNOWN_CHARS)  # issue 14
+    _choice(cfg, "dataset_source", DATASET_SOURCES)  # issue 14
     _choice(cfg, "lora_targets", LORA_TARGETS)
     _choice(cfg, "sharding", SHARDINGS)
     _choice(cfg, "remat", REMATS)

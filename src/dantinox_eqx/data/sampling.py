@@ -47,12 +47,14 @@ def read_corpus(path: str | os.PathLike) -> str:
         ) from None
 
 
-def _cache_name(corpus_path: Path, tok: Tokenizer) -> str:
+def _cache_name(corpus_path: Path, tok: Tokenizer, unknown_chars: str = "error") -> str:
     h = hashlib.sha256()
     with open(corpus_path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     h.update(tok.to_str().encode())
+    if unknown_chars != "error":  # "drop" may give other ids; "error" keeps the names of old caches
+        h.update(unknown_chars.encode())
     return f"{corpus_path.name}.{h.hexdigest()[:16]}.tokens.npy"
 
 
@@ -65,7 +67,7 @@ def _writable(directory: Path) -> bool:
 
 
 def encode_corpus(corpus_path: str | os.PathLike, tok: Tokenizer,
-                  cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+                  cache_dir: str | os.PathLike | None = None, unknown_chars: str = "error") -> np.ndarray:
     """Token ids of the corpus as a read-only memory-mapped array (uint16 or uint32).
 
     The ids are cached in `<corpus>.<hash>.tokens.npy` in `cache_dir` when given, else beside
@@ -74,14 +76,14 @@ def encode_corpus(corpus_path: str | os.PathLike, tok: Tokenizer,
     """
     corpus_path = Path(corpus_path)
     text = read_corpus(corpus_path)
-    name = _cache_name(corpus_path, tok)
+    name = _cache_name(corpus_path, tok, unknown_chars)
     # An explicit cache_dir (the run directory) wins; beside the corpus is the shared default.
     candidates = ([Path(cache_dir)] if cache_dir is not None else []) + [corpus_path.parent]
     for d in candidates:
         if (d / name).is_file():
             return np.load(d / name, mmap_mode="r")
     try:
-        ids = tk.encode(tok, text)
+        ids = tk.encode(tok, text, unknown_chars)
     except tk.TokenizerError as e:
         raise DataError(f"data_path: {e}") from None
     dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
@@ -131,14 +133,14 @@ class Dataset:
 def prepare_data(data_path: str | os.PathLike, *, tokenizer_type: str, max_context: int,
                  val_fraction: float = 0.1, max_train_tokens: int | None = None,
                  bpe_vocab_size: int = 2048, tokenizer: Tokenizer | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> Dataset:
+                 cache_dir: str | os.PathLike | None = None, unknown_chars: str = "error") -> Dataset:
     """Read, tokenize (training a tokenizer unless one is given), encode and split a corpus.
 
     Raises DataError when either split is shorter than `max_context + 1` tokens.
     """
     if tokenizer is None:
         tokenizer = tk.build_tokenizer(tokenizer_type, read_corpus(data_path), bpe_vocab_size)
-    ids = encode_corpus(data_path, tokenizer, cache_dir)
+    ids = encode_corpus(data_path, tokenizer, cache_dir, unknown_chars)
     train, val = split(ids, val_fraction, max_train_tokens)
     for name, part in (("training", train), ("validation", val)):
         if len(part) < max_context + 1:

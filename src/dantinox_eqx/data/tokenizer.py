@@ -2,20 +2,46 @@
 
 - `char`: one token per Unicode character of the corpus (a WordLevel vocabulary over single
   characters, split by a regex that matches every character, newlines included).
-- `bpe`: byte-level BPE trained on the corpus; bytes make every string encodable.
+- `bpe`: byte-level BPE trained on the corpus (or on a bounded sample of it streamed by
+  `prepare`); bytes make every string encodable.
 
 Both decode back to exactly the text they encoded (for `char`: text whose characters are in the
 vocabulary), so `Tokenizer.from_file("tokenizer.json")` works outside this library too.
+
+Special tokens (new tokenizers; files written before them load and work as they are): the
+end-of-text token `<|endoftext|>` separates documents in a prepared dataset and lets Hugging
+Face clients pad and stop; char vocabularies also get `[UNK]` (their model's unknown token, so
+outside clients map unseen characters to it instead of failing). Both come AFTER the ordinary
+tokens, so the ordinary ids are the ones the same corpus got before: char `0..n-1` for the
+sorted characters, then `<|endoftext|>` = n, `[UNK]` = n + 1; bpe `<|endoftext|>` is the last
+id (`vocab_size - 1`).
+
+Characters outside a char vocabulary (fine-tuning or evaluating on new text): `unknown_chars`
+"error" (the default) refuses the text naming them, "drop" leaves them out.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["build_tokenizer", "char_tokenizer", "bpe_tokenizer", "load_tokenizer", "save_tokenizer"]
+__all__ = ["build_tokenizer", "char_tokenizer", "bpe_tokenizer", "train_bpe", "load_tokenizer",
+           "save_tokenizer", "encode", "drop_unknown_chars", "eot_id", "digest", "char_table", "batch_encoder",
+           "EOT", "UNK", "UNKNOWN_CHARS"]
+
+EOT = "<|endoftext|>"
+UNK = "[UNK]"
+UNKNOWN_CHARS = ("error", "drop")  # Config.unknown_chars
+# End-of-text names of other tokenizer families, recognised in a given tokenizer.json
+# (GPT-2's is EOT; Llama 3: <|end_of_text|>; Llama 2, Mistral, T5: </s>; Gemma: <eos>).
+_EOT_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
+_CHAR_SPLIT = r"[\s\S]"  # matches every character including "\n"
 
 
 class TokenizerError(ValueError):
@@ -23,28 +49,38 @@ class TokenizerError(ValueError):
 
 
 def char_tokenizer(text: str) -> Tokenizer:
-    """A character-level tokenizer whose vocabulary is the sorted set of characters in `text`."""
+    """A character-level tokenizer whose vocabulary is the sorted set of characters in `text`,
+    then `<|endoftext|>` and `[UNK]` (special tokens; see the module docstring)."""
     chars = sorted(set(text))
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    vocab = {c: i for i, c in enumerate(chars)} | {EOT: len(chars), UNK: len(chars) + 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     # [\s\S] matches every character including "\n"; "isolated" makes each its own token.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_CHAR_SPLIT), behavior="isolated")
     tok.decoder = decoders.Fuse()  # join pieces with no separator
+    tok.add_special_tokens([EOT, UNK])  # already in the vocabulary: marks them special, ids unchanged
+    return tok
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with `vocab_size` entries (at most; the last is `<|endoftext|>`), trained
+    on the strings of `texts`, read one at a time (the trainer keeps word counts, not the text)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # one id left for the end-of-text token, appended after training
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([EOT])
     return tok
 
 
 def bpe_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     """Byte-level BPE with `vocab_size` entries (at most), trained on `text`."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     # Train on lines so the trainer sees bounded chunks; merges never cross pre-token borders.
-    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
-    return tok
+    return train_bpe(text.splitlines(keepends=True), vocab_size)
 
 
 def build_tokenizer(kind: str, text: str, vocab_size: int = 2048) -> Tokenizer:
@@ -87,13 +123,111 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(f"tokenizer file {str(path)!r} is not a valid tokenizer.json: {e}") from None
 
 
-def encode(tok: Tokenizer, text: str) -> list[int]:
-    """Token ids of `text`; characters outside a char vocabulary raise TokenizerError."""
-    if isinstance(tok.model, models.WordLevel):
-        vocab = tok.get_vocab()
-        missing = sorted(c for c in set(text) if c not in vocab)
-        if missing:
-            raise TokenizerError(
-                f"text holds {len(missing)} character(s) outside the char vocabulary, e.g. {missing[:5]!r}"
-            )
-    return tok.encode(text).ids
+def digest(tok: Tokenizer) -> str:
+    """SHA-256 (hex) of the tokenizer.json that `save_tokenizer` writes for `tok`: equal digests,
+    equal tokenizers (a prepared dataset records its tokenizer's)."""
+    return hashlib.sha256(tok.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+
+def eot_id(tok: Tokenizer) -> int | None:
+    """The id of the tokenizer's end-of-text token (`<|endoftext|>`, or another family's name
+    for it), or None for a tokenizer without one (char and bpe tokenizers written before
+    end-of-text tokens existed)."""
+    for name in _EOT_NAMES:
+        found = tok.token_to_id(name)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown(tok: Tokenizer, text: str) -> list[str]:
+    """The sorted characters of `text` outside a char (WordLevel) vocabulary; [] for others."""
+    if not isinstance(tok.model, models.WordLevel):
+        return []
+    vocab = tok.get_vocab()
+    return sorted(c for c in set(text) if c not in vocab)
+
+
+def check_unknown_chars(unknown_chars: str) -> None:
+    if unknown_chars not in UNKNOWN_CHARS:
+        raise TokenizerError(f"unknown_chars: unknown value {unknown_chars!r}; choose error or drop")
+
+
+def drop_unknown_chars(tok: Tokenizer, text: str, unknown_chars: str = "error") -> str:
+    """`text` ready for a char vocabulary: unchanged when every character is in it; else
+    TokenizerError naming them ("error") or the text without them ("drop")."""
+    check_unknown_chars(unknown_chars)
+    missing = _unknown(tok, text)
+    if not missing:
+        return text
+    if unknown_chars == "error":
+        raise TokenizerError(
+            f"text holds {len(missing)} character(s) outside the char vocabulary, e.g. {missing[:5]!r}; "
+            "set unknown_chars: drop to leave them out"
+        )
+    return text.translate(dict.fromkeys(map(ord, missing)))
+
+
+def encode(tok: Tokenizer, text: str, unknown_chars: str = "error") -> list[int]:
+    """Token ids of `text`; characters outside a char vocabulary raise TokenizerError, or with
+    `unknown_chars="drop"` are left out."""
+    return tok.encode(drop_unknown_chars(tok, text, unknown_chars)).ids
+
+
+def char_table(tok: Tokenizer) -> np.ndarray | None:
+    """For a plain char tokenizer (ours: WordLevel over single characters, split on every
+    character, no normalizer), the id of every code point (-1 outside the vocabulary) as an
+    int32 array of 0x110000 entries; None for any other tokenizer."""
+    if not isinstance(tok.model, models.WordLevel):
+        return None
+    spec = json.loads(tok.to_str())
+    split = spec.get("pre_tokenizer") or {}
+    if (spec.get("model", {}).get("type") != "WordLevel" or spec.get("normalizer") is not None
+            or split.get("type") != "Split" or split.get("pattern") != {"Regex": _CHAR_SPLIT}
+            or split.get("behavior") != "Isolated" or split.get("invert")):
+        return None
+    special = {t["content"] for t in spec.get("added_tokens", [])}
+    table = np.full(0x110000, -1, np.int32)
+    for piece, i in tok.get_vocab().items():
+        if piece in special:
+            continue
+        if len(piece) != 1:
+            return None
+        table[ord(piece)] = i
+    return table
+
+
+def batch_encoder(tok: Tokenizer, unknown_chars: str = "error") -> Callable[[list[str]], list[np.ndarray]]:
+    """A function that encodes a list of texts to one int32 id array each, for `prepare`.
+
+    Special-token names inside the texts are encoded as ordinary text (only the separators that
+    `prepare` inserts are end-of-text tokens), and no special tokens are added around a text.
+    A plain char tokenizer is applied as a code-point lookup table in numpy (the same ids as the
+    `tokenizers` library gives, about 100x faster); any other tokenizer runs the library's
+    multi-threaded batch encoding. Characters outside a char vocabulary raise TokenizerError
+    ("error") or are left out ("drop")."""
+    check_unknown_chars(unknown_chars)
+    table = char_table(tok)
+    if table is not None:
+        def encode_chars(texts: list[str]) -> list[np.ndarray]:
+            out = []
+            for text in texts:
+                ids = table[np.frombuffer(text.encode("utf-32-le"), np.uint32)]
+                if (ids < 0).any():
+                    drop_unknown_chars(tok, text, unknown_chars)  # raises for "error"
+                    ids = ids[ids >= 0]
+                out.append(ids)
+            return out
+
+        return encode_chars
+    plain = Tokenizer.from_str(tok.to_str())  # a copy: the flag below must not reach the caller's
+    plain.encode_special_tokens = True
+    wordlevel = isinstance(tok.model, models.WordLevel)
+    fast = getattr(plain, "encode_batch_fast", plain.encode_batch)  # no offsets: less work, less memory
+
+    def encode_texts(texts: list[str]) -> list[np.ndarray]:
+        if wordlevel:
+            texts = [drop_unknown_chars(tok, t, unknown_chars) for t in texts]
+        return [np.asarray(e.ids, np.int32) for e in fast(texts, add_special_tokens=False)]
+
+    return encode_texts

@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from tokenizers import Tokenizer
 
 from ..data.sampling import DataError, sample_batch
-from ..data.tokenizer import encode
+from ..data.tokenizer import drop_unknown_chars, encode
 from ..model import Transformer
 
 __all__ = ["EvalResult", "evaluate", "evaluate_ids", "covering_windows"]
@@ -99,9 +99,12 @@ def evaluate_ids(model: Transformer, ids: np.ndarray, *, batch_size: int = 8, se
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, text: str, *, batch_size: int = 8,
-             seq_len: int | None = None, n_batches: int | None = None, seed: int = 0) -> EvalResult:
+             seq_len: int | None = None, n_batches: int | None = None, seed: int = 0,
+             unknown_chars: str = "error") -> EvalResult:
     """Loss, perplexity and bits per token / character of `model` on `text` (see the module
-    docstring for the windows). Raises TokenizerError for text a char vocabulary cannot encode."""
+    docstring for the windows). Raises TokenizerError for text a char vocabulary cannot encode,
+    unless `unknown_chars="drop"`: those characters are then left out (and not counted)."""
+    text = drop_unknown_chars(tokenizer, text, unknown_chars)
     ids = np.asarray(encode(tokenizer, text))
     nats, n_tokens, n_windows, seq_len = evaluate_ids(model, ids, batch_size=batch_size, seq_len=seq_len,
                                                       n_batches=n_batches, seed=seed)

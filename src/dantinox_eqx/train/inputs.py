@@ -51,7 +51,7 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
         dataset = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
                                val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
                                bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer,
-                               cache_dir=cache_dir())
+                               cache_dir=cache_dir(), unknown_chars=config.unknown_chars)
     except DataError as e:
         if tokenizer is None or "outside the char vocabulary" not in str(e):
             raise
