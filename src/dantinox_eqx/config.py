@@ -121,6 +121,9 @@ class Config:
     init_from: str = ""  # a run directory whose weights initialise this run (fine-tuning)
     max_train_tokens: int = 10_000_000
     val_fraction: float = 0.1  # ours: the tail of the corpus held out for validation
+    # ours (issue 14): a separate validation set, a text file or a prepared dataset directory;
+    # when set, val_fraction is unused and all of data_path trains
+    val_path: str | None = None
     # --- training --------------------------------------------------------------------------
     lr: float = 3e-4
     batch_size: int = 32  # sequences per micro-batch; a step sees batch_size * grad_accum

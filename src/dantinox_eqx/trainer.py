@@ -57,8 +57,9 @@ from jax.sharding import PartitionSpec as P
 from . import checkpoint as ckpt
 from . import distributed, finetune, sharding
 from . import tokenizer as tk
+from . import tokens as tok_data
 from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
-from .data import DataError, Dataset, prepare_data, sample_batch
+from .data import DataError
 from .expert_log import EXPERT_COUNTS_FILE, ExpertCountsLog, make_counts_fn
 from .hostmem import keep_freed_memory
 from .lora import has_lora, lora_summary, lora_trainable
@@ -72,7 +73,7 @@ __all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "LOG_COLUMNS", 
            "read_log", "default_config_path"]
 
 LOG_COLUMNS = ("step", "train_loss", "val_loss", "train_bal", "val_bal", "lr", "ms_per_step",
-               "tokens_per_s")
+               "tokens_per_s", "train_bpb", "val_bpb")  # bpb: bits per UTF-8 byte of text (issue 14)
 CURSOR_FILE = "training_cursor.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
@@ -105,8 +106,8 @@ def default_config_path() -> Path:
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a training_log.csv as dicts of floats (`step` as an int)."""
     with open(path, newline="", encoding="utf-8") as f:
-        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]  # empty cells: columns added after the row was written
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -117,7 +118,7 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: repr(row[k]) if isinstance(row[k], float) else row[k] for k in LOG_COLUMNS})
+        writer.writerow({k: repr(row[k]) if isinstance(row.get(k), float) else row.get(k, "") for k in LOG_COLUMNS})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -181,7 +182,8 @@ class _Progress:
         if self.quiet:
             return
         line = (f"step {row['step']}/{total} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
-                f" | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step | {row['tokens_per_s']:.0f} tok/s")
+                f" ({row['val_bpb']:.4f} bits/byte) | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step"
+                f" | {row['tokens_per_s']:.0f} tok/s")
         if self.bar is not None:
             self.bar.update(self.task, loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}",
                             tps=f"{row['tokens_per_s']:.0f}")
@@ -336,35 +338,34 @@ class Trainer:
                                   f"{reason}")
 
     def _data(self, config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
-              resume: bool) -> tuple[Path, Dataset]:
+              resume: bool) -> tuple[Path, tok_data.Splits]:
+        """The run's data (tokens.open_splits): `data_path` a text file or (issue 14) a prepared
+        dataset directory, whose tokenizer must then be the run's when that is fixed."""
         from .corpus import cache_dir, default_corpus_path
 
         if data_path is None and resume:
             recorded = self._read_cursor(run_dir).get("data_path")
-            if recorded and Path(recorded).is_file():
+            if recorded and Path(recorded).exists():  # a text file or a prepared directory
                 data_path = recorded
         path = Path(data_path) if data_path is not None else default_corpus_path()
+        tokenizer_file = None  # the file of a fixed tokenizer, named when a prepared dataset differs
         if resume:
-            tokenizer = tk.load_tokenizer(run_dir / TOKENIZER_FILE)
+            tokenizer_file = run_dir / TOKENIZER_FILE
         elif config.tokenizer_path:
-            tokenizer = tk.load_tokenizer(config.tokenizer_path)
+            tokenizer_file = Path(config.tokenizer_path)
         elif config.init_from:  # a fine-tune keeps its base's tokenizer (never retrained)
-            base_tokenizer = finetune.base_dir(config.init_from) / TOKENIZER_FILE
-            if not base_tokenizer.is_file():
+            tokenizer_file = finetune.base_dir(config.init_from) / TOKENIZER_FILE
+            if not tokenizer_file.is_file():
                 raise ConfigError(f"init_from: {str(config.init_from)!r} has no {TOKENIZER_FILE}; pass the "
                                   "directory of a finished `dantinox-eqx train` run")
-            tokenizer = tk.load_tokenizer(base_tokenizer)
         elif config.use_lora:
             raise ConfigError("use_lora: a LoRA fine-tune keeps its base model's tokenizer: set init_from to the "
                               "base run directory (CLI: --init_from RUN_DIR), or with model= set tokenizer_path "
                               "to the model's tokenizer.json")
-        else:
-            tokenizer = None
+        tokenizer = tk.load_tokenizer(tokenizer_file) if tokenizer_file is not None else None
         try:
-            dataset = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
-                                   val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
-                                   bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer,
-                                   cache_dir=cache_dir())
+            dataset = tok_data.open_splits(path, config, tokenizer, None if tokenizer_file is None
+                                           else repr(str(tokenizer_file)), cache_dir=cache_dir())
         except DataError as e:
             if tokenizer is None or "outside the char vocabulary" not in str(e):
                 raise
@@ -411,6 +412,8 @@ class Trainer:
         config = self._resolve_vocab(config, dataset.vocab_size)
         if config.init_from:  # recorded absolute: resume and loading work from any directory
             config = config.replace(init_from=str(Path(config.init_from).expanduser().resolve()))
+        if config.val_path:  # the same for a separate validation set (issue 14)
+            config = config.replace(val_path=str(Path(config.val_path).expanduser().resolve()))
         if saved is not None:
             self._check_resumable(saved, config, run_dir)
         total = config.total_steps(len(dataset.train))
@@ -450,6 +453,10 @@ class Trainer:
         summary["bytes_per_device"] = {"params": sharding.bytes_per_device(params)["max"],
                                        "opt_state": sharding.bytes_per_device(opt_state)["max"],
                                        "devices": sharding.num_devices(mesh), "sharding": config.sharding}
+        # issue 14: how batches are made (tokens.choose_feed: a function of the data only) and
+        # the splits' sizes in tokens and bytes (bits per byte).
+        feed = tok_data.choose_feed(dataset)
+        summary["data"] = dataset.describe(feed)
 
         # ---- nothing was written before this point: every input check has passed, in every
         # process (the barrier: process 0 must not create the run directory while another
@@ -467,7 +474,7 @@ class Trainer:
 
         try:
             loop = _Loop(self, config, run_dir, data_path, total, static, optimizer, trainable,
-                         batch_sharding, dataset, mesh, root=state["key"], loggers=loggers)
+                         batch_sharding, dataset, mesh, root=state["key"], loggers=loggers, feed=feed)
             loop.run(params, opt_state, step, state, rows)
         finally:
             for logger in loggers:
@@ -557,8 +564,8 @@ class _Loop:
     """The training loop of one `fit` call (host-side state; the math is in step.py)."""
 
     def __init__(self, trainer: Trainer, config: Config, run_dir: Path, data_path: Path, total: int,
-                 static: Any, optimizer: Any, trainable: Any, batch_sharding: Any, dataset: Dataset,
-                 mesh: Any, root: Any, loggers: list[Logger]):
+                 static: Any, optimizer: Any, trainable: Any, batch_sharding: Any, dataset: tok_data.Splits,
+                 mesh: Any, root: Any, loggers: list[Logger], feed: str = "fused"):
         self.trainer, self.config, self.run_dir, self.total = trainer, config, run_dir, total
         self.data_path, self.mesh, self.loggers = data_path, mesh, loggers
         self.primary = distributed.is_primary()  # the only process that writes files and logs
@@ -568,15 +575,18 @@ class _Loop:
         c = config
         self.schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, total, c.min_lr_ratio,
                                               c.wsd_stable_fraction))
-        # The corpus is placed whole on every device, from host numpy (every process holds the
-        # same ids); each device then gathers only the windows of its own batch rows.
-        self.train_tokens = sharding.replicate(np.asarray(dataset.train), mesh)
-        self.val_tokens = sharding.replicate(np.asarray(dataset.val), mesh)
-        B, T = c.batch_size, c.max_context
-        # Sampling is fused into the compiled step and evaluation (one dispatch per step; the
-        # batch never exists on the host). The sharded wrappers (built in `run`, from the
-        # placed arrays' shardings) jit them with the mesh in context, donate params and
+        # issue 14: the feed makes the batches (tokens.py). "fused": the corpus is placed whole
+        # on every device and sampling is fused into the compiled step and evaluation (one
+        # dispatch per step; the batch never exists on the host). "host": each process reads
+        # its own rows of each batch from the memory-mapped tokens, placed ahead of the step
+        # by a background thread (device memory O(batch)). Either way the batch of step s is a
+        # pure function of the root key and s. The sharded wrappers (built in `run`, from the
+        # placed arrays' shardings) jit the step with the mesh in context, donate params and
         # optimizer state and keep them in their placement.
+        self.feed = tok_data.make_feed(feed, dataset, c, mesh, data_key, eval_key)
+        # Bits per byte of a split = its loss / ln 2 * its tokens per UTF-8 byte.
+        self.bpb = {"train": dataset.train.tokens_per_byte / math.log(2),
+                    "val": dataset.val.tokens_per_byte / math.log(2)}
         # use_bf16 + master_weights: float32 params, bfloat16 compute (see make_train_step).
         compute = jnp.bfloat16 if c.use_bf16 and c.master_weights else None
         step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
@@ -584,16 +594,13 @@ class _Loop:
         eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
         counts_fn = make_counts_fn(static) if c.use_moe else None  # MoE: expert_counts.csv
 
-        def train_step(params, opt_state, tokens, step):
-            batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=c.grad_accum)
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        def train_step(params, opt_state, data, step):
+            batch = jax.lax.with_sharding_constraint(self.feed.train_batch(data, step), batch_sharding)
             return step_fn(params, opt_state, batch, jax.random.fold_in(dropout_key, step))
 
         def evaluate(params, train, val, step):
-            k_train, k_val = jax.random.split(jax.random.fold_in(eval_key, step))
-            batches = [jax.lax.with_sharding_constraint(sample_batch(tokens, k, B, T, accum=c.eval_iters),
-                                                        batch_sharding)
-                       for tokens, k in ((train, k_train), (val, k_val))]
+            batches = [jax.lax.with_sharding_constraint(b, batch_sharding)
+                       for b in self.feed.eval_batches((train, val), step)]
             counts = None if counts_fn is None else counts_fn(params, batches[1])
             return eval_fn(params, batches[0]), eval_fn(params, batches[1]), _all_finite(params), counts
 
@@ -604,12 +611,12 @@ class _Loop:
 
     def _build_steps(self, params: Any, opt_state: Any) -> None:
         """Compile-ready sharded step and evaluation for arrays placed like `params`/`opt_state`
-        (the corpus and the step number replicated)."""
-        rep = NamedSharding(self.mesh, P())
+        (the feed's data placed as it places it, the step number replicated)."""
+        rep, data = NamedSharding(self.mesh, P()), self.feed.sharding
         self.train_step = sharding.shard_train_step(self._train_step, self.mesh, params, opt_state,
-                                                    data_shardings=(rep, rep))
+                                                    data_shardings=(data, rep))
         self.evaluate = sharding.shard_eval_step(self._evaluate_fn, self.mesh, params,
-                                                 data_shardings=(rep, rep, rep))
+                                                 data_shardings=(data, data, rep))
 
     # -- saving (never called with non-finite params)
     def _train_state(self, opt_state: Any, step: int, best: float, best_step: int, waited: int) -> dict:
@@ -642,9 +649,11 @@ class _Loop:
                                    "lower lr, raise warmup_steps or set grad_clip")
 
     def _evaluate(self, params: Any, step: int) -> tuple[dict[str, float], bool, Any]:
-        tr, va, finite, counts = jax.device_get(self.evaluate(params, self.train_tokens, self.val_tokens, step))
+        tr, va, finite, counts = jax.device_get(self.evaluate(params, *self.feed.eval_args(step), step))
         return {"train_loss": float(tr["loss"]), "val_loss": float(va["loss"]),
-                "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}, bool(finite), counts
+                "train_bal": float(tr["bal"]), "val_bal": float(va["bal"]),
+                "train_bpb": float(tr["loss"]) * self.bpb["train"],
+                "val_bpb": float(va["loss"]) * self.bpb["val"]}, bool(finite), counts
 
     def _stopping(self, stop: _StopFlag, just_saved: bool) -> bool:
         """Whether to stop now after a SIGINT/SIGTERM. One process: as soon as it arrives.
@@ -668,10 +677,11 @@ class _Loop:
         saved_at = step
         t_start, timed_from = None, step
         experts = ExpertCountsLog(self.run_dir / EXPERT_COUNTS_FILE, keep_upto=step) if c.use_moe else None
+        self.feed.start(step, total)  # the host feed starts reading ahead from here
         try:
             with _StopFlag() as stop:
                 while step < total:
-                    params, opt_state, metrics = self.train_step(params, opt_state, self.train_tokens, step)
+                    params, opt_state, metrics = self.train_step(params, opt_state, self.feed.train_arg(step), step)
                     step += 1
                     if t_start is None:  # first step of this session: compile, then start the clock
                         jax.block_until_ready(metrics)
@@ -720,4 +730,5 @@ class _Loop:
                             self._save_latest(params, opt_state, step, best, best_step, waited)
                         raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, self.run_dir)
         finally:
+            self.feed.close()
             progress.close()

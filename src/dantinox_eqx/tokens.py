@@ -1,0 +1,527 @@
+"""Token streams for training: prepared datasets (memory-mapped shards) and the batch feeds.
+
+A prepared dataset is a directory written by `dantinox-eqx prepare`:
+
+    DIR/index.json       {"format": "dantinox-eqx-tokens", "version": 1, "dtype": "uint16" | "uint32",
+                          "vocab_size", "eot_id", "tokenizer_sha256", "source": {...},
+                          "shards": [{"file", "tokens", "documents", "bytes"}, ...],
+                          "total_tokens", "total_documents", "total_bytes"}
+    DIR/tokenizer.json   the tokenizer that made the ids
+    DIR/shard_NNNNN.bin  raw little-endian ids of `dtype`, no header (np.memmap-able)
+
+The token stream is the shards concatenated in order. `open_splits` memory-maps them read-only
+(nothing is read until a window is: host memory stays O(batch) whatever the corpus size) and
+splits the stream: validation is its last `val_fraction` (global token index), or a separate
+`val_path` (a prepared directory or a text file). A raw text file keeps `data.prepare_data`'s
+path (a cached `.tokens.npy`) and is wrapped in the same `Splits`.
+
+Two feeds turn a split into the batches of step s (`make_feed`; `choose_feed` picks one):
+
+- fused: the token array is placed whole on every device and the step samples its windows
+  inside the compiled call (`data.sample_batch`, keys `fold_in(data_key, s)`): the fastest for
+  a small raw-text corpus (one dispatch per step), but device memory O(corpus).
+- host: window starts are drawn on the host with a counter-based RNG (Philox keyed by the JAX
+  key's data, counter = (0, 0, s, stream)), so the batch of step s is a pure function of
+  (seed, s): resume stays exact. Each process reads only the rows of the global batch that its
+  own devices hold (`distributed.local_rows`), from the memory maps, and a background thread
+  reads and places the batches of the next steps (depth 2) while the device computes.
+  Device memory O(batch). Used for every prepared dataset and for token arrays over
+  FUSED_MAX_BYTES.
+
+Bits per byte: `loss / ln 2 * tokens / bytes` of a split. A prepared split's bytes come from
+index.json's per-shard `bytes`, prorated by tokens where a split cuts a shard; a raw text
+split's bytes are counted exactly, token by token (`token_byte_lengths`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jaxtyping import Array, Int, PRNGKeyArray
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from . import distributed, sharding
+from . import tokenizer as tk
+from .config import Config
+from .data import DataError, encode_corpus, prepare_data, read_corpus, sample_batch
+
+__all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "TokenStream", "Splits", "is_prepared",
+           "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes", "philox_key",
+           "draw_starts", "read_batch", "global_windows", "Prefetcher", "FusedFeed", "HostFeed", "choose_feed",
+           "make_feed"]
+
+INDEX_FILE = "index.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT, VERSION = "dantinox-eqx-tokens", 1
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+# Token arrays (train + val) up to this size use the fused feed, larger ones the host feed.
+# Measured on the baby shape (benchmarks/loader.py, benchmarks/README.md): the two feeds are
+# equally fast on CPU, so the bound is set by device memory, which the fused feed spends on a
+# replica of the corpus on every device: 64 MiB (32M uint16 tokens) is negligible on any
+# accelerator and covers the corpora this library used to handle at all.
+FUSED_MAX_BYTES = 64 * 2**20
+# Philox counter streams of the host feed (the counter's 4th word), so that the windows of
+# training and of the two evaluation splits never share random numbers.
+TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- token streams
+class TokenStream:
+    """Tokens `[lo, hi)` of the concatenation of `parts` (1-D integer arrays: memory-mapped
+    shards or an in-memory array), read-only. `part_bytes[i]` is the UTF-8 bytes of the text
+    behind part i (for bits per byte). `view` slices without copying."""
+
+    def __init__(self, parts: Sequence[np.ndarray], part_bytes: Sequence[float] | np.ndarray, lo: int = 0,
+                 hi: int | None = None):
+        self.parts = tuple(parts)
+        self.sizes = np.array([len(p) for p in self.parts], np.int64)
+        self.bounds = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.part_bytes = np.asarray(part_bytes, np.float64)
+        self.lo, self.hi = int(lo), int(self.bounds[-1] if hi is None else hi)
+        if not 0 <= self.lo <= self.hi <= self.bounds[-1]:
+            raise ValueError(f"TokenStream: [{lo}, {hi}) is outside [0, {self.bounds[-1]})")
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def view(self, lo: int, hi: int) -> TokenStream:
+        """Tokens `[lo, hi)` of this stream (indices relative to it)."""
+        return TokenStream(self.parts, self.part_bytes, self.lo + int(lo), self.lo + int(hi))
+
+    @property
+    def n_bytes(self) -> float:
+        """UTF-8 bytes of the text behind these tokens (prorated by tokens in a cut part)."""
+        overlap = np.clip(np.minimum(self.bounds[1:], self.hi) - np.maximum(self.bounds[:-1], self.lo), 0, None)
+        return float(np.sum(self.part_bytes * overlap / np.maximum(self.sizes, 1)))
+
+    @property
+    def tokens_per_byte(self) -> float:
+        """Tokens per UTF-8 byte of text (nan without bytes): bits/byte = nats/token / ln 2 * this."""
+        return len(self) / self.n_bytes if self.n_bytes > 0 else math.nan
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the token ids themselves (what the fused feed would place on each device)."""
+        return (self.parts[0].dtype.itemsize if self.parts else 0) * len(self)
+
+    def array(self) -> np.ndarray:
+        """The tokens as one array: a view when they lie in one part, else a copy."""
+        spans = [(p, a, max(a, self.lo), min(b, self.hi)) for p, a, b in zip(self.parts, self.bounds, self.bounds[1:])]
+        pieces = [p[lo - a: hi - a] for p, a, lo, hi in spans if lo < hi]
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.zeros(0, self.parts[0].dtype if self.parts else np.uint16)
+
+    def read(self, starts: Int[np.ndarray, "..."], length: int) -> Int[np.ndarray, "_ length"]:
+        """Windows `[start, start + length)` (indices relative to this stream; `starts` of any
+        shape, flattened) as int32 of shape (n, length); a window may cross shard boundaries."""
+        starts = np.asarray(starts, np.int64).reshape(-1)
+        if len(starts) and (starts.min() < 0 or starts.max() + length > len(self)):
+            raise IndexError(f"TokenStream.read: a window of {length} tokens from {starts.max()} passes the end "
+                             f"({len(self)} tokens)")
+        out = np.empty((len(starts), length), np.int32)
+        pos = starts + self.lo
+        part = np.searchsorted(self.bounds, pos, side="right") - 1
+        local = pos - self.bounds[part]
+        inside = local + length <= self.sizes[part]
+        offsets = np.arange(length)
+        for p in np.unique(part[inside]):  # one fancy index per part for the windows inside it
+            rows = np.flatnonzero(inside & (part == p))
+            out[rows] = self.parts[p][local[rows, None] + offsets]
+        for r in np.flatnonzero(~inside):  # the rare window across a shard boundary
+            got, at, p = 0, int(local[r]), int(part[r])
+            while got < length:
+                chunk = self.parts[p][at: at + length - got]
+                out[r, got: got + len(chunk)] = chunk
+                got, at, p = got + len(chunk), 0, p + 1
+        return out
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The train and validation streams of a run, the tokenizer, and where they came from
+    (`prepared`: a prepared directory, read by the host feed whatever its size)."""
+
+    train: TokenStream
+    val: TokenStream
+    tokenizer: Tokenizer
+    prepared: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def describe(self, feed: str) -> dict[str, Any]:
+        """The `data` entry of model_summary.json."""
+        return {"source": "prepared" if self.prepared else "text", "feed": feed,
+                "train_tokens": len(self.train), "val_tokens": len(self.val),
+                "train_bytes": round(self.train.n_bytes), "val_bytes": round(self.val.n_bytes),
+                "train_bytes_per_token": round(1 / self.train.tokens_per_byte, 4),
+                "val_bytes_per_token": round(1 / self.val.tokens_per_byte, 4)}
+
+
+# --------------------------------------------------------------------------- prepared directories
+def is_prepared(path: str | os.PathLike) -> bool:
+    """True for a directory holding a prepared dataset's index.json."""
+    return Path(path).is_dir() and (Path(path) / INDEX_FILE).is_file()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_index(path: str | os.PathLike, field: str = "data_path") -> dict[str, Any]:
+    """The validated index.json of the prepared dataset `path`. Checks the format, that every
+    shard file exists with exactly `tokens * itemsize` bytes (a stat, nothing is read) and
+    that tokenizer.json matches `tokenizer_sha256`; DataError naming the file otherwise."""
+    path = Path(path)
+    index_file = path / INDEX_FILE
+    again = "prepare the dataset again (dantinox-eqx prepare)"
+    if not index_file.is_file():
+        unfinished = (path / ".progress.json").is_file()
+        why = "an unfinished prepare (no index.json yet): run the same prepare again to finish it" if unfinished \
+            else "a folder without index.json, not a prepared dataset: prepare it first (dantinox-eqx prepare)"
+        raise DataError(f"{field}: {str(path)!r} is {why}")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        shards = index["shards"]
+        dtype = np.dtype(DTYPES[index["dtype"]])
+        if index["format"] != FORMAT or index["version"] != VERSION:
+            raise ValueError(f"format {index['format']!r} version {index['version']!r}")
+        if not shards or sum(int(s["tokens"]) for s in shards) != int(index["total_tokens"]):
+            raise ValueError("its shards' tokens do not add up to total_tokens")
+        digest = str(index["tokenizer_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{field}: {str(index_file)!r} is not a {FORMAT} v{VERSION} index ({e}); {again}") from None
+    for s in shards:
+        shard = path / s["file"]
+        if Path(s["file"]).name != s["file"]:
+            raise DataError(f"{field}: {str(index_file)!r} names shard {s['file']!r} outside its folder; {again}")
+        if not shard.is_file():
+            raise DataError(f"{field}: shard {str(shard)!r} listed in index.json is missing; {again}")
+        want = int(s["tokens"]) * dtype.itemsize
+        if shard.stat().st_size != want:
+            raise DataError(f"{field}: shard {str(shard)!r} has {shard.stat().st_size} bytes, index.json says "
+                            f"{s['tokens']} tokens = {want} bytes; {again}")
+    tok_file = path / TOKENIZER_FILE
+    if not tok_file.is_file() or _sha256_file(tok_file) != digest:
+        what = "is missing" if not tok_file.is_file() else "does not match tokenizer_sha256 in index.json"
+        raise DataError(f"{field}: {str(tok_file)!r} {what}; {again}")
+    return index
+
+
+def open_prepared(path: str | os.PathLike, field: str = "data_path") -> tuple[TokenStream, Tokenizer]:
+    """The whole token stream of a prepared dataset (memory-mapped, read-only) and its tokenizer."""
+    path = Path(path)
+    index = read_index(path, field)
+    dtype = DTYPES[index["dtype"]]
+    shards = [s for s in index["shards"] if int(s["tokens"]) > 0]  # mmap cannot map an empty file
+    parts = [np.memmap(path / s["file"], dtype=dtype, mode="r", shape=(int(s["tokens"]),)) for s in shards]
+    stream = TokenStream(parts, [float(s["bytes"]) for s in shards])
+    return stream, tk.load_tokenizer(path / TOKENIZER_FILE)
+
+
+def _tokenizer_digest(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.to_str(pretty=False).encode()).hexdigest()
+
+
+def _check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, source: str, field: str) -> None:
+    # Compared in the library's canonical serialisation: a run's tokenizer.json (written by
+    # save_tokenizer) and a prepared one copied from elsewhere may differ in whitespace only.
+    if _tokenizer_digest(prepared) != _tokenizer_digest(tokenizer):
+        raise DataError(f"{field}: the prepared dataset {str(path)!r} was tokenized with {str(path / TOKENIZER_FILE)!r}"
+                        f", not with {source}; prepare it again with --tokenizer_path {source}")
+
+
+# --------------------------------------------------------------------------- bytes of raw text
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes that each token id stands for, shape (vocab,), float64: a byte-level BPE
+    token's string has one character per byte; other tokens (a char vocabulary's characters)
+    are measured on their decoded text; special tokens (end of text) stand for 0 bytes."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    byte_level = isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(tok.get_vocab_size(), np.float64)
+    for piece, i in tok.get_vocab().items():
+        if piece in special:
+            continue
+        if byte_level and set(piece) <= alphabet:
+            out[i] = len(piece)
+        else:
+            out[i] = len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def count_bytes(ids: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 22) -> float:
+    """UTF-8 bytes of the text behind token `ids` (chunked: O(chunk) extra memory)."""
+    total = 0.0
+    for a in range(0, len(ids), chunk):
+        total += float(np.bincount(np.asarray(ids[a:a + chunk]), minlength=len(lengths))[:len(lengths)] @ lengths)
+    return total
+
+
+def _text_stream(ids: np.ndarray, lengths: np.ndarray) -> TokenStream:
+    return TokenStream([ids], [count_bytes(ids, lengths)])
+
+
+# --------------------------------------------------------------------------- the splits of a run
+def _check_long_enough(splits: Splits, max_context: int, val_field: str) -> Splits:
+    for name, part, field in (("training", splits.train, "data_path"), ("validation", splits.val, val_field)):
+        if len(part) < max_context + 1:
+            raise DataError(f"{field}: the {name} split has {len(part)} tokens, fewer than max_context + 1 = "
+                            f"{max_context + 1}; use more data or a smaller max_context")
+    return splits
+
+
+def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokenizer | None = None,
+                tokenizer_source: str | None = None, cache_dir: str | os.PathLike | None = None) -> Splits:
+    """The train/val streams of `data_path` (a prepared directory or a text file) for `config`
+    (max_context, val_fraction, max_train_tokens, val_path, and for text the tokenizer fields).
+
+    `tokenizer`: the run's tokenizer when it is fixed (resume, fine-tune, tokenizer_path),
+    named `tokenizer_source` in errors; a prepared dataset made with another one is refused
+    (DataError). None: the prepared dataset's own tokenizer, or one trained on the text.
+    The training split is capped at `max_train_tokens` (its first tokens).
+    """
+    path = Path(data_path)
+    prepared = path.is_dir()
+    if prepared:
+        stream, own = open_prepared(path)
+        if tokenizer is not None:
+            _check_same_tokenizer(path, own, tokenizer, tokenizer_source or "the run's tokenizer", "data_path")
+        tokenizer = tokenizer or own
+    elif config.val_path is None:  # today's path, unchanged: a cached token array beside the text
+        ds = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
+                          val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
+                          bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer, cache_dir=cache_dir)
+        lengths = token_byte_lengths(ds.tokenizer)
+        return Splits(_text_stream(ds.train, lengths), _text_stream(ds.val, lengths), ds.tokenizer)
+    else:
+        if tokenizer is None:
+            tokenizer = tk.build_tokenizer(config.tokenizer_type, read_corpus(path), config.bpe_vocab_size)
+        ids = encode_corpus(path, tokenizer, cache_dir)
+        stream = TokenStream([ids], [count_bytes(ids, token_byte_lengths(tokenizer))])
+    if config.val_path is None:
+        n_val = int(len(stream) * config.val_fraction)
+        train, val = stream.view(0, len(stream) - n_val), stream.view(len(stream) - n_val, len(stream))
+    else:
+        train, val = stream, _open_val(Path(config.val_path), tokenizer, tokenizer_source, cache_dir)
+    train = train.view(0, min(len(train), config.max_train_tokens))
+    return _check_long_enough(Splits(train, val, tokenizer, prepared), config.max_context,
+                              "data_path" if config.val_path is None else "val_path")
+
+
+def _open_val(path: Path, tokenizer: Tokenizer, source: str | None, cache_dir: Any) -> TokenStream:
+    """The separate validation stream: a prepared directory (same tokenizer) or a text file."""
+    if path.is_dir():
+        stream, own = open_prepared(path, "val_path")
+        _check_same_tokenizer(path, own, tokenizer, source or "the training data's tokenizer", "val_path")
+        return stream
+    if not path.is_file():
+        raise DataError(f"val_path: {str(path)!r} does not exist; pass a text file or a prepared dataset directory")
+    try:
+        ids = encode_corpus(path, tokenizer, cache_dir)
+    except DataError as e:
+        raise DataError(str(e).replace("data_path:", "val_path:", 1)) from None
+    return _text_stream(ids, token_byte_lengths(tokenizer))
+
+
+# --------------------------------------------------------------------------- host-side batches
+def philox_key(key: PRNGKeyArray) -> np.ndarray:
+    """A Philox key (2 x uint64) derived from a JAX PRNG key's data (sha256 of its bytes)."""
+    data = np.ascontiguousarray(np.asarray(jax.random.key_data(key)))
+    return np.frombuffer(hashlib.sha256(data.tobytes()).digest()[:16], np.uint64).copy()
+
+
+def draw_starts(key: np.ndarray, step: int, stream: int, shape: tuple[int, ...], n_starts: int
+                ) -> Int[np.ndarray, "..."]:
+    """Uniform window starts in [0, n_starts) for `step`: Philox4x64 keyed by `key`, counter
+    (0, 0, step, stream). A pure function of its arguments on every platform (the raw Philox
+    stream is fixed by its spec; the modulo's bias is below n_starts / 2**64)."""
+    bits = np.random.Philox(key=key, counter=np.array([0, 0, step, stream], np.uint64))
+    return (bits.random_raw(math.prod(shape)) % np.uint64(n_starts)).astype(np.int64).reshape(shape)
+
+
+def read_batch(stream: TokenStream, key: np.ndarray, step: int, stream_id: int, shape: tuple[int, int],
+               seq_len: int) -> Int[np.ndarray, "n batch window"]:
+    """The host batch of `step` read whole in this process: windows of `seq_len + 1` tokens at
+    `draw_starts(key, step, stream_id, shape, len(stream) - seq_len)`, int32 (*shape, seq_len + 1)."""
+    starts = draw_starts(key, step, stream_id, shape, len(stream) - seq_len)
+    return stream.read(starts, seq_len + 1).reshape(*shape, seq_len + 1)
+
+
+def global_windows(stream: TokenStream, starts: Int[np.ndarray, "n batch"], length: int, mesh: Any,
+                   on_read: Callable[[slice, np.ndarray], None] | None = None) -> Int[Array, "n batch length"]:
+    """The windows at `starts` (n, batch) as one global int32 array (n, batch, length) split on
+    axis 1 over `mesh`, of which this process reads and places only its own devices' rows.
+    `on_read(rows, starts[:, rows])` is called for each block read (tests record it)."""
+    n, batch = starts.shape
+    blocks = {}
+    for rows in distributed.local_rows(mesh, batch):
+        blocks[rows.start, rows.stop] = stream.read(starts[:, rows], length).reshape(n, -1, length)
+        if on_read is not None:
+            on_read(rows, starts[:, rows])
+
+    def fetch(index: tuple[slice, ...]) -> np.ndarray:
+        a, b, _ = index[1].indices(batch)
+        return blocks[a, b][index[0], :, index[2]]
+
+    return jax.make_array_from_callback((n, batch, length), sharding.batch_sharding(mesh, 1), fetch)
+
+
+class Prefetcher:
+    """`make(s)` for s = start, ..., stop - 1, computed in a background thread at most `depth`
+    steps ahead; `get(s)` returns them in order (and re-raises the thread's exception)."""
+
+    def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2):
+        self.stop = stop
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True,
+                                        name="dantinox-eqx-prefetch")
+        self._thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make: Callable[[int], Any], start: int, stop: int) -> None:
+        for s in range(start, stop):
+            try:
+                item = (s, make(s), None)
+            except BaseException as e:  # handed to the consumer, which raises it
+                self._put((s, None, e))
+                return
+            if not self._put(item):
+                return
+
+    def get(self, step: int) -> Any:
+        if step >= self.stop:
+            raise IndexError(f"Prefetcher: step {step} is past the last one prepared ({self.stop - 1})")
+        got, value, error = self._queue.get()
+        if error is not None:
+            raise error
+        if got != step:
+            raise RuntimeError(f"Prefetcher: asked for step {step}, the next prepared one is {got}")
+        return value
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------- feeds
+class FusedFeed:
+    """Every device holds the whole split; the compiled step samples its own windows (keys
+    `fold_in(data_key, s)`; evaluation: `split(fold_in(eval_key, s))`)."""
+
+    kind = "fused"
+
+    def __init__(self, splits: Splits, config: Config, mesh: Any, data_key: PRNGKeyArray, eval_key: PRNGKeyArray):
+        self.config, self.data_key, self.eval_key = config, data_key, eval_key
+        self.train_tokens = sharding.replicate(np.asarray(splits.train.array()), mesh)
+        self.val_tokens = sharding.replicate(np.asarray(splits.val.array()), mesh)
+        self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def start(self, step: int, total: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def train_arg(self, step: int) -> Any:
+        return self.train_tokens
+
+    def eval_args(self, step: int) -> tuple[Any, Any]:
+        return self.train_tokens, self.val_tokens
+
+    def train_batch(self, tokens: Any, step: Any) -> Any:  # traced inside the step
+        c = self.config
+        return sample_batch(tokens, jax.random.fold_in(self.data_key, step), c.batch_size, c.max_context,
+                            accum=c.grad_accum)
+
+    def eval_batches(self, args: tuple[Any, Any], step: Any) -> list[Any]:  # traced
+        c = self.config
+        keys = jax.random.split(jax.random.fold_in(self.eval_key, step))
+        return [sample_batch(t, k, c.batch_size, c.max_context, accum=c.eval_iters) for t, k in zip(args, keys)]
+
+
+class HostFeed:
+    """Batches read on the host from the streams (this process's rows only) and placed ahead
+    of the step by a `Prefetcher`; window starts from `draw_starts` (see the module docstring)."""
+
+    kind = "host"
+
+    def __init__(self, splits: Splits, config: Config, mesh: Any, data_key: PRNGKeyArray, eval_key: PRNGKeyArray,
+                 on_read: Callable[[str, int, slice, np.ndarray], None] | None = None, depth: int = 2):
+        self.splits, self.config, self.mesh, self.depth = splits, config, mesh, depth
+        self.data_key, self.eval_key = philox_key(data_key), philox_key(eval_key)
+        self.on_read = on_read
+        self.sharding = sharding.batch_sharding(mesh, 1)
+        self._prefetch: Prefetcher | None = None
+
+    def _read(self, which: str, stream: TokenStream, key: np.ndarray, step: int, stream_id: int, n: int) -> Any:
+        c = self.config
+        starts = draw_starts(key, step, stream_id, (n, c.batch_size), len(stream) - c.max_context)
+        hook = None if self.on_read is None else (lambda rows, s: self.on_read(which, step, rows, s))
+        return global_windows(stream, starts, c.max_context + 1, self.mesh, hook)
+
+    def batch_at(self, step: int) -> Int[Array, "accum batch window"]:
+        """The training batch of `step` (accum, batch, max_context + 1), placed on the mesh."""
+        return self._read("train", self.splits.train, self.data_key, step, TRAIN_STREAM, self.config.grad_accum)
+
+    def start(self, step: int, total: int) -> None:
+        self.close()
+        self._prefetch = Prefetcher(self.batch_at, step, total, self.depth)
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def train_arg(self, step: int) -> Any:
+        return self._prefetch.get(step) if self._prefetch is not None else self.batch_at(step)
+
+    def eval_args(self, step: int) -> tuple[Any, Any]:
+        n = self.config.eval_iters
+        return (self._read("eval_train", self.splits.train, self.eval_key, step, EVAL_TRAIN_STREAM, n),
+                self._read("eval_val", self.splits.val, self.eval_key, step, EVAL_VAL_STREAM, n))
+
+    def train_batch(self, batch: Any, step: Any) -> Any:  # traced: the batch is already made
+        return batch
+
+    def eval_batches(self, args: tuple[Any, Any], step: Any) -> list[Any]:
+        return list(args)
+
+
+def choose_feed(splits: Splits) -> str:
+    """"host" for a prepared dataset or token arrays over FUSED_MAX_BYTES, else "fused". A
+    function of the data only (never of the devices), so a resumed run keeps its feed."""
+    small = splits.train.nbytes + splits.val.nbytes <= FUSED_MAX_BYTES
+    return "fused" if small and not splits.prepared else "host"
+
+
+def make_feed(kind: str, splits: Splits, config: Config, mesh: Any, data_key: PRNGKeyArray,
+              eval_key: PRNGKeyArray) -> FusedFeed | HostFeed:
+    return (FusedFeed if kind == "fused" else HostFeed)(splits, config, mesh, data_key, eval_key)
+
