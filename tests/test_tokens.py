@@ -49,7 +49,7 @@ def test_stream_reads_windows_across_shard_boundaries(prepared: Path, text: str)
     index = tokens.read_index(prepared)
     flat = _concat(prepared)
     assert len(index["shards"]) >= 5 and len(stream) == len(flat) == index["total_tokens"]
-    assert isinstance(stream.parts[0], np.memmap) and not stream.parts[0].flags.writeable
+    assert isinstance(stream.parts[0].base, np.memmap) and not stream.parts[0].flags.writeable  # mapped, read-only
     # every window starting near a boundary, crossing it, and some far from one
     bounds = np.cumsum([s["tokens"] for s in index["shards"]])[:-1]
     starts = np.concatenate([bounds - 3, bounds - 17, bounds, [0, 5, len(flat) - 17]])
