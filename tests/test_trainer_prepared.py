@@ -70,6 +70,24 @@ def test_bits_per_byte_is_loss_over_ln2_times_tokens_per_byte(tmp_path: Path, te
     assert summary["val_bytes"] == round(val_bytes)
 
 
+def test_eval_reports_bits_per_byte_of_the_scored_text(text: str):
+    from dantinox_eqx.evaluate import evaluate
+    from dantinox_eqx.model import Transformer
+    from dantinox_eqx.tokenizer import char_tokenizer
+
+    part = text[:3000]
+    tok = char_tokenizer(part)
+    model = Transformer(tiny(vocab_size=tok.get_vocab_size()), key=jax.random.key(0))
+    for batches in (None, 2):
+        r = evaluate(model, tok, part, batch_size=4, n_batches=batches)
+        if batches is None:  # every character after the first is scored: its bytes exactly
+            assert r.n_bytes == len(part.encode("utf-8")) - len(part[0].encode("utf-8"))
+        else:  # random windows: the text's bytes per token
+            assert r.n_bytes == pytest.approx(r.n_tokens * len(part.encode("utf-8")) / len(part))
+        assert r.n_bytes > 1.1 * r.n_chars
+        assert r.bits_per_byte == pytest.approx(r.loss / math.log(2) * r.n_tokens / r.n_bytes, rel=1e-12)
+
+
 def _live_bytes() -> int:
     return sum(x.nbytes for x in jax.live_arrays())
 
