@@ -16,7 +16,7 @@ from dantinox_eqx import tokens
 from dantinox_eqx.config import Config
 from dantinox_eqx.data import DataError
 
-from .prepared import EOT, char_tokenizer_with_eot, split_docs, write_prepared
+from .prepared import EOT, char_tokenizer_with_eot, split_docs, write_index, write_prepared
 
 WORDS = ["the", "king", "café", "naïve", "— said", "queen", "of", "a", "sword", "ünïcødé", "and", "night"]
 
@@ -49,7 +49,7 @@ def test_stream_reads_windows_across_shard_boundaries(prepared: Path, text: str)
     index = tokens.read_index(prepared)
     flat = _concat(prepared)
     assert len(index["shards"]) >= 5 and len(stream) == len(flat) == index["total_tokens"]
-    assert isinstance(stream.parts[0].base, np.memmap) and not stream.parts[0].flags.writeable  # mapped, read-only
+    assert all(isinstance(p, tokens.ShardFile) for p in stream.parts)
     # every window starting near a boundary, crossing it, and some far from one
     bounds = np.cumsum([s["tokens"] for s in index["shards"]])[:-1]
     starts = np.concatenate([bounds - 3, bounds - 17, bounds, [0, 5, len(flat) - 17]])
@@ -67,6 +67,42 @@ def test_stream_reads_windows_across_shard_boundaries(prepared: Path, text: str)
     eot = tok.token_to_id(EOT)
     assert int((flat == eot).sum()) == index["total_documents"] == len(split_docs(text, 12)) > 10
     assert tok.decode([int(i) for i in flat if i != eot]) == text
+
+
+def _mapped_shard_kb() -> int:
+    """Resident kB of this process's mappings of shard files (/proc/self/smaps)."""
+    total, name = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:  # a mapping's header line: address range ... path
+            name = line.split()[-1] if len(line.split()) >= 6 else ""
+        elif line.startswith("Rss:") and "shard_" in name:
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_reading_windows_maps_no_shard_memory_into_the_process(tmp_path: Path):
+    """Shards are read with pread: the pages stay in the page cache, none count as the
+    process's resident memory (a memory map would count every page it touches, and more)."""
+    ids = np.random.default_rng(0).integers(0, 60, 4_000_000).astype(np.uint16)
+    out = tmp_path / "big"
+    out.mkdir()
+    ids.tofile(out / "shard_00000.bin")
+    tok = char_tokenizer_with_eot("".join(chr(48 + i) for i in range(60)))
+    write_index(out, [{"file": "shard_00000.bin", "tokens": len(ids), "documents": 1, "bytes": len(ids)}], tok)
+    stream, _ = tokens.open_prepared(out)
+    key = tokens.philox_key(jax.random.key(0))
+    for s in range(100):
+        batch = tokens.read_batch(stream, key, s, 0, (1, 12), 64)
+    starts = tokens.draw_starts(key, 99, 0, (1, 12), len(ids) - 64)
+    np.testing.assert_array_equal(batch[0], ids[starts[0, :, None] + np.arange(65)])
+    assert _mapped_shard_kb() == 0
+    mapped = np.memmap(out / "shard_00000.bin", np.uint16, mode="r")  # what a memory map costs
+    for s in range(100):
+        tokens.TokenStream([mapped], [0.0]).read(tokens.draw_starts(key, s, 0, (12,), len(ids) - 64), 65)
+    print(f"\n[1200 windows of 65 tokens from an 8 MB shard] memory map: {_mapped_shard_kb()} kB resident; pread: 0")
+    assert _mapped_shard_kb() > 1200 * 4 / 2  # at least half a page per window (the kernel maps more)
 
 
 def test_bytes_prorated_by_tokens_within_a_shard(prepared: Path, text: str):

@@ -1,4 +1,4 @@
-"""Token streams for training: prepared datasets (memory-mapped shards) and the batch feeds.
+"""Token streams for training: prepared datasets (shards of token ids) and the batch feeds.
 
 A prepared dataset is a directory written by `dantinox-eqx prepare`:
 
@@ -9,11 +9,10 @@ A prepared dataset is a directory written by `dantinox-eqx prepare`:
     DIR/tokenizer.json   the tokenizer that made the ids
     DIR/shard_NNNNN.bin  raw little-endian ids of `dtype`, no header (np.memmap-able)
 
-The token stream is the shards concatenated in order. `open_splits` memory-maps them read-only
-(nothing is read until a window is: host memory stays O(batch) whatever the corpus size) and
-splits the stream: validation is its last `val_fraction` (global token index), or a separate
-`val_path` (a prepared directory or a text file). A raw text file keeps `data.prepare_data`'s
-path (a cached `.tokens.npy`) and is wrapped in the same `Splits`.
+The token stream is the shards concatenated in order. `open_splits` opens them read-only and
+splits the stream (nothing is read until a window is): validation is its last `val_fraction`
+(global token index), or a separate `val_path` (a prepared directory or a text file). A raw
+text file keeps `data.prepare_data`'s path (a cached `.tokens.npy`), wrapped in the same `Splits`.
 
 Two feeds turn a split into the batches of step s (`make_feed`; `choose_feed` picks one):
 
@@ -23,10 +22,17 @@ Two feeds turn a split into the batches of step s (`make_feed`; `choose_feed` pi
 - host: window starts are drawn on the host with a counter-based RNG (Philox keyed by the JAX
   key's data, counter = (0, 0, s, stream)), so the batch of step s is a pure function of
   (seed, s): resume stays exact. Each process reads only the rows of the global batch that its
-  own devices hold (`distributed.local_rows`), from the memory maps, and a background thread
+  own devices hold (`distributed.local_rows`), from the shard files, and a background thread
   reads and places the batches of the next steps (depth 2) while the device computes.
   Device memory O(batch). Used for every prepared dataset and for token arrays over
   FUSED_MAX_BYTES.
+
+Shards are read with positional reads (`os.pread`, one per window), not memory-mapped: a
+memory map counts every page it touches as resident memory of the process, and the kernel
+maps whole page-cache folios per fault; measured here, 1200 random 65-token windows of a
+400 MB shard set made 348 MB resident (RSS then grows towards the corpus size as training
+samples it). Read with pread the pages stay in the page cache (the kernel's, reclaimable)
+and the process's memory is O(batch) whatever the corpus size (benchmarks/README.md).
 
 Bits per byte: `loss / ln 2 * tokens / bytes` of a split. A prepared split's bytes come from
 index.json's per-shard `bytes`, prorated by tokens where a split cuts a shard; a raw text
@@ -56,10 +62,10 @@ from . import tokenizer as tk
 from .config import Config
 from .data import DataError, encode_corpus, prepare_data, read_corpus, sample_batch
 
-__all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "TokenStream", "Splits", "is_prepared",
-           "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes", "philox_key",
-           "draw_starts", "read_batch", "global_windows", "Prefetcher", "FusedFeed", "HostFeed", "choose_feed",
-           "make_feed"]
+__all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
+           "is_prepared", "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes",
+           "philox_key", "draw_starts", "read_batch", "global_windows", "Prefetcher", "FusedFeed", "HostFeed",
+           "choose_feed", "make_feed"]
 
 INDEX_FILE = "index.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -77,15 +83,46 @@ TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
 
 
 # --------------------------------------------------------------------------- token streams
+class ShardFile:
+    """A shard of token ids on disk (raw little-endian `dtype`, `size` tokens), read with
+    positional reads: `shard[a:b]` and `windows(starts, length)` (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, dtype: Any, size: int):
+        self.path, self.dtype, self.size = Path(path), np.dtype(dtype).newbyteorder("<"), int(size)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # random windows: readahead would only waste reads
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Tokens `[start, start + length)` for each start (within the shard), (n, length)."""
+        k = self.dtype.itemsize
+        buf = b"".join(os.pread(self._fd, length * k, int(a) * k) for a in starts)
+        if len(buf) != len(starts) * length * k:
+            raise DataError(f"data_path: shard {str(self.path)!r} is shorter than its {self.size} tokens (was it "
+                            "changed while training?); prepare the dataset again")
+        return np.frombuffer(buf, self.dtype).reshape(len(starts), length)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        a, b, _ = key.indices(self.size)
+        return self.windows(np.array([a]), max(b - a, 0))[0]
+
+
 class TokenStream:
-    """Tokens `[lo, hi)` of the concatenation of `parts` (1-D integer arrays: memory-mapped
-    shards or an in-memory array), read-only. `part_bytes[i]` is the UTF-8 bytes of the text
+    """Tokens `[lo, hi)` of the concatenation of `parts` (1-D token arrays in memory, or
+    `ShardFile`s), read-only. `part_bytes[i]` is the UTF-8 bytes of the text
     behind part i (for bits per byte). `view` slices without copying."""
 
-    def __init__(self, parts: Sequence[np.ndarray], part_bytes: Sequence[float] | np.ndarray, lo: int = 0,
+    def __init__(self, parts: Sequence[np.ndarray | ShardFile], part_bytes: Sequence[float] | np.ndarray, lo: int = 0,
                  hi: int | None = None):
         # Plain ndarray views of memory maps: indexing an np.memmap costs ~1 us more per call.
-        self.parts = tuple(np.asarray(p) for p in parts)
+        self.parts = tuple(p if isinstance(p, ShardFile) else np.asarray(p) for p in parts)
         self.sizes = np.array([len(p) for p in self.parts], np.int64)
         self.bounds = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.part_bytes = np.asarray(part_bytes, np.float64)
@@ -99,6 +136,12 @@ class TokenStream:
     def view(self, lo: int, hi: int) -> TokenStream:
         """Tokens `[lo, hi)` of this stream (indices relative to it)."""
         return TokenStream(self.parts, self.part_bytes, self.lo + int(lo), self.lo + int(hi))
+
+    @staticmethod
+    def _windows(part: np.ndarray | ShardFile, starts: np.ndarray, length: int) -> np.ndarray:
+        if isinstance(part, ShardFile):
+            return part.windows(starts, length)
+        return part[starts[:, None] + np.arange(length)]
 
     @property
     def n_bytes(self) -> float:
@@ -117,7 +160,7 @@ class TokenStream:
         return (self.parts[0].dtype.itemsize if self.parts else 0) * len(self)
 
     def array(self) -> np.ndarray:
-        """The tokens as one array: a view when they lie in one part, else a copy."""
+        """The tokens as one array: a view when they lie in one in-memory part, else read."""
         spans = [(p, a, max(a, self.lo), min(b, self.hi)) for p, a, b in zip(self.parts, self.bounds, self.bounds[1:])]
         pieces = [p[lo - a: hi - a] for p, a, lo, hi in spans if lo < hi]
         if len(pieces) == 1:
@@ -135,13 +178,12 @@ class TokenStream:
         part = np.searchsorted(self.bounds, pos, side="right") - 1
         local = pos - self.bounds[part]
         inside = local + length <= self.sizes[part]
-        offsets = np.arange(length)
-        if len(pos) and inside.all() and (part == part[0]).all():  # the common case: one fancy index
-            return self.parts[part[0]][local[:, None] + offsets].astype(np.int32)
+        if len(pos) and inside.all() and (part == part[0]).all():  # the common case: one part
+            return self._windows(self.parts[part[0]], local, length).astype(np.int32)
         out = np.empty((len(starts), length), np.int32)
-        for p in np.unique(part[inside]):  # one fancy index per part for the windows inside it
+        for p in np.unique(part[inside]):  # one read per part for the windows inside it
             rows = np.flatnonzero(inside & (part == p))
-            out[rows] = self.parts[p][local[rows, None] + offsets]
+            out[rows] = self._windows(self.parts[p], local[rows], length)
         for r in np.flatnonzero(~inside):  # the rare window across a shard boundary
             got, at, p = 0, int(local[r]), int(part[r])
             while got < length:
@@ -229,12 +271,12 @@ def read_index(path: str | os.PathLike, field: str = "data_path") -> dict[str, A
 
 
 def open_prepared(path: str | os.PathLike, field: str = "data_path") -> tuple[TokenStream, Tokenizer]:
-    """The whole token stream of a prepared dataset (memory-mapped, read-only) and its tokenizer."""
+    """The whole token stream of a prepared dataset (shard files opened read-only) and its tokenizer."""
     path = Path(path)
     index = read_index(path, field)
     dtype = DTYPES[index["dtype"]]
-    shards = [s for s in index["shards"] if int(s["tokens"]) > 0]  # mmap cannot map an empty file
-    parts = [np.memmap(path / s["file"], dtype=dtype, mode="r", shape=(int(s["tokens"]),)) for s in shards]
+    shards = [s for s in index["shards"] if int(s["tokens"]) > 0]
+    parts = [ShardFile(path / s["file"], dtype, int(s["tokens"])) for s in shards]
     stream = TokenStream(parts, [float(s["bytes"]) for s in shards])
     return stream, tk.load_tokenizer(path / TOKENIZER_FILE)
 
