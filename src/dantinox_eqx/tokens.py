@@ -72,10 +72,11 @@ TOKENIZER_FILE = "tokenizer.json"
 FORMAT, VERSION = "dantinox-eqx-tokens", 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # Token arrays (train + val) up to this size use the fused feed, larger ones the host feed.
-# Measured on the baby shape (benchmarks/loader.py, benchmarks/README.md): the two feeds are
-# equally fast on CPU, so the bound is set by device memory, which the fused feed spends on a
-# replica of the corpus on every device: 64 MiB (32M uint16 tokens) is negligible on any
-# accelerator and covers the corpora this library used to handle at all.
+# Measured (benchmarks/loader.py, benchmarks/README.md): on the baby shape the two feeds are
+# level (host / fused 0.96 wall, 1.03 CPU); on sub-millisecond steps the host feed's ~0.1 ms
+# per batch costs 1.5x the CPU, so small corpora keep the fused one. The bound is then device
+# memory, which the fused feed spends on a replica of the corpus on every device: 64 MiB (32M
+# uint16 tokens) is negligible on any accelerator.
 FUSED_MAX_BYTES = 64 * 2**20
 # Philox counter streams of the host feed (the counter's 4th word), so that the windows of
 # training and of the two evaluation splits never share random numbers.
