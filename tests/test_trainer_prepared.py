@@ -70,6 +70,21 @@ def test_bits_per_byte_is_loss_over_ln2_times_tokens_per_byte(tmp_path: Path, te
     assert summary["val_bytes"] == round(val_bytes)
 
 
+def test_val_path_and_find_lr_on_a_prepared_dataset(tmp_path: Path, text: str, prepared: Path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(text[:5000], encoding="utf-8")  # encoded with the prepared tokenizer
+    config = tiny(max_steps=2, eval_interval=2, val_path=str(held_out))
+    run = Trainer(config, progress=False).fit(prepared, run_dir=tmp_path / "run")
+    data = json.loads((run / "model_summary.json").read_text())["data"]
+    index = json.loads((prepared / "index.json").read_text())
+    assert data["train_tokens"] == index["total_tokens"] and data["val_tokens"] == 5000  # all of it trains
+    assert data["val_bytes"] == len(text[:5000].encode("utf-8"))
+    assert Config.from_yaml(run / "config.yaml").val_path == str(held_out.resolve())
+    suggested, lrs, losses = Trainer(tiny()).find_lr(prepared, 1e-4, 1e-1, 6)  # batches read on the host
+    assert len(lrs) == len(losses) == 6 and 1e-4 <= suggested <= 1e-1 * (1 + 1e-6)  # float32 schedule
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+
 def test_eval_reports_bits_per_byte_of_the_scored_text(text: str):
     from dantinox_eqx.evaluate import evaluate
     from dantinox_eqx.model import Transformer
