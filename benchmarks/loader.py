@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import BABY, RESULTS, machine_name  # noqa: E402
-from tests.prepared import write_index  # noqa: E402
+from tests.prepared import write_ids  # noqa: E402
 
 from dantinox_eqx import sharding, tokens  # noqa: E402
 from dantinox_eqx.config import Config, atomic_write_text  # noqa: E402
@@ -49,25 +49,10 @@ from dantinox_eqx.hostmem import keep_freed_memory  # noqa: E402
 from dantinox_eqx.model import Transformer  # noqa: E402
 from dantinox_eqx.optim import make_optimizer  # noqa: E402
 from dantinox_eqx.step import init_opt_state, make_train_step  # noqa: E402
-from dantinox_eqx.tokenizer import char_tokenizer  # noqa: E402
 
 SHARD_TOKENS = 1 << 18
 # The tests' tiny model (sub-millisecond steps): where a per-step host cost shows most.
 TINY = dict(BABY, dim=32, n_heads=4, head_size=8, num_blocks=2, max_context=16, batch_size=4, expansion=2)
-
-
-def write_dataset(out: Path, ids: np.ndarray) -> Path:
-    """`ids` as a prepared dataset directory (the format of tokens.py)."""
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for i, a in enumerate(range(0, len(ids), SHARD_TOKENS)):
-        name = f"shard_{i:05d}.bin"
-        part = ids[a:a + SHARD_TOKENS]
-        part.tofile(out / name)
-        shards.append({"file": name, "tokens": len(part), "documents": 1, "bytes": len(part)})
-    tok = char_tokenizer("".join(chr(33 + i) for i in range(int(ids.max()) + 1)))
-    tok.add_special_tokens(["<|endoftext|>"])
-    return write_index(out, shards, tok)
 
 
 def build(feed_kind: str, splits: tokens.Splits, cfg: Config, mesh, root):
@@ -134,7 +119,7 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size - 1, args.tokens).astype(np.uint16)
     mesh, root = sharding.make_mesh(1), jax.random.key(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = tokens.open_splits(write_dataset(Path(tmp) / "ds", ids), cfg)
+        prepared = tokens.open_splits(write_ids(Path(tmp) / "ds", ids, SHARD_TOKENS), cfg)
         raw = tokens.Splits(tokens.TokenStream([ids[:len(prepared.train)]], [0.0]),
                             tokens.TokenStream([ids[len(prepared.train):]], [0.0]), prepared.tokenizer)
         benches = [build("fused", raw, cfg, mesh, root), build("host", prepared, cfg, mesh, root)]

@@ -73,6 +73,18 @@ def write_prepared(out: Path, docs: list[str], tok: Tokenizer, shard_tokens: int
     return write_index(out, shards, tok)
 
 
+def write_ids(out: Path, ids: np.ndarray, shard_tokens: int = 1 << 27) -> Path:
+    """Token ids (e.g. random ones) as a prepared dataset: shards of `shard_tokens`, one
+    "document" each, one byte per token, with a char tokenizer of max(ids) + 1 symbols."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for i, a in enumerate(range(0, len(ids), shard_tokens)):
+        name, part = f"shard_{i:05d}.bin", ids[a:a + shard_tokens]
+        part.astype(np.uint16).tofile(out / name)
+        shards.append({"file": name, "tokens": len(part), "documents": 1, "bytes": len(part)})
+    return write_index(out, shards, char_tokenizer_with_eot("".join(chr(0x100 + i) for i in range(int(ids.max()) + 1))))
+
+
 def split_docs(text: str, n: int) -> list[str]:
     """`text` cut into `n` documents at line ends (roughly equal sizes)."""
     lines = text.splitlines(keepends=True)

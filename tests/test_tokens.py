@@ -16,7 +16,7 @@ from dantinox_eqx import tokens
 from dantinox_eqx.config import Config
 from dantinox_eqx.data import DataError
 
-from .prepared import EOT, char_tokenizer_with_eot, split_docs, write_index, write_prepared
+from .prepared import EOT, char_tokenizer_with_eot, split_docs, write_ids, write_prepared
 
 WORDS = ["the", "king", "café", "naïve", "— said", "queen", "of", "a", "sword", "ünïcødé", "and", "night"]
 
@@ -86,11 +86,7 @@ def test_reading_windows_maps_no_shard_memory_into_the_process(tmp_path: Path):
     """Shards are read with pread: the pages stay in the page cache, none count as the
     process's resident memory (a memory map would count every page it touches, and more)."""
     ids = np.random.default_rng(0).integers(0, 60, 4_000_000).astype(np.uint16)
-    out = tmp_path / "big"
-    out.mkdir()
-    ids.tofile(out / "shard_00000.bin")
-    tok = char_tokenizer_with_eot("".join(chr(48 + i) for i in range(60)))
-    write_index(out, [{"file": "shard_00000.bin", "tokens": len(ids), "documents": 1, "bytes": len(ids)}], tok)
+    out = write_ids(tmp_path / "big", ids)
     stream, _ = tokens.open_prepared(out)
     key = tokens.philox_key(jax.random.key(0))
     for s in range(100):

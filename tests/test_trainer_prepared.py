@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,12 @@ from dantinox_eqx import checkpoint as ckpt
 from dantinox_eqx import tokens
 from dantinox_eqx.config import Config
 from dantinox_eqx.data import DataError
-from dantinox_eqx.trainer import CURSOR_FILE, Trainer, read_log
+from dantinox_eqx.trainer import Trainer, read_log
 
-from .prepared import char_tokenizer_with_eot, split_docs, write_index, write_prepared
+from .prepared import char_tokenizer_with_eot, split_docs, write_ids, write_prepared
 from .procs import device_env, free_port
 from .test_tokens import synthetic_text
-from .test_trainer import EXACT, EXE, _env, _leaves, _params_like, _wait_for_cursor, tiny
+from .test_trainer import EXACT, EXE, _env, _leaves, _params_like, _train_and_kill, tiny
 from .test_trainer_distributed import CFG, TIMEOUT_S, _same_curve
 
 HERE = Path(__file__).parent
@@ -112,11 +111,7 @@ def test_device_memory_is_O_batch_with_the_host_feed(tmp_path: Path, feed: str, 
     """Bytes of every live device array, measured at each evaluation: the host feed holds the
     model, its optimizer state and a few batches; the fused feed also the corpus (8 MB)."""
     ids = np.random.default_rng(0).integers(0, 60, 4_000_000).astype(np.uint16)
-    out = tmp_path / "big"
-    out.mkdir()
-    ids.tofile(out / "shard_00000.bin")
-    tok = char_tokenizer_with_eot("".join(chr(48 + i) for i in range(60)))
-    write_index(out, [{"file": "shard_00000.bin", "tokens": len(ids), "documents": 1, "bytes": len(ids)}], tok)
+    out = write_ids(tmp_path / "big", ids)
     monkeypatch.setattr(tokens, "choose_feed", lambda splits: feed)
     seen: list[int] = []
     before = _live_bytes()  # arrays other tests left alive in this process
@@ -150,17 +145,8 @@ def test_a_prepared_dataset_of_another_tokenizer_exits_2_naming_the_files(tmp_pa
 def test_resume_after_sigkill_on_a_prepared_dataset_gives_identical_rows(tmp_path: Path, text: str,
                                                                         prepared: Path):
     config = tiny(max_steps=60, eval_interval=10, dropout_rate=0.1)
-    cfg_file = tmp_path / "cfg.yaml"
-    config.to_yaml(cfg_file)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([str(EXE), "train", "--config", str(cfg_file), "--data_path", str(prepared),
-                             "--run_dir", str(killed)], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _wait_for_cursor(proc, killed / CURSOR_FILE, 30)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = ckpt.latest_step(killed, ckpt.LATEST)
-    assert 30 <= resumed_from < 60  # killed mid-run, not after finishing
+    assert 30 <= _train_and_kill(tmp_path, config, prepared, killed, 30) < 60  # killed mid-run
 
     Trainer(config, progress=False).fit(None, run_dir=killed, resume=True)  # data_path from the cursor
     reference = Trainer(config, progress=False).fit(prepared, run_dir=tmp_path / "reference")
