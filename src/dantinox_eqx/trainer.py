@@ -396,8 +396,8 @@ class Trainer:
             resume: bool = False) -> Path:
         """Train, writing the run directory; returns its path. See the module docstring.
 
-        - data_path: a UTF-8 text file; None = the default Shakespeare corpus (`corpus.py`), or
-          on resume the corpus the run was trained on.
+        - data_path: a UTF-8 text file or a prepared dataset directory (tokens.py); None = the
+          default Shakespeare corpus (`corpus.py`), or on resume the data the run was trained on.
         - run_dir: None = runs/run_YYYYMMDD_HHMMSS. A non-empty run_dir needs resume=True.
         - resume: continue from the latest checkpoint (exactly: same rows as never stopping).
         Raises ConfigError/DataError/FileExistsError/CheckpointError before writing anything,
