@@ -73,7 +73,7 @@ FORMAT, VERSION = "dantinox-eqx-tokens", 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # Token arrays (train + val) up to this size use the fused feed, larger ones the host feed.
 # Measured (benchmarks/loader.py, benchmarks/README.md): on the baby shape the two feeds are
-# level (host / fused 0.96 wall, 1.03 CPU); on sub-millisecond steps the host feed's ~0.1 ms
+# level (host / fused 0.93-0.97 wall, 1.00-1.03 CPU); on sub-millisecond steps the host feed's ~0.1 ms
 # per batch costs 1.5x the CPU, so small corpora keep the fused one. The bound is then device
 # memory, which the fused feed spends on a replica of the corpus on every device: 64 MiB (32M
 # uint16 tokens) is negligible on any accelerator.
