@@ -63,7 +63,7 @@ from .config import Config
 from .data import DataError, encode_corpus, prepare_data, read_corpus, sample_batch
 
 __all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
-           "is_prepared", "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes",
+           "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes",
            "philox_key", "draw_starts", "read_batch", "global_windows", "Prefetcher", "FusedFeed", "HostFeed",
            "choose_feed", "make_feed"]
 
@@ -213,16 +213,15 @@ class Splits:
         return {"source": "prepared" if self.prepared else "text", "feed": feed,
                 "train_tokens": len(self.train), "val_tokens": len(self.val),
                 "train_bytes": round(self.train.n_bytes), "val_bytes": round(self.val.n_bytes),
-                "train_bytes_per_token": round(1 / self.train.tokens_per_byte, 4),
-                "val_bytes_per_token": round(1 / self.val.tokens_per_byte, 4)}
+                "train_bytes_per_token": _ratio(self.train.n_bytes, len(self.train)),
+                "val_bytes_per_token": _ratio(self.val.n_bytes, len(self.val))}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b else None  # JSON has no NaN
 
 
 # --------------------------------------------------------------------------- prepared directories
-def is_prepared(path: str | os.PathLike) -> bool:
-    """True for a directory holding a prepared dataset's index.json."""
-    return Path(path).is_dir() and (Path(path) / INDEX_FILE).is_file()
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
