@@ -217,7 +217,7 @@ class Splits:
                 "val_bytes_per_token": _ratio(self.val.n_bytes, len(self.val))}
 
 
-def _ratio(a: float, b: float) -> float | None:
+def _ratio(a: float, b: int) -> float | None:
     return round(a / b, 4) if b else None  # JSON has no NaN
 
 
