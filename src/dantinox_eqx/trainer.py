@@ -578,7 +578,7 @@ class _Loop:
         # issue 14: the feed makes the batches (tokens.py). "fused": the corpus is placed whole
         # on every device and sampling is fused into the compiled step and evaluation (one
         # dispatch per step; the batch never exists on the host). "host": each process reads
-        # its own rows of each batch from the memory-mapped tokens, placed ahead of the step
+        # its own rows of each batch from the token shards (pread), placed ahead of the step
         # by a background thread (device memory O(batch)). Either way the batch of step s is a
         # pure function of the root key and s. The sharded wrappers (built in `run`, from the
         # placed arrays' shardings) jit the step with the mesh in context, donate params and
