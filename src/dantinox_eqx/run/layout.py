@@ -38,14 +38,14 @@ CHECKPOINTS_DIR = "checkpoints"
 DEFAULT_LOG_FILE = "training_log.csv"  # config.log_file's default
 
 LOG_COLUMNS = ("step", "train_loss", "val_loss", "train_bal", "val_bal", "lr", "ms_per_step",
-               "tokens_per_s")
+               "tokens_per_s", "train_bpb", "val_bpb")  # bpb: bits per UTF-8 byte of text
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a training_log.csv as dicts of floats (`step` as an int)."""
     with open(path, newline="", encoding="utf-8") as f:
-        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]  # empty cells: columns added after the row was written
 
 
 def write_log(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
@@ -59,7 +59,7 @@ def write_log(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: repr(row[k]) if isinstance(row[k], float) else row[k] for k in LOG_COLUMNS})
+        writer.writerow({k: repr(row[k]) if isinstance(row.get(k), float) else row.get(k, "") for k in LOG_COLUMNS})
     atomic_write_text(path, buf.getvalue())
 
 

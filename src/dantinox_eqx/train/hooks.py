@@ -151,18 +151,19 @@ class ProgressBar(Hook):
 
 
 class Evaluate(Hook):
-    """Losses on `eval_iters` batches of each split, the log row (appended to `rows`, the log
-    rewritten), the best checkpoint when val_loss improved, and early stopping (`patience`).
+    """Losses (and bits per byte) on `eval_iters` batches of each split, the log row (appended to
+    `rows`, the log rewritten), the best checkpoint when val_loss improved, early stopping.
 
     `evaluate(params, step)` -> (train metrics, val metrics, params finite, MoE expert counts).
     """
 
     def __init__(self, config: Config, evaluate: Callable, schedule: Callable, clock: Clock,
                  checkpointer: Checkpointer, rows: list[dict[str, Any]], log_path: Path, *,
-                 primary: bool, experts: Any = None):
+                 primary: bool, bits_per_nat: dict[str, float], experts: Any = None):
         self.every, self.patience, self.tokens_per_step = config.eval_interval, config.patience, config.tokens_per_step
         self.evaluate, self.schedule, self.clock, self.checkpointer = evaluate, schedule, clock, checkpointer
         self.rows, self.log_path, self.primary, self.experts = rows, log_path, primary, experts
+        self.bits_per_nat = bits_per_nat  # per split: tokens per byte / ln 2 (loss -> bits per byte)
 
     def __call__(self, state: TrainState, event: StepEvent) -> TrainState:
         step = event.step
@@ -170,7 +171,9 @@ class Evaluate(Hook):
         ms = self.clock.ms_per_step(step)
         tr, va, finite, counts = jax.device_get(self.evaluate(state.params, step))
         losses = {"train_loss": float(tr["loss"]), "val_loss": float(va["loss"]),
-                  "train_bal": float(tr["bal"]), "val_bal": float(va["bal"])}
+                  "train_bal": float(tr["bal"]), "val_bal": float(va["bal"]),
+                  "train_bpb": float(tr["loss"]) * self.bits_per_nat["train"],
+                  "val_bpb": float(va["loss"]) * self.bits_per_nat["val"]}
         self.checkpointer.check_finite(step, state.params, {"step_loss": float(event.metrics["loss"]), **losses},
                                        bool(finite))
         row = {"step": step, **losses, "lr": float(self.schedule(step - 1)), "ms_per_step": ms,

@@ -12,7 +12,8 @@ import jax
 from ..config import Config, ConfigError
 from ..data import tokenizer as tk
 from ..data.corpus import cache_dir, default_corpus_path
-from ..data.sampling import DataError, Dataset, prepare_data
+from ..data.sampling import DataError
+from ..data.tokens import Splits, open_splits
 from ..lora import has_lora, lora_trainable
 from ..model import Transformer
 from ..run import finetune
@@ -22,43 +23,42 @@ __all__ = ["training_data", "resolve_vocab", "initial_model", "trainable_mask"]
 
 
 def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
-                  resume: bool) -> tuple[Path, Dataset]:
-    """(the corpus path, its prepared dataset). The tokenizer is the run's own on resume, then
-    `tokenizer_path`, then a fine-tune's base run's, else trained on the corpus. `data_path`
-    None = on resume the corpus recorded in the cursor, else the default corpus."""
+                  resume: bool) -> tuple[Path, Splits]:
+    """(the data path, its train/val `Splits`). `data_path`: a UTF-8 text file or a prepared
+    dataset directory (data/tokens.py); None = on resume the data recorded in the cursor, else
+    the default corpus. The tokenizer is the run's own on resume, then `tokenizer_path`, then a
+    fine-tune's base run's (a prepared dataset must have been made with it), else the prepared
+    dataset's or one trained on the text."""
     if data_path is None and resume:
         recorded = read_cursor(run_dir).get("data_path")
-        if recorded and Path(recorded).is_file():
+        if recorded and Path(recorded).exists():  # a text file or a prepared directory
             data_path = recorded
     path = Path(data_path) if data_path is not None else default_corpus_path()
+    tokenizer_file = None  # the file of a fixed tokenizer, named when a prepared dataset differs
     if resume:
-        tokenizer = tk.load_tokenizer(run_dir / TOKENIZER_FILE)
+        tokenizer_file = run_dir / TOKENIZER_FILE
     elif config.tokenizer_path:
-        tokenizer = tk.load_tokenizer(config.tokenizer_path)
+        tokenizer_file = Path(config.tokenizer_path)
     elif config.init_from:  # a fine-tune keeps its base's tokenizer (never retrained)
-        base_tokenizer = finetune.base_dir(config.init_from) / TOKENIZER_FILE
-        if not base_tokenizer.is_file():
+        tokenizer_file = finetune.base_dir(config.init_from) / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
             raise ConfigError(f"init_from: {str(config.init_from)!r} has no {TOKENIZER_FILE}; pass the "
                               "directory of a finished `dantinox-eqx train` run")
-        tokenizer = tk.load_tokenizer(base_tokenizer)
     elif config.use_lora:
         raise ConfigError("use_lora: a LoRA fine-tune keeps its base model's tokenizer: set init_from to the "
                           "base run directory (CLI: --init_from RUN_DIR), or with model= set tokenizer_path "
                           "to the model's tokenizer.json")
-    else:
-        tokenizer = None
+    tokenizer = tk.load_tokenizer(tokenizer_file) if tokenizer_file is not None else None
     try:
-        dataset = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
-                               val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
-                               bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer,
-                               cache_dir=cache_dir(), unknown_chars=config.unknown_chars)
+        dataset = open_splits(path, config, tokenizer, None if tokenizer_file is None else repr(str(tokenizer_file)),
+                              cache_dir=cache_dir())
     except DataError as e:
         if tokenizer is None or "outside the char vocabulary" not in str(e):
             raise
         source = ("the run" if resume else "tokenizer_path" if config.tokenizer_path
                   else f"the base run {str(config.init_from)!r}")
         raise DataError(f"{e}; the tokenizer comes from {source} and a char vocabulary cannot grow: "
-                        "remove those characters from the corpus") from None
+                        "remove those characters from the corpus, or set unknown_chars: drop") from None
     return path, dataset
 
 

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config, ConfigError
+from ..data.feeds import choose_feed, philox_key, read_batch
 from ..data.sampling import Dataset, prepare_data, sample_batch
+from ..data.tokens import TRAIN_STREAM, Splits
 from ..model import Transformer
 from .optim import make_optimizer
 from .step import init_opt_state, make_train_step
@@ -93,10 +95,10 @@ def _check_args(min_lr: float, max_lr: float, num_steps: int, smoothing: float, 
         raise ConfigError(f"diverge_factor: must be greater than 1, got {diverge_factor}")
 
 
-def find_lr(config: Config, data: Dataset, min_lr: float = 1e-6, max_lr: float = 1e-2, num_steps: int = 100,
+def find_lr(config: Config, data: Dataset | Splits, min_lr: float = 1e-6, max_lr: float = 1e-2, num_steps: int = 100,
             *, smoothing: float = 0.98, diverge_factor: float = 4.0, model: Transformer | None = None,
             trainable: Any = None) -> tuple[float, list[float], list[float]]:
-    """Run the range test on `data` (a `prepare_data` Dataset) with a fresh model of `config`
+    """Run the range test on `data` (a `prepare_data` Dataset, or `tokens.Splits`) with a fresh model of `config`
     (or a copy of `model`, e.g. pretrained weights to fine-tune; `trainable` is the bool pytree
     of `make_train_step`, e.g. LoRA's, to test only those leaves). The caller's model is not
     changed: the test updates its own copy of the arrays.
@@ -122,13 +124,12 @@ def find_lr(config: Config, data: Dataset, min_lr: float = 1e-6, max_lr: float =
     optimizer = make_optimizer(config, num_steps, schedule=schedule)
     opt_state = init_opt_state(optimizer, params, trainable)
     step = make_train_step(static, optimizer, alpha_balance=config.alpha_balance, trainable=trainable)
-    train = jnp.asarray(data.train)
+    batch_of = _batches(config, data, data_key)
 
     lrs, smoothed = [], []
     avg, best = 0.0, math.inf
     for s in range(num_steps):
-        batch = sample_batch(train, jax.random.fold_in(data_key, s), config.batch_size, config.max_context,
-                             config.grad_accum)
+        batch = batch_of(s)
         params, opt_state, metrics = step(params, opt_state, batch, jax.random.fold_in(step_key, s))
         loss = float(metrics["loss"])  # one host sync per step: the stop rule needs the value now
         if not math.isfinite(loss):
@@ -146,6 +147,18 @@ def find_lr(config: Config, data: Dataset, min_lr: float = 1e-6, max_lr: float =
     diverged = len(lrs) < num_steps
     suggested = steepest_descent(lrs, smoothed, skip_end=1 if diverged else 0)
     return suggested, lrs, smoothed
+
+
+def _batches(config: Config, data: Dataset | Splits, data_key: Any) -> Any:
+    """`step -> batch` as training draws them: sampled on the device from the whole array, or
+    (issue 14: a prepared dataset, or tokens over FUSED_MAX_BYTES) read on the host."""
+    shape = (config.grad_accum, config.batch_size)
+    if isinstance(data, Splits) and choose_feed(data) == "host":
+        key = philox_key(data_key)
+        return lambda s: jnp.asarray(read_batch(data.train, key, s, TRAIN_STREAM, shape, config.max_context))
+    train = jnp.asarray(data.train.array() if isinstance(data, Splits) else data.train)
+    return lambda s: sample_batch(train, jax.random.fold_in(data_key, s), config.batch_size, config.max_context,
+                                  config.grad_accum)
 
 
 def prepare_config_data(config: Config, data_path: str | os.PathLike) -> Dataset:

@@ -85,7 +85,8 @@ class Progress:
         if self.quiet:
             return
         line = (f"step {row['step']}/{total} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
-                f" | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step | {row['tokens_per_s']:.0f} tok/s")
+                f" ({row['val_bpb']:.4f} bits/byte) | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step"
+                f" | {row['tokens_per_s']:.0f} tok/s")
         if self.bar is not None:
             self.bar.update(self.task, loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}",
                             tps=f"{row['tokens_per_s']:.0f}")

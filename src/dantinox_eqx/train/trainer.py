@@ -19,6 +19,7 @@ restored collectively by every process. A checkpoint resumes on any device count
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from ..config import Config, ConfigError
+from ..data import feeds
 from ..data import tokenizer as tk
+from ..data.tokens import Splits
 from ..files import atomic_write_text
 from ..hostmem import keep_freed_memory
 from ..lora import has_lora, lora_summary
@@ -92,8 +95,9 @@ class Trainer:
             resume: bool = False) -> Path:
         """Train, writing the run directory; returns its path. See the module docstring.
 
-        - data_path: a UTF-8 text file; None = the default Shakespeare corpus (`corpus.py`), or
-          on resume the corpus the run was trained on.
+        - data_path: a UTF-8 text file or a prepared dataset directory (`dantinox-eqx prepare`);
+          None = the default Shakespeare corpus (`data/corpus.py`), or on resume the data the
+          run was trained on.
         - run_dir: None = runs/run_YYYYMMDD_HHMMSS. A non-empty run_dir needs resume=True.
         - resume: continue from the latest checkpoint (exactly: same rows as never stopping).
         Raises ConfigError/DataError/FileExistsError/CheckpointError before writing anything,
@@ -108,6 +112,8 @@ class Trainer:
         config = resolve_vocab(config, dataset.vocab_size)
         if config.init_from:  # recorded absolute: resume and loading work from any directory
             config = config.replace(init_from=str(Path(config.init_from).expanduser().resolve()))
+        if config.val_path:  # the same for a separate validation set
+            config = config.replace(val_path=str(Path(config.val_path).expanduser().resolve()))
         if saved is not None:
             check_resumable(saved, config, run_dir)
         total = config.total_steps(len(dataset.train))
@@ -130,6 +136,10 @@ class Trainer:
             if (run_dir / config.log_file).is_file():
                 rows = [r for r in read_log(run_dir / config.log_file) if r["step"] <= state.step]
         summary = self._summary(config, model, state, mesh, base)
+        # How batches are made (a function of the data only: data/feeds.choose_feed) and the
+        # splits' sizes in tokens and bytes (bits per byte).
+        feed = feeds.choose_feed(dataset)
+        summary["data"] = dataset.describe(feed)
 
         # ---- nothing was written before this point: every input check has passed, in every
         # process (the barrier: process 0 must not create the run directory while another
@@ -149,7 +159,7 @@ class Trainer:
                 finetune.write_pointer(run_dir, base)
             write_log(run_dir / config.log_file, rows)
         try:
-            self._train(config, run_dir, data_path, total, static, optimizer, trainable, dataset, mesh,
+            self._train(config, run_dir, data_path, total, static, optimizer, trainable, dataset, feed, mesh,
                         state, rows, loggers, adapter_only=base is not None)
         finally:
             for logger in loggers:
@@ -158,13 +168,13 @@ class Trainer:
         return run_dir
 
     def _train(self, config: Config, run_dir: Path, data_path: Path, total: int, static: Any, optimizer: Any,
-               trainable: Any, dataset: Any, mesh: Any, state: TrainState, rows: list[dict[str, Any]],
-               loggers: list[Logger], *, adapter_only: bool) -> TrainState:
+               trainable: Any, dataset: Splits, feed_kind: str, mesh: Any, state: TrainState,
+               rows: list[dict[str, Any]], loggers: list[Logger], *, adapter_only: bool) -> TrainState:
         """Build the programs and the hooks, then run the loop from `state`."""
         primary = distributed.is_primary()
         progress = Progress(total, state.step, self.progress, quiet=not primary)
-        step_fn, evaluate = build_programs(config, static, optimizer, trainable, dataset, mesh, state.key,
-                                           state.params, state.opt_state)
+        step_fn, evaluate, feed = build_programs(config, static, optimizer, trainable, dataset, feed_kind, mesh,
+                                                 state.key, state.params, state.opt_state)
         if state.step >= total:
             progress.close()
             progress.message(f"run {run_dir} is already at step {state.step}/{total}; nothing to do")
@@ -179,14 +189,18 @@ class Trainer:
         clock = hooks.Clock()
         loop_hooks = [hooks.Timer(clock), hooks.ProgressBar(progress),
                       hooks.Evaluate(c, evaluate, schedule, clock, checkpointer, rows, run_dir / c.log_file,
-                                     primary=primary, experts=experts),
+                                     primary=primary, experts=experts,
+                                     bits_per_nat={"train": dataset.train.tokens_per_byte / math.log(2),
+                                                   "val": dataset.val.tokens_per_byte / math.log(2)}),
                       hooks.Checkpoint(c.checkpoint_interval or c.eval_interval, checkpointer),
                       hooks.Report(progress, loggers, clock)]
+        feed.start(state.step, total)  # the host feed starts reading ahead from here
         try:
             with StopFlag() as stop:
                 return train_loop(state, step_fn, loop_hooks, total=total, checkpointer=checkpointer, stop=stop,
                                   run_dir=run_dir)
         finally:
+            feed.close()
             progress.close()
 
     def _restore(self, run_dir: Path, state: TrainState, trainable: Any, base: dict[str, Any] | None,

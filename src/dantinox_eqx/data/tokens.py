@@ -1,0 +1,384 @@
+"""Token streams for training: prepared datasets (shards of token ids) and the batch feeds.
+
+A prepared dataset is a directory written by `dantinox-eqx prepare`:
+
+    DIR/index.json       {"format": "dantinox-eqx-tokens", "version": 1, "dtype": "uint16" | "uint32",
+                          "vocab_size", "eot_id", "tokenizer_sha256", "source": {...},
+                          "shards": [{"file", "tokens", "documents", "bytes"}, ...],
+                          "total_tokens", "total_documents", "total_bytes"}
+    DIR/tokenizer.json   the tokenizer that made the ids
+    DIR/shard_NNNNN.bin  raw little-endian ids of `dtype`, no header (np.memmap-able)
+
+The token stream is the shards concatenated in order. `open_splits` opens them read-only and
+splits the stream (nothing is read until a window is): validation is its last `val_fraction`
+(global token index), or a separate `val_path` (a prepared directory or a text file). A raw
+text file keeps `data.prepare_data`'s path (a cached `.tokens.npy`), wrapped in the same `Splits`.
+
+Two feeds turn a split into the batches of step s (`feeds.make_feed`; `feeds.choose_feed` picks one):
+
+- fused: the token array is placed whole on every device and the step samples its windows
+  inside the compiled call (`data.sample_batch`, keys `fold_in(data_key, s)`): the fastest for
+  a small raw-text corpus (one dispatch per step), but device memory O(corpus).
+- host: window starts are drawn on the host with a counter-based RNG (Philox keyed by the JAX
+  key's data, counter = (0, 0, s, stream)), so the batch of step s is a pure function of
+  (seed, s): resume stays exact. Each process reads only the rows of the global batch that its
+  own devices hold (`distributed.local_rows`), from the shard files, and a background thread
+  reads and places the batches of the next steps (depth 2) while the device computes.
+  Device memory O(batch). Used for every prepared dataset and for token arrays over
+  FUSED_MAX_BYTES.
+
+Shards are read with positional reads (`os.pread`, one per window), not memory-mapped: a
+memory map counts every page it touches as resident memory of the process, and the kernel
+maps whole page-cache folios per fault; measured here, 1200 random 65-token windows of a
+400 MB shard set made 348 MB resident (RSS then grows towards the corpus size as training
+samples it). Read with pread the pages stay in the page cache (the kernel's, reclaimable)
+and the process's memory is O(batch) whatever the corpus size (benchmarks/README.md).
+
+Bits per byte: `loss / ln 2 * tokens / bytes` of a split. A prepared split's bytes come from
+index.json's per-shard `bytes`, prorated by tokens where a split cuts a shard; a raw text
+split's bytes are counted exactly, token by token (`token_byte_lengths`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jaxtyping import Int
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from ..config import Config
+from . import tokenizer as tk
+from .sampling import DataError, encode_corpus, prepare_data, read_corpus
+
+__all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
+           "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes",
+           "TRAIN_STREAM", "EVAL_TRAIN_STREAM", "EVAL_VAL_STREAM"]
+
+INDEX_FILE = "index.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT, VERSION = "dantinox-eqx-tokens", 1
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+# Token arrays (train + val) up to this size use the fused feed, larger ones the host feed.
+# Measured (benchmarks/loader.py, benchmarks/README.md): on the baby shape the two feeds are
+# level (host / fused 0.93-0.97 wall, 1.00-1.03 CPU); on sub-millisecond steps the host feed's ~0.1 ms
+# per batch costs 1.5x the CPU, so small corpora keep the fused one. The bound is then device
+# memory, which the fused feed spends on a replica of the corpus on every device: 64 MiB (32M
+# uint16 tokens) is negligible on any accelerator.
+FUSED_MAX_BYTES = 64 * 2**20
+# Philox counter streams of the host feed (the counter's 4th word), so that the windows of
+# training and of the two evaluation splits never share random numbers.
+TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- token streams
+class ShardFile:
+    """A shard of token ids on disk (raw little-endian `dtype`, `size` tokens), read with
+    positional reads: `shard[a:b]` and `windows(starts, length)` (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, dtype: Any, size: int):
+        self.path, self.dtype, self.size = Path(path), np.dtype(dtype).newbyteorder("<"), int(size)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # random windows: readahead would only waste reads
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Tokens `[start, start + length)` for each start (within the shard), (n, length)."""
+        k = self.dtype.itemsize
+        buf = b"".join(os.pread(self._fd, length * k, int(a) * k) for a in starts)
+        if len(buf) != len(starts) * length * k:
+            raise DataError(f"data_path: shard {str(self.path)!r} is shorter than its {self.size} tokens (was it "
+                            "changed while training?); prepare the dataset again")
+        return np.frombuffer(buf, self.dtype).reshape(len(starts), length)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        a, b, _ = key.indices(self.size)
+        return self.windows(np.array([a]), max(b - a, 0))[0]
+
+
+class TokenStream:
+    """Tokens `[lo, hi)` of the concatenation of `parts` (1-D token arrays in memory, or
+    `ShardFile`s), read-only. `part_bytes[i]` is the UTF-8 bytes of the text
+    behind part i (for bits per byte). `view` slices without copying."""
+
+    def __init__(self, parts: Sequence[np.ndarray | ShardFile], part_bytes: Sequence[float] | np.ndarray, lo: int = 0,
+                 hi: int | None = None):
+        # Plain ndarray views of memory maps: indexing an np.memmap costs ~1 us more per call.
+        self.parts = tuple(p if isinstance(p, ShardFile) else np.asarray(p) for p in parts)
+        self.sizes = np.array([len(p) for p in self.parts], np.int64)
+        self.bounds = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.part_bytes = np.asarray(part_bytes, np.float64)
+        self.lo, self.hi = int(lo), int(self.bounds[-1] if hi is None else hi)
+        if not 0 <= self.lo <= self.hi <= self.bounds[-1]:
+            raise ValueError(f"TokenStream: [{lo}, {hi}) is outside [0, {self.bounds[-1]})")
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def view(self, lo: int, hi: int) -> TokenStream:
+        """Tokens `[lo, hi)` of this stream (indices relative to it)."""
+        return TokenStream(self.parts, self.part_bytes, self.lo + int(lo), self.lo + int(hi))
+
+    @staticmethod
+    def _windows(part: np.ndarray | ShardFile, starts: np.ndarray, length: int) -> np.ndarray:
+        if isinstance(part, ShardFile):
+            return part.windows(starts, length)
+        return part[starts[:, None] + np.arange(length)]
+
+    @property
+    def n_bytes(self) -> float:
+        """UTF-8 bytes of the text behind these tokens (prorated by tokens in a cut part)."""
+        overlap = np.clip(np.minimum(self.bounds[1:], self.hi) - np.maximum(self.bounds[:-1], self.lo), 0, None)
+        return float(np.sum(self.part_bytes * overlap / np.maximum(self.sizes, 1)))
+
+    @property
+    def tokens_per_byte(self) -> float:
+        """Tokens per UTF-8 byte of text (nan without bytes): bits/byte = nats/token / ln 2 * this."""
+        return len(self) / self.n_bytes if self.n_bytes > 0 else math.nan
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the token ids themselves (what the fused feed would place on each device)."""
+        return (self.parts[0].dtype.itemsize if self.parts else 0) * len(self)
+
+    def array(self) -> np.ndarray:
+        """The tokens as one array: a view when they lie in one in-memory part, else read."""
+        spans = [(p, a, max(a, self.lo), min(b, self.hi)) for p, a, b in zip(self.parts, self.bounds, self.bounds[1:])]
+        pieces = [p[lo - a: hi - a] for p, a, lo, hi in spans if lo < hi]
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.zeros(0, self.parts[0].dtype if self.parts else np.uint16)
+
+    def read(self, starts: Int[np.ndarray, "..."], length: int) -> Int[np.ndarray, "_ length"]:
+        """Windows `[start, start + length)` (indices relative to this stream; `starts` of any
+        shape, flattened) as int32 of shape (n, length); a window may cross shard boundaries."""
+        starts = np.asarray(starts, np.int64).reshape(-1)
+        if len(starts) and (starts.min() < 0 or starts.max() + length > len(self)):
+            raise IndexError(f"TokenStream.read: a window of {length} tokens from {starts.max()} passes the end "
+                             f"({len(self)} tokens)")
+        pos = starts + self.lo
+        part = np.searchsorted(self.bounds, pos, side="right") - 1
+        local = pos - self.bounds[part]
+        inside = local + length <= self.sizes[part]
+        if len(pos) and inside.all() and (part == part[0]).all():  # the common case: one part
+            return self._windows(self.parts[part[0]], local, length).astype(np.int32)
+        out = np.empty((len(starts), length), np.int32)
+        for p in np.unique(part[inside]):  # one read per part for the windows inside it
+            rows = np.flatnonzero(inside & (part == p))
+            out[rows] = self._windows(self.parts[p], local[rows], length)
+        for r in np.flatnonzero(~inside):  # the rare window across a shard boundary
+            got, at, p = 0, int(local[r]), int(part[r])
+            while got < length:
+                chunk = self.parts[p][at: at + length - got]
+                out[r, got: got + len(chunk)] = chunk
+                got, at, p = got + len(chunk), 0, p + 1
+        return out
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The train and validation streams of a run, the tokenizer, and where they came from
+    (`prepared`: a prepared directory, read by the host feed whatever its size)."""
+
+    train: TokenStream
+    val: TokenStream
+    tokenizer: Tokenizer
+    prepared: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def describe(self, feed: str) -> dict[str, Any]:
+        """The `data` entry of model_summary.json."""
+        return {"source": "prepared" if self.prepared else "text", "feed": feed,
+                "train_tokens": len(self.train), "val_tokens": len(self.val),
+                "train_bytes": round(self.train.n_bytes), "val_bytes": round(self.val.n_bytes),
+                "train_bytes_per_token": _ratio(self.train.n_bytes, len(self.train)),
+                "val_bytes_per_token": _ratio(self.val.n_bytes, len(self.val))}
+
+
+def _ratio(a: float, b: int) -> float | None:
+    return round(a / b, 4) if b else None  # JSON has no NaN
+
+
+# --------------------------------------------------------------------------- prepared directories
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_index(path: str | os.PathLike, field: str = "data_path") -> dict[str, Any]:
+    """The validated index.json of the prepared dataset `path`. Checks the format, that every
+    shard file exists with exactly `tokens * itemsize` bytes (a stat, nothing is read) and
+    that tokenizer.json matches `tokenizer_sha256`; DataError naming the file otherwise."""
+    path = Path(path)
+    index_file = path / INDEX_FILE
+    again = "prepare the dataset again (dantinox-eqx prepare)"
+    if not index_file.is_file():
+        unfinished = (path / ".progress.json").is_file()
+        why = "an unfinished prepare (no index.json yet): run the same prepare again to finish it" if unfinished \
+            else "a folder without index.json, not a prepared dataset: prepare it first (dantinox-eqx prepare)"
+        raise DataError(f"{field}: {str(path)!r} is {why}")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        shards = index["shards"]
+        dtype = np.dtype(DTYPES[index["dtype"]])
+        if index["format"] != FORMAT or index["version"] != VERSION:
+            raise ValueError(f"format {index['format']!r} version {index['version']!r}")
+        if not shards or sum(int(s["tokens"]) for s in shards) != int(index["total_tokens"]):
+            raise ValueError("its shards' tokens do not add up to total_tokens")
+        digest = str(index["tokenizer_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{field}: {str(index_file)!r} is not a {FORMAT} v{VERSION} index ({e}); {again}") from None
+    for s in shards:
+        shard = path / s["file"]
+        if Path(s["file"]).name != s["file"]:
+            raise DataError(f"{field}: {str(index_file)!r} names shard {s['file']!r} outside its folder; {again}")
+        if not shard.is_file():
+            raise DataError(f"{field}: shard {str(shard)!r} listed in index.json is missing; {again}")
+        want = int(s["tokens"]) * dtype.itemsize
+        if shard.stat().st_size != want:
+            raise DataError(f"{field}: shard {str(shard)!r} has {shard.stat().st_size} bytes, index.json says "
+                            f"{s['tokens']} tokens = {want} bytes; {again}")
+    tok_file = path / TOKENIZER_FILE
+    if not tok_file.is_file() or _sha256_file(tok_file) != digest:
+        what = "is missing" if not tok_file.is_file() else "does not match tokenizer_sha256 in index.json"
+        raise DataError(f"{field}: {str(tok_file)!r} {what}; {again}")
+    return index
+
+
+def open_prepared(path: str | os.PathLike, field: str = "data_path") -> tuple[TokenStream, Tokenizer]:
+    """The whole token stream of a prepared dataset (shard files opened read-only) and its tokenizer."""
+    path = Path(path)
+    index = read_index(path, field)
+    dtype = DTYPES[index["dtype"]]
+    shards = [s for s in index["shards"] if int(s["tokens"]) > 0]
+    parts = [ShardFile(path / s["file"], dtype, int(s["tokens"])) for s in shards]
+    stream = TokenStream(parts, [float(s["bytes"]) for s in shards])
+    return stream, tk.load_tokenizer(path / TOKENIZER_FILE)
+
+
+def _tokenizer_digest(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.to_str(pretty=False).encode()).hexdigest()
+
+
+def _check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, source: str, field: str) -> None:
+    # Compared in the library's canonical serialisation: a run's tokenizer.json (written by
+    # save_tokenizer) and a prepared one copied from elsewhere may differ in whitespace only.
+    if _tokenizer_digest(prepared) != _tokenizer_digest(tokenizer):
+        raise DataError(f"{field}: the prepared dataset {str(path)!r} was tokenized with {str(path / TOKENIZER_FILE)!r}"
+                        f", not with {source}; prepare it again with --tokenizer_path {source}")
+
+
+# --------------------------------------------------------------------------- bytes of raw text
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes that each token id stands for, shape (vocab,), float64: a byte-level BPE
+    token's string has one character per byte; other tokens (a char vocabulary's characters)
+    are measured on their decoded text; special tokens (end of text) stand for 0 bytes."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    byte_level = isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(tok.get_vocab_size(), np.float64)
+    for piece, i in tok.get_vocab().items():
+        if piece in special:
+            continue
+        if byte_level and set(piece) <= alphabet:
+            out[i] = len(piece)
+        else:
+            out[i] = len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def count_bytes(ids: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 22) -> float:
+    """UTF-8 bytes of the text behind token `ids` (chunked: O(chunk) extra memory)."""
+    total = 0.0
+    for a in range(0, len(ids), chunk):
+        total += float(np.bincount(np.asarray(ids[a:a + chunk]), minlength=len(lengths))[:len(lengths)] @ lengths)
+    return total
+
+
+def _text_stream(ids: np.ndarray, lengths: np.ndarray) -> TokenStream:
+    return TokenStream([ids], [count_bytes(ids, lengths)])
+
+
+# --------------------------------------------------------------------------- the splits of a run
+def _check_long_enough(splits: Splits, max_context: int, val_field: str) -> Splits:
+    for name, part, field in (("training", splits.train, "data_path"), ("validation", splits.val, val_field)):
+        if len(part) < max_context + 1:
+            raise DataError(f"{field}: the {name} split has {len(part)} tokens, fewer than max_context + 1 = "
+                            f"{max_context + 1}; use more data or a smaller max_context")
+    return splits
+
+
+def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokenizer | None = None,
+                tokenizer_source: str | None = None, cache_dir: str | os.PathLike | None = None) -> Splits:
+    """The train/val streams of `data_path` (a prepared directory or a text file) for `config`
+    (max_context, val_fraction, max_train_tokens, val_path, and for text the tokenizer fields).
+
+    `tokenizer`: the run's tokenizer when it is fixed (resume, fine-tune, tokenizer_path),
+    named `tokenizer_source` in errors; a prepared dataset made with another one is refused
+    (DataError). None: the prepared dataset's own tokenizer, or one trained on the text.
+    The training split is capped at `max_train_tokens` (its first tokens).
+    """
+    path = Path(data_path)
+    prepared = path.is_dir()
+    if prepared:
+        stream, own = open_prepared(path)
+        if tokenizer is not None:
+            _check_same_tokenizer(path, own, tokenizer, tokenizer_source or "the run's tokenizer", "data_path")
+        tokenizer = tokenizer or own
+    elif config.val_path is None:  # today's path, unchanged: a cached token array beside the text
+        ds = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
+                          val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
+                          bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer, cache_dir=cache_dir,
+                          unknown_chars=config.unknown_chars)
+        lengths = token_byte_lengths(ds.tokenizer)
+        return Splits(_text_stream(ds.train, lengths), _text_stream(ds.val, lengths), ds.tokenizer)
+    else:
+        if tokenizer is None:
+            tokenizer = tk.build_tokenizer(config.tokenizer_type, read_corpus(path), config.bpe_vocab_size)
+        ids = encode_corpus(path, tokenizer, cache_dir, config.unknown_chars)
+        stream = TokenStream([ids], [count_bytes(ids, token_byte_lengths(tokenizer))])
+    if config.val_path is None:
+        n_val = int(len(stream) * config.val_fraction)
+        train, val = stream.view(0, len(stream) - n_val), stream.view(len(stream) - n_val, len(stream))
+    else:
+        train, val = stream, _open_val(Path(config.val_path), tokenizer, tokenizer_source, cache_dir,
+                                     config.unknown_chars)
+    train = train.view(0, min(len(train), config.max_train_tokens))
+    return _check_long_enough(Splits(train, val, tokenizer, prepared), config.max_context,
+                              "data_path" if config.val_path is None else "val_path")
+
+
+def _open_val(path: Path, tokenizer: Tokenizer, source: str | None, cache_dir: Any,
+              unknown_chars: str = "error") -> TokenStream:
+    """The separate validation stream: a prepared directory (same tokenizer) or a text file."""
+    if path.is_dir():
+        stream, own = open_prepared(path, "val_path")
+        _check_same_tokenizer(path, own, tokenizer, source or "the training data's tokenizer", "val_path")
+        return stream
+    if not path.is_file():
+        raise DataError(f"val_path: {str(path)!r} does not exist; pass a text file or a prepared dataset directory")
+    try:
+        ids = encode_corpus(path, tokenizer, cache_dir, unknown_chars)
+    except DataError as e:
+        raise DataError(str(e).replace("data_path:", "val_path:", 1)) from None
+    return _text_stream(ids, token_byte_lengths(tokenizer))
