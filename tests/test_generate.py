@@ -34,7 +34,7 @@ from dantinox_eqx.run.checkpoint import CheckpointError
 from dantinox_eqx.run.pretrained import from_pretrained, load_config
 from dantinox_eqx.train.step import make_eval_step
 
-from .conftest import SHAKESPEARE, TINY
+from .conftest import TINY, plays_text
 from .runs import make_run, write_run
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -370,7 +370,7 @@ def test_evaluate_reports_consistent_units():
 @pytest.mark.slow
 def test_a_trained_run_samples_and_beats_a_random_model(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = plays_text()
     corpus.write_text(text[:20_000], encoding="utf-8")
     run = make_run(tmp_path / "run", corpus)
     gen = Generator(run)
