@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from jaxtyping import Array, Int, Integer, PRNGKeyArray
 from tokenizers import Tokenizer
 
 from . import tokenizer as tk
+from .files import atomic_write
 
 __all__ = ["DataError", "Dataset", "read_corpus", "encode_corpus", "split", "sample_batch",
            "prepare_data"]
@@ -89,10 +89,11 @@ def encode_corpus(corpus_path: str | os.PathLike, tok: Tokenizer,
     target = next((d for d in candidates if _writable(d)), None)
     if target is None:  # nowhere to cache: keep it in memory
         return arr
-    fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, target / name)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
+            np.save(f, arr)
+
+    atomic_write(target / name, write)
     return np.load(target / name, mmap_mode="r")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import numpy as np
 
 from . import checkpoint
 from .config import Config, ConfigError
+from .files import atomic_write, make_temp_dir
 from .lora import has_lora, merge_lora
 from .model import Transformer, cast_floating
 
@@ -93,16 +93,7 @@ def to_safetensors(model: Any, path: str | os.PathLike, dtype: Any = None, *,
     if config is not None:
         metadata["config"] = json.dumps(config.to_dict())
     tensors = safetensors_tensors(model, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _check_fits(model: Any, config: Config) -> None:
@@ -140,8 +131,7 @@ def export_run(model: Any, config: Config, tokenizer: Any, out_dir: str | os.Pat
     config = config.replace(use_lora=False, init_from="", vocab_size=plain.vocab_size)
     _check_fits(plain, config)
     params = eqx.filter(plain, eqx.is_array)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(out.parent, out.name)  # the umask's mode, not mkdtemp's 0700
     try:
         config.to_yaml(tmp / "config.yaml")
         save_tokenizer(tokenizer, tmp / "tokenizer.json")

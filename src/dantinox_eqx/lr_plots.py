@@ -7,7 +7,6 @@ display needed) and saved atomically: to a temporary file beside the target, the
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,24 +14,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .config import SCHEDULES, Config, ConfigError
+from .files import atomic_write
 from .optim import make_schedule
 
 __all__ = ["save_figure", "plot_lr_finder", "plot_lr_schedule", "schedule_values", "plot_sweep"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save `fig` as PNG at `path` through a temporary file and `os.replace`; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Save `fig` as PNG at `path` atomically (`files.atomic_write`); returns the path."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 Floats = Sequence[float] | np.ndarray

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from .files import atomic_write
 from .trainer import read_log
 
 __all__ = ["plot_loss_curve"]
@@ -50,13 +50,4 @@ def plot_loss_curve(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
     fig.tight_layout()
 
     out = Path(out) if out is not None else run_dir / "loss_curve.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))

@@ -55,7 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import checkpoint as ckpt
-from . import distributed, finetune, sharding
+from . import distributed, finetune, runlock, sharding
 from . import tokenizer as tk
 from .config import MODEL_SHAPE_FIELDS, Config, ConfigError, atomic_write_text
 from .data import DataError, Dataset, prepare_data, sample_batch
@@ -68,8 +68,8 @@ from .step import init_opt_state, make_eval_step, make_train_step
 from .summary import model_summary
 from .wandb_logger import make_wandb_logger
 
-__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "LOG_COLUMNS", "CURSOR_FILE",
-           "read_log", "default_config_path"]
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "TrainingWriteError", "LOG_COLUMNS",
+           "CURSOR_FILE", "read_log", "default_config_path"]
 
 LOG_COLUMNS = ("step", "train_loss", "val_loss", "train_bal", "val_bal", "lr", "ms_per_step",
                "tokens_per_s")
@@ -79,12 +79,18 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after saving the latest checkpoint at `step`."""
+    """SIGINT/SIGTERM stopped training after saving the latest checkpoint at `step`, or
+    (`saved=False`) during start-up, before the first step of this session, when there was
+    nothing to save: the run directory is as it was (or holds only what a resume starts from)."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path):
-        self.signum, self.step, self.run_dir = signum, step, run_dir
+    def __init__(self, signum: int, step: int, run_dir: Path | None, saved: bool = True):
+        self.signum, self.step, self.run_dir, self.saved = signum, step, run_dir, saved
         name = signal.Signals(signum).name
-        super().__init__(f"training interrupted by {name} at step {step}; checkpoint saved in {run_dir}")
+        if saved:
+            super().__init__(f"training interrupted by {name} at step {step}; checkpoint saved in {run_dir}")
+        else:
+            super().__init__(f"training interrupted by {name} during start-up (before this session's first "
+                             "step); nothing was lost")
 
     @property
     def exit_code(self) -> int:
@@ -93,6 +99,22 @@ class TrainingInterrupted(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss (or the parameters) became NaN/inf; nothing was saved after the last good step."""
+
+
+class TrainingWriteError(RuntimeError):
+    """Writing the run directory failed at `step` (a full disk, permissions, ...): training
+    stopped; the message names the step, the path and the checkpoint that is still intact
+    (`--resume` continues from it once the cause is fixed)."""
+
+    def __init__(self, step: int, error: OSError, run_dir: Path):
+        self.step, self.error = step, error
+        if isinstance(error, ckpt.CheckpointWriteError):
+            what = str(error)
+        else:
+            where = f" {str(error.filename)!r}" if error.filename else f" in {str(run_dir)!r}"
+            what = f"could not write{where} at step {step}: {error.strerror or error}"
+        super().__init__(f"{what}; {ckpt.intact(run_dir)}: free space (or fix the cause), then resume "
+                         "with --resume")
 
 
 def default_config_path() -> Path:
@@ -122,7 +144,13 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    # run.lock alone: a new run stopped right after locking its directory, before writing anything
+    return path.is_dir() and all(p.name == runlock.LOCK_FILE for p in path.iterdir())
+
+
+def _not_empty(path: Path) -> FileExistsError:
+    return FileExistsError(f"run_dir: {str(path)!r} is not empty; pass --resume to continue that run, or "
+                           "choose a new --run_dir")
 
 
 @eqx.filter_jit
@@ -133,16 +161,24 @@ def _all_finite(tree: Any) -> Any:
 
 class _StopFlag:
     """SIGINT/SIGTERM handlers that only record the signal (the loop checks it between steps).
-    A second signal while stopping raises KeyboardInterrupt for an immediate exit."""
+    A second signal while stopping raises KeyboardInterrupt for an immediate exit.
 
-    def __init__(self) -> None:
+    `starting=True` (fit's start-up, until the loop installs its own flag): a signal raises
+    TrainingInterrupted(saved=False) at once, naming `run_dir`; nothing is in flight then
+    (every write is atomic, and a half-made checkpoint is cleaned up on resume)."""
+
+    def __init__(self, starting: bool = False) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self.starting = starting
+        self.step, self.run_dir = 0, None  # what a start-up interruption reports (step: resumed from)
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.starting:
+            raise TrainingInterrupted(signum, self.step, self.run_dir, saved=False)
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -267,7 +303,7 @@ class Trainer:
                                   f"{getattr(saved, name)!r}, this config has {getattr(self.config, name)!r}; "
                                   "a resumed run keeps its adapters (start a new run_dir to change them)")
         if self._base is None:
-            return ckpt.restore(run_dir, ckpt.LATEST, params, state)
+            return ckpt.restore(run_dir, ckpt.LATEST, params, state, warn=self._warn)
         pointer = finetune.read_pointer(run_dir)
         if pointer is None or pointer["params_sha256"] != self._base["params_sha256"]:
             raise ckpt.CheckpointError(
@@ -276,7 +312,7 @@ class Trainer:
                 f"{None if pointer is None else pointer.get('step')} then, {self._base['step']} now); "
                 "the adapter cannot be resumed on other base weights")
         adapter, frozen = eqx.partition(params, trainable)
-        step, adapter, state = ckpt.restore(run_dir, ckpt.LATEST, adapter, state)
+        step, adapter, state = ckpt.restore(run_dir, ckpt.LATEST, adapter, state, warn=self._warn)
         return step, eqx.combine(adapter, frozen), state
 
     def _mesh(self, config: Config) -> Any:
@@ -306,16 +342,53 @@ class Trainer:
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"run_dir: {str(path)!r} exists and is not a directory")
         if resume:
-            if ckpt.latest_step(path, ckpt.LATEST) is None:
-                raise ckpt.CheckpointError(f"run_dir: no checkpoint to resume in {str(path)!r}; "
-                                           "start a new run without --resume")
-            for name in (CONFIG_FILE, TOKENIZER_FILE):
-                if not (path / name).is_file():
-                    raise ckpt.CheckpointError(f"run_dir: {str(path / name)!r} is missing; cannot resume")
+            if not path.is_dir():  # what it holds is checked under its lock (`_open_run`)
+                raise ckpt.CheckpointError(f"run_dir: no checkpoint to resume in {str(path)!r}: it does not "
+                                           "exist; start a new run without --resume")
         elif path.exists() and not _is_empty_dir(path):
-            raise FileExistsError(f"run_dir: {str(path)!r} is not empty; pass --resume to continue "
-                                  "that run, or choose a new --run_dir")
+            raise _not_empty(path)
         return path
+
+    @staticmethod
+    def _lock(lock: runlock.RunLock | None, run_dir: Path) -> None:
+        """Process 0 takes the run directory's lock (`lock`; None in other processes); every
+        process raises if it could not (RunLockedError names the holder)."""
+        failure = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except ConfigError as e:
+                failure = e
+        if distributed.any_process(failure is not None):
+            raise failure or runlock.RunLockedError(f"run_dir: process 0 could not lock {str(run_dir)!r}; "
+                                                    "see its error message")
+
+    def _open_run(self, run_dir: Path, resume: bool, lock: runlock.RunLock | None) -> bool:
+        """Resume only (a new run is locked when its directory is made, `_start_loggers`): lock
+        the run directory, remove what an interrupted writer left in it (`checkpoint.clean`),
+        and return whether it has no checkpoint yet: a run stopped during its start-up, which
+        then starts again at step 0 (with its saved config.yaml, if it got that far)."""
+        if not resume:
+            return False
+        self._lock(lock, run_dir)
+        if lock is not None:
+            ckpt.clean(run_dir)
+        distributed.barrier("run_dir_cleaned")
+        if ckpt.steps(run_dir, ckpt.LATEST):
+            for name in (CONFIG_FILE, TOKENIZER_FILE):  # written before any checkpoint
+                if not (run_dir / name).is_file():
+                    raise ckpt.CheckpointError(f"run_dir: {str(run_dir / name)!r} is missing; cannot resume")
+            return False
+        if distributed.is_primary():
+            how = "its saved config.yaml" if (run_dir / CONFIG_FILE).is_file() else "the given config"
+            print(f"{run_dir} has no checkpoint yet (it was stopped during its start-up): starting it at "
+                  f"step 0 with {how}", file=sys.stderr, flush=True)
+        return True
+
+    def _warn(self, message: str) -> None:
+        """A one-line warning on stderr (process 0), e.g. a checkpoint skipped by resume."""
+        if distributed.is_primary():
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     @staticmethod
     def _check_resumable(saved: Config, config: Config, run_dir: Path) -> None:
@@ -344,7 +417,7 @@ class Trainer:
             if recorded and Path(recorded).is_file():
                 data_path = recorded
         path = Path(data_path) if data_path is not None else default_corpus_path()
-        if resume:
+        if resume and (run_dir / TOKENIZER_FILE).is_file():  # absent: stopped before saving it
             tokenizer = tk.load_tokenizer(run_dir / TOKENIZER_FILE)
         elif config.tokenizer_path:
             tokenizer = tk.load_tokenizer(config.tokenizer_path)
@@ -398,15 +471,34 @@ class Trainer:
         - data_path: a UTF-8 text file; None = the default Shakespeare corpus (`corpus.py`), or
           on resume the corpus the run was trained on.
         - run_dir: None = runs/run_YYYYMMDD_HHMMSS. A non-empty run_dir needs resume=True.
-        - resume: continue from the latest checkpoint (exactly: same rows as never stopping).
+        - resume: continue from the latest checkpoint that passes its check (exactly: same rows
+          as never stopping; a newer one that fails it is skipped with a warning), or from step 0
+          when the run was stopped before its first checkpoint.
+        The run directory is locked (`runlock.py`) while fit writes it: a second writer gets
+        RunLockedError (a ConfigError) naming the holder.
         Raises ConfigError/DataError/FileExistsError/CheckpointError before writing anything,
-        TrainingInterrupted (checkpoint saved) on SIGINT/SIGTERM, and TrainingDiverged on a
-        NaN/inf loss (nothing saved past the last good checkpoint).
+        TrainingInterrupted on SIGINT/SIGTERM (checkpoint saved; during start-up: nothing to
+        save), TrainingDiverged on a NaN/inf loss (nothing saved past the last good checkpoint)
+        and TrainingWriteError when writing the run directory fails (e.g. a full disk).
         """
         keep_freed_memory()  # XLA:CPU's per-step buffers reused, not re-faulted (hostmem.py)
+        lock = None
+        with _StopFlag(starting=True) as stop:  # start-up: a signal stops at once (the loop has its own)
+            try:
+                run_dir = self._resolve_run_dir(run_dir, resume)
+                stop.run_dir = run_dir
+                lock = runlock.RunLock(run_dir) if distributed.is_primary() else None
+                return self._fit(data_path, run_dir, resume, stop, lock)
+            finally:
+                stop.starting = False  # the loop has ended (or never began): a signal now is only noted
+                if lock is not None:
+                    lock.release()
+
+    def _fit(self, data_path: str | os.PathLike | None, run_dir: Path, resume: bool, stop: _StopFlag,
+             lock: runlock.RunLock | None) -> Path:
         config = self.config
-        run_dir = self._resolve_run_dir(run_dir, resume)
-        saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume else None
+        fresh = self._open_run(run_dir, resume, lock)  # resume: locked, cleaned; True = no checkpoint yet
+        saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume and (run_dir / CONFIG_FILE).is_file() else None
         data_path, dataset = self._data(config, data_path, run_dir, resume)
         config = self._resolve_vocab(config, dataset.vocab_size)
         if config.init_from:  # recorded absolute: resume and loading work from any directory
@@ -433,7 +525,7 @@ class Trainer:
             {"step": jnp.zeros((), jnp.int32), "key": root, "best_val_loss": jnp.asarray(jnp.inf, jnp.float32),
              "best_step": jnp.zeros((), jnp.int32), "evals_without_improvement": jnp.zeros((), jnp.int32)}, mesh)}
         rows: list[dict[str, Any]] = []
-        if resume:
+        if resume and not fresh:
             step, params, state = self._restore(run_dir, params, state, trainable)
             opt_state = state["opt_state"]
             if (run_dir / config.log_file).is_file():
@@ -456,14 +548,18 @@ class Trainer:
         # process still checks that it is new).
         distributed.barrier("inputs_checked")
         self.run_dir = run_dir
-        loggers = self._start_loggers(config, run_dir, summary, resume)
-        if distributed.is_primary():
-            config.to_yaml(run_dir / CONFIG_FILE)
-            tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE)
-            atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
-            if self._base is not None:
-                finetune.write_pointer(run_dir, self._base)
-            _write_log(run_dir / config.log_file, rows)
+        stop.step = step
+        loggers = self._start_loggers(config, run_dir, summary, resume, lock)
+        try:
+            if distributed.is_primary():
+                config.to_yaml(run_dir / CONFIG_FILE)
+                tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE)
+                atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+                if self._base is not None:
+                    finetune.write_pointer(run_dir, self._base)
+                _write_log(run_dir / config.log_file, rows)
+        except OSError as e:
+            raise TrainingWriteError(step, e, run_dir) from e
 
         try:
             loop = _Loop(self, config, run_dir, data_path, total, static, optimizer, trainable,
@@ -475,12 +571,15 @@ class Trainer:
                     logger.finish()
         return run_dir
 
-    def _start_loggers(self, config: Config, run_dir: Path, summary: dict[str, Any], resume: bool) -> list[Logger]:
-        """Create the run directory and start the loggers (the given ones, then W&B's when
-        `config.wandb` or `config.wandb_project` is set): process 0 only; other processes get
-        no loggers. If one cannot start (e.g. W&B is not logged in), the started ones are
-        finished, what this call created of a new run directory is removed (nothing else was
-        written yet), and every process raises."""
+    def _start_loggers(self, config: Config, run_dir: Path, summary: dict[str, Any], resume: bool,
+                       lock: runlock.RunLock | None = None) -> list[Logger]:
+        """Create the run directory, lock it (a new run; `lock`), and start the loggers (the
+        given ones, then W&B's when `config.wandb` or `config.wandb_project` is set): process 0
+        only; other processes get no loggers. If one cannot start (e.g. W&B is not logged in),
+        the started ones are finished, what this call created of a new run directory is removed
+        (nothing else was written yet), and every process raises. If the directory is locked by
+        another run, or another run wrote it since `_resolve_run_dir` found it empty, every
+        process raises and nothing is removed."""
         started: list[Logger] = []
         failure: Exception | None = None
         if distributed.is_primary():
@@ -489,8 +588,14 @@ class Trainer:
                 created = created.parent
             existed = run_dir.exists()
             run_dir.mkdir(parents=True, exist_ok=True)
-            wandb_logger = make_wandb_logger(config, run_dir)
+            claimed = resume or lock is None  # a resumed run was locked by _open_run
             try:
+                if not claimed:  # a new run: locked once its directory exists,
+                    lock.acquire()
+                    if not _is_empty_dir(run_dir):  # and still empty (another run may have begun)
+                        raise _not_empty(run_dir)
+                    claimed = True
+                wandb_logger = make_wandb_logger(config, run_dir)
                 for logger in [*self.loggers, *([wandb_logger] if wandb_logger is not None else [])]:
                     if hasattr(logger, "start"):
                         logger.start(config, summary)
@@ -500,7 +605,7 @@ class Trainer:
                 for logger in started:
                     if hasattr(logger, "finish"):
                         logger.finish()
-                if not resume:  # a new run: the directory was absent or empty before this call
+                if not resume and claimed:  # a new run: the directory was absent or empty before this call
                     _remove_created(run_dir, created, existed)
         if distributed.any_process(failure is not None):
             if failure is not None:
@@ -621,7 +726,7 @@ class _Loop:
     def _save_latest(self, params: Any, opt_state: Any, step: int, best: float, best_step: int,
                      waited: int, finished: bool = False, stopped_early: bool = False) -> None:
         ckpt.save(self.run_dir, ckpt.LATEST, step, self.saved(params),
-                  self._train_state(opt_state, step, best, best_step, waited))
+                  self._train_state(opt_state, step, best, best_step, waited), keep=self.config.keep_checkpoints)
         cursor = {"step": step, "total_steps": self.total,
                   "best_val_loss": None if math.isinf(best) else best, "best_step": best_step,
                   "evals_without_improvement": waited, "finished": finished,
@@ -719,5 +824,7 @@ class _Loop:
                             self._check_finite(step, params, {})
                             self._save_latest(params, opt_state, step, best, best_step, waited)
                         raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, self.run_dir)
+        except OSError as e:  # a full disk, ...: one message naming the step, path and intact checkpoint
+            raise TrainingWriteError(step, e, self.run_dir) from e
         finally:
             progress.close()
