@@ -96,7 +96,7 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
         out = Trainer(config).fit(data_path, run_dir=run_dir, resume=resume)
     except TrainingInterrupted as e:
         if e.run_dir is None or not (e.run_dir / CONFIG_FILE).is_file():  # stopped before writing the run
-            click.echo(f"{e}: nothing was written; run the same command again", err=True)
+            click.echo(f"{e}\nrun the same command again to start it", err=True)
             sys.exit(e.exit_code)
         again = f"dantinox-eqx train --config {e.run_dir / CONFIG_FILE} --run_dir {e.run_dir}"
         if data_path is not None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -43,6 +44,8 @@ import os
 import re
 import shutil
 import signal
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -261,17 +264,42 @@ def _fault(which: str, step: int, phase: str, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_orbax() -> Iterator[None]:
-    """Silence orbax's own error logs (from its writer threads, each with a traceback: a full
-    disk printed hundreds of lines) while it saves; its failure reaches us as an exception,
-    which `save` reports in one line (`_cause`)."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+def _quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 10.0) -> Iterator[None]:
+    """Keep orbax's own error reports off stderr while it saves: when a write fails (a full
+    disk), its writer threads log each failure with a traceback (absl), its abandoned asyncio
+    tasks are logged when collected, and tensorstore's late callbacks raise "Event loop is
+    closed" into sys.unraisablehook: hundreds of lines for one error, which `save` reports in
+    one line (`_cause`). After a failure this waits until those reports stop coming (none for
+    `settle_s`, at most `max_wait_s`) before handing stderr back."""
+    events = [0]
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            events[0] += 1
+            return False
+
+    loggers, drop, hook = [logging.getLogger("absl"), logging.getLogger("asyncio")], _Drop(), sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        events[0] += 1
+
+    for logger in loggers:
+        logger.addFilter(drop)
+    sys.unraisablehook = unraisable
     try:
         yield
+    except BaseException:
+        deadline, seen, quiet_since = time.monotonic() + max_wait_s, -1, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < settle_s:
+            gc.collect()  # abandoned tasks report their errors when collected
+            if events[0] != seen:
+                seen, quiet_since = events[0], time.monotonic()
+            time.sleep(0.05)
+        raise
     finally:
-        logger.setLevel(level)
+        sys.unraisablehook = hook
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def _cause(error: BaseException) -> str:
