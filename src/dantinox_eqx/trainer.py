@@ -564,6 +564,8 @@ class Trainer:
         try:
             loop = _Loop(self, config, run_dir, data_path, total, static, optimizer, trainable,
                          batch_sharding, dataset, mesh, root=state["key"], loggers=loggers)
+            if stop.signum is not None:  # a start-up signal whose exception some library swallowed
+                raise TrainingInterrupted(stop.signum, step, run_dir, saved=False)
             loop.run(params, opt_state, step, state, rows)
         finally:
             for logger in loggers:
