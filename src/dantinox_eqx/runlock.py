@@ -5,8 +5,9 @@
 
 The lock is `fcntl.flock` on the open file `run.lock`: the kernel drops it when the process
 ends, however it ends (a kill -9 included), so a dead holder never leaves the run locked and
-the next writer simply takes it over. The file holds the holder's pid, host and start time
-(JSON), only to name it in the refusal; the file is never deleted (deleting a lock file races
+the next writer simply takes it over. The file holds the holder's pid and host (JSON), only to
+name it in the refusal, and is rewritten only when they change (a refused resume in the same
+process leaves the run directory untouched); it is never deleted (deleting a lock file races
 with a process that has just opened it). Under multi-process JAX only process 0 locks.
 
 flock works between the processes of one machine and, on Linux, over NFS too (the client
@@ -22,7 +23,6 @@ import fcntl
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class RunLockedError(ConfigError):
 
 
 def holder(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """What `run_dir/run.lock` says about its (last) holder: {"pid", "host", "since"}, or {}."""
+    """What `run_dir/run.lock` says about its (last) holder: {"pid", "host"}, or {}."""
     try:
         data = json.loads((Path(run_dir) / LOCK_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -74,15 +74,13 @@ class RunLock:
                 raise ConfigError(f"run_dir: cannot lock {str(self.path)!r} ({e.strerror}); the file "
                                   "system must support file locks") from None
             who = holder(self.run_dir)
-            name = (f"process {who.get('pid', '?')} on host {who.get('host', '?')}"
-                    f"{', since ' + who['since'] if 'since' in who else ''}")
-            raise RunLockedError(f"run_dir: {str(self.run_dir)!r} is in use by another training run "
-                                 f"({name}); wait for it to finish or stop it, or choose another "
-                                 "--run_dir") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            raise RunLockedError(f"run_dir: {str(self.run_dir)!r} is in use by another training run (process "
+                                 f"{who.get('pid', '?')} on host {who.get('host', '?')}); wait for it to finish "
+                                 "or stop it, or choose another --run_dir") from None
+        record = (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode()
+        if os.pread(fd, len(record) + 1, 0) != record:  # unchanged when this process held it before
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
         self._fd = fd
         return self
 
