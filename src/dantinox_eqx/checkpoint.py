@@ -48,6 +48,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,26 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _sha256_all(step_dir: Path, names: list[str]) -> list[str | None]:
+    """The sha256 of each file (None: unreadable), hashed on a few threads: hashlib releases
+    the GIL, and a big checkpoint is many array files, so this runs at disk speed."""
+
+    def one(name: str) -> str | None:
+        try:
+            return _sha256(step_dir / name)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, names))
+
+
 def _write_digests(step_dir: Path, step: int) -> None:
-    digests = {name: _sha256(step_dir / name) for name in _files(step_dir)}
+    names = _files(step_dir)
+    digests = dict(zip(names, _sha256_all(step_dir, names), strict=True))
+    unreadable = [name for name, digest in digests.items() if digest is None]
+    if unreadable:
+        raise OSError(errno.EIO, f"cannot read back {unreadable[0]}", str(step_dir / unreadable[0]))
     atomic_write_text(step_dir / DIGEST_FILE,
                       json.dumps({"step": step, "algorithm": "sha256", "files": digests}, indent=1) + "\n")
 
@@ -180,12 +199,11 @@ def check(step_dir: str | os.PathLike) -> str | None:
         digests = None
     if not isinstance(digests, dict) or not digests:
         return f"its {DIGEST_FILE} is unreadable"
-    for name, want in sorted(digests.items()):
-        try:
-            got = _sha256(step_dir / name)
-        except OSError:
+    names = sorted(digests)
+    for name, got in zip(names, _sha256_all(step_dir, names), strict=True):
+        if got is None:
             return f"{name} is missing"
-        if got != want:
+        if got != digests[name]:
             return f"{name} does not match its digest (garbled or truncated)"
     return None
 
