@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import warnings
+
+
+def _terminated(signum: int, frame: object) -> None:
+    # Outside the trainer's own handling (it takes the signal over for the whole of fit) no
+    # training step is running and nothing is half-written: say so, exit at once with the
+    # shell's code (143 for SIGTERM).
+    name = signal.Signals(signum).name
+    os.write(2, f"interrupted by {name} (no training step was running): nothing was lost\n".encode())
+    os._exit(128 + signum)
+
+
+# Installed first, before the heavy imports below (JAX takes seconds to import): from here on a
+# SIGTERM ends the program with a message, not silently.
+signal.signal(signal.SIGTERM, _terminated)
 
 import click
 
@@ -43,10 +60,16 @@ def _register() -> None:
 _register()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     """Run the app. Every usage error (ours or Click's: unknown option, bad value) prints ONE
-    line, `Error: ...`, and exits with code 2; no usage dump, no traceback."""
+    line, `Error: ...`, and exits with code 2; no usage dump, no traceback. Warnings (e.g. a
+    checkpoint that failed its check, skipped for an older one) print one line each."""
     keep_freed_memory()  # before JAX allocates anything (dantinox_eqx/hostmem.py)
+    warnings.formatwarning = _one_line_warning  # not Python's two lines of source location
     try:
         code = app.main(prog_name="dantinox-eqx", standalone_mode=False)
     except click.exceptions.Abort:

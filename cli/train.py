@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dantinox_eqx.config import Config
+from dantinox_eqx.config import Config, ConfigError
 
 from .common import handle_errors
 from .overrides import field_options, load_config
@@ -28,6 +28,11 @@ def build_config(config_path: str | None, run_dir: str | None, resume: bool,
 
     if config_path is None and resume and run_dir is not None and (Path(run_dir) / CONFIG_FILE).is_file():
         config_path = str(Path(run_dir) / CONFIG_FILE)
+    elif config_path is None and resume and run_dir is not None and Path(run_dir).is_dir():
+        # A run stopped during its start-up, before writing config.yaml: the packaged default
+        # would silently train something else.
+        raise ConfigError(f"run_dir: {str(run_dir)!r} has no {CONFIG_FILE} (the run was stopped before saving "
+                          "it); pass the config it was started with: --config YAML")
     config = load_config(config_path, overrides, default=default_config_path())
     if config.use_lora and not config.init_from and not resume and config_path is not None:
         source = Path(config_path).parent
@@ -74,8 +79,10 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     dantinox-eqx train ... --coordinator node0:12355 --num_processes 2 --process_id I   (on each host)
 
     Every config field is also an option: --FIELD VALUE (booleans: True/False, "None" for unset).
-    Exit codes: 0 done, 1 training diverged (NaN/inf loss), 2 bad input (nothing written),
-    130/143 interrupted by SIGINT/SIGTERM after saving a checkpoint.
+    Exit codes: 0 done, 1 training diverged (NaN/inf loss) or the run directory could not be
+    written (e.g. a full disk; the last good checkpoint is intact), 2 bad input (nothing written;
+    also: the run directory is in use by another run), 130/143 interrupted by SIGINT/SIGTERM
+    (after saving a checkpoint, or during start-up with nothing to save).
     """
     from dantinox_eqx.parallel import distributed
 
@@ -83,12 +90,21 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     # without the flags or the JAX_* variables; ConfigError for partial or bad values).
     distributed.initialize(coordinator, num_processes, process_id)
 
-    from dantinox_eqx.train.trainer import CONFIG_FILE, Trainer, TrainingDiverged, TrainingInterrupted
+    from dantinox_eqx.train.trainer import (
+        CONFIG_FILE,
+        Trainer,
+        TrainingDiverged,
+        TrainingInterrupted,
+        TrainingWriteError,
+    )
 
     config = build_config(config_path, run_dir, resume, overrides)
     try:
         out = Trainer(config).fit(data_path, run_dir=run_dir, resume=resume)
     except TrainingInterrupted as e:
+        if e.run_dir is None or not (e.run_dir / CONFIG_FILE).is_file():  # stopped before writing the run
+            click.echo(f"{e}\nrun the same command again to start it", err=True)
+            sys.exit(e.exit_code)
         again = f"dantinox-eqx train --config {e.run_dir / CONFIG_FILE} --run_dir {e.run_dir}"
         if data_path is not None:
             again += f" --data_path {data_path}"
@@ -96,7 +112,7 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
             again += f" --coordinator {coordinator} --num_processes {num_processes} --process_id {process_id}"
         click.echo(f"{e}\nresume with: {again} --resume", err=True)
         sys.exit(e.exit_code)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, TrainingWriteError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal, or a second one

@@ -162,6 +162,7 @@ class Config:
     beta2: float = 0.95  # ours
     eval_interval: int = 50  # ours: the seed evaluates every 50 steps
     checkpoint_interval: int | None = None  # ours: None = eval_interval
+    keep_checkpoints: int = 2  # ours: latest checkpoints kept (resume falls back if the newest is bad)
     eval_iters: int = 20
     # --- LoRA ------------------------------------------------------------------------------
     use_lora: bool = False
@@ -251,9 +252,14 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Config":
-        """Load a flat or sectioned YAML config (safe_load; ConfigError naming the problem)."""
-        return cls.from_dict(read_yaml_mapping(path, "config file", "an existing YAML file",
-                                               "a mapping of field: value"))
+        """Load a flat or sectioned YAML config (safe_load; ConfigError naming the problem).
+        An empty file (or one of comments only) is refused: it would silently train the
+        dataclass defaults, which are not the packaged default config."""
+        data = read_yaml_mapping(path, "config file", "an existing YAML file", "a mapping of field: value")
+        if not data:
+            raise ConfigError(f"config file {str(path)!r} is empty (no field is set); write the fields to "
+                              "change into it, or leave --config out for the packaged default config")
+        return cls.from_dict(data)
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         """The flat YAML text of every field; written atomically to `path` when given."""
@@ -426,8 +432,8 @@ def _validate(cfg: Config) -> None:
               "kv_heads", "context_window", "n_experts", "top_k_mlp", "expansion", "down_dim_q",
               "down_dim_kv", "rope_dim", "bpe_vocab_size", "max_train_tokens", "lr", "batch_size",
               "grad_accum", "epochs", "max_steps", "eval_interval", "checkpoint_interval",
-              "eval_iters", "lora_rank", "lora_alpha", "rope_scale_factor", "norm_eps", "rope_theta",
-              "mlp_hidden")
+              "keep_checkpoints", "eval_iters", "lora_rank", "lora_alpha", "rope_scale_factor", "norm_eps",
+              "rope_theta", "mlp_hidden")
     _non_negative(cfg, "warmup_steps", "grad_clip", "patience", "weight_decay", "n_devices",
                   "alpha_balance", "capacity_factor", "min_lr_ratio", "scan_unroll")
     for name in ("dropout_rate", "lora_dropout"):

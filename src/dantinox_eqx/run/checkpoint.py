@@ -1,25 +1,47 @@
-"""Checkpoints: orbax-checkpoint directories of plain arrays, no pickle.
+"""Checkpoints: orbax-checkpoint directories of plain arrays, no pickle, each with its digests.
 
 Layout inside a run directory:
 
     checkpoints/latest/<step>/params        model arrays
     checkpoints/latest/<step>/train_state   optimizer state, step, PRNG key (full resume)
-    checkpoints/best/<step>/params          the weights with the best val_loss so far
+    checkpoints/latest/<step>/digests.json  sha256 of every file above (written last)
+    checkpoints/best/<step>/params          the weights with the best val_loss so far (+ digests.json)
 
-Each `<step>` directory is committed atomically by orbax (written under a temporary name,
-then renamed; `commit_success.txt` marks completion) and the previous one is deleted only after
-the new one is complete, so an interrupted save never corrupts the last good checkpoint.
+Saving step S (`save`) is a transaction that a kill at any moment leaves either undone or done:
+orbax writes `<S>.writing/` (itself under a temporary name, renamed when complete), then the
+digests of every file it wrote go into `<S>.writing/digests.json`, and a rename publishes it as
+`<S>/` (an existing `<S>/`, e.g. from an interrupted earlier attempt at the same step, is first
+renamed `<S>.old/` and removed after). Only then are older checkpoints pruned (renamed
+`<S>.deleting/`, then removed): `keep` of them stay, so the previous good one is there to fall
+back on. Steps above S (left by a run that went further and is now replaying from an older
+checkpoint) are pruned too. `clean` removes what an interrupted save left behind.
+
+Loading checks before it restores (`check`): a checkpoint whose files do not match its digests
+(garbled, truncated, missing) fails, and `restore` / `good_step` skip it, with a warning naming
+it, in favour of the newest one that passes; none passing is a CheckpointError. Checkpoints
+written before digests existed (no digests.json) are accepted unverified.
 
 Pytrees are stored as flat mappings `{"blocks.attn.qkv.weight": array, ...}` keyed by their
 attribute paths, which makes the format readable without this library and independent of the
 Python classes. Restoring needs a `like` tree (e.g. a freshly built model's arrays, or their
 `jax.ShapeDtypeStruct`s) that gives the structure, dtypes and, optionally, target shardings:
 a checkpoint written on 4 devices restores on 1 and vice versa.
+
+Multi-process JAX: `save` and `restore` are collective (every process calls them; orbax writes
+each array's shards from the process holding them); process 0 alone writes the digests,
+renames, prunes and checks, and tells the others which step it chose.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import shutil
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +50,41 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from ..files import atomic_write_text, fsync_dir, remove_temp_files
+from ..parallel import distributed
 from .layout import CHECKPOINTS_DIR
+from .save_guard import FAULT_ENV  # noqa: F401
+from .save_guard import cause as _cause
+from .save_guard import fault as _fault
+from .save_guard import quiet_orbax as _quiet_orbax
 
-__all__ = ["LATEST", "BEST", "CheckpointError", "flatten", "unflatten", "save", "restore",
-           "latest_step", "checkpoint_dir"]
+__all__ = ["LATEST", "BEST", "DIGEST_FILE", "CheckpointError", "CheckpointWriteError", "CheckpointWarning",
+           "flatten", "unflatten", "save", "restore", "latest_step", "good_step", "steps", "check",
+           "checkpoint_dir", "clean", "intact"]
 
 LATEST, BEST = "latest", "best"
+DIGEST_FILE = "digests.json"
+# Suffixes of a step's folder while it is written, replaced, or pruned (never loaded).
+WRITING, OLD, DELETING = ".writing", ".old", ".deleting"
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax's own temporary names (`<name>.orbax-checkpoint-tmp-<t>`)
 
 
 class CheckpointError(ValueError):
-    """No checkpoint where one was expected, or one whose arrays do not fit the model."""
+    """No checkpoint where one was expected, one that fails its check, or one whose arrays do
+    not fit the model."""
+
+
+class CheckpointWriteError(OSError):
+    """Saving a checkpoint failed (disk full, permissions, ...). Nothing of it was published;
+    the checkpoints saved before are intact."""
+
+    def __init__(self, message: str, which: str, step: int, path: Path):
+        super().__init__(message)
+        self.which, self.step, self.path = which, step, path
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint failed its check and was skipped for an older one."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, which: str) -> Path:
@@ -79,42 +126,245 @@ def unflatten(flat: dict[str, Any], like: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _manager(run_dir: str | os.PathLike, which: str, create: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(checkpoint_dir(run_dir, which).absolute(), options=options)
+# ------------------------------------------------------------------------------------------ listing
+def steps(run_dir: str | os.PathLike, which: str) -> list[int]:
+    """The published steps of checkpoint `which` (folders named by an integer), ascending;
+    folders being written, replaced or pruned are not among them."""
+    return _published(checkpoint_dir(run_dir, which))
 
 
-def save(run_dir: str | os.PathLike, which: str, step: int, params: PyTree,
-         train_state: PyTree | None = None) -> None:
-    """Save `params` (and, for full resume, `train_state`) as checkpoint `which` at `step`.
-
-    Collective under multi-process JAX: every process calls it, orbax coordinates the writes.
-    """
-    items = {"params": ocp.args.StandardSave(flatten(params))}
-    if train_state is not None:
-        items["train_state"] = ocp.args.StandardSave(flatten(train_state))
-    with _manager(run_dir, which, create=True) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**items), force=True)
-        mngr.wait_until_finished()
+def _published(d: Path) -> list[int]:
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def latest_step(run_dir: str | os.PathLike, which: str) -> int | None:
-    """The step of checkpoint `which` in `run_dir`, or None when there is none."""
-    if not checkpoint_dir(run_dir, which).is_dir():
+    """The newest published step of checkpoint `which` in `run_dir` (not checked), or None."""
+    found = steps(run_dir, which)
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------ digests
+def _files(step_dir: Path) -> list[str]:
+    """Every file under `step_dir` but the digest file, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
+                  if p.is_file() and p.name != DIGEST_FILE)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _sha256_all(step_dir: Path, names: list[str]) -> list[str | None]:
+    """The sha256 of each file (None: unreadable), hashed on a few threads: hashlib releases
+    the GIL, and a big checkpoint is many array files, so this runs at disk speed."""
+
+    def one(name: str) -> str | None:
+        try:
+            return _sha256(step_dir / name)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, names))
+
+
+def _write_digests(step_dir: Path, step: int) -> None:
+    names = _files(step_dir)
+    digests = dict(zip(names, _sha256_all(step_dir, names), strict=True))
+    unreadable = [name for name, digest in digests.items() if digest is None]
+    if unreadable:
+        raise OSError(errno.EIO, f"cannot read back {unreadable[0]}", str(step_dir / unreadable[0]))
+    atomic_write_text(step_dir / DIGEST_FILE,
+                      json.dumps({"step": step, "algorithm": "sha256", "files": digests}, indent=1) + "\n")
+
+
+def check(step_dir: str | os.PathLike) -> str | None:
+    """None when the checkpoint folder `step_dir` passes its check (every file listed in its
+    digests.json is there with that sha256; or it predates digests: no digests.json), else
+    the reason it fails, in a few words."""
+    step_dir = Path(step_dir)
+    record = step_dir / DIGEST_FILE
+    if not record.exists():
+        return None  # written before checkpoints carried digests: accepted unverified
+    try:
+        digests = json.loads(record.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        digests = None
+    if not isinstance(digests, dict) or not digests:
+        return f"its {DIGEST_FILE} is unreadable"
+    names = sorted(digests)
+    for name, got in zip(names, _sha256_all(step_dir, names), strict=True):
+        if got is None:
+            return f"{name} is missing"
+        if got != digests[name]:
+            return f"{name} does not match its digest (garbled or truncated)"
+    return None
+
+
+def _newest_good(run_dir: str | os.PathLike, which: str,
+                 warn: Callable[[str], Any] | None) -> tuple[int | None, list[str]]:
+    """(the newest step of `which` that passes its check, or None; why each newer one failed).
+    `warn` gets one line for each checkpoint skipped in favour of an older good one."""
+    failed = []
+    for step in reversed(steps(run_dir, which)):
+        path = checkpoint_dir(run_dir, which) / str(step)
+        why = check(path)
+        if why is None:
+            for bad, bad_why in failed if warn is not None else []:
+                warn(f"skipping the {which} checkpoint {str(checkpoint_dir(run_dir, which) / str(bad))!r}: "
+                     f"{bad_why}; using step {step}")
+            break
+        failed.append((step, why))
+    else:
+        step = None
+    return step, [f"step {bad}: {why}" for bad, why in failed]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CheckpointWarning, stacklevel=4)
+
+
+def good_step(run_dir: str | os.PathLike, which: str, warn: Callable[[str], Any] | None = _warn) -> int | None:
+    """The newest step of checkpoint `which` that passes its check, skipping (and calling
+    `warn` with a line naming) each newer one that fails; None when there is no checkpoint at
+    all; CheckpointError when there are some but every one fails. Collective (process 0
+    checks and tells the others)."""
+    found, failures = None, []
+    if distributed.is_primary():
+        found, failures = _newest_good(run_dir, which, warn)
+    found = distributed.broadcast_int(-1 if found is None else found)
+    if found >= 0:
+        return found
+    if not steps(run_dir, which):
         return None
-    with _manager(run_dir, which, create=False) as mngr:
-        return mngr.latest_step()
+    raise CheckpointError(f"no intact {which!r} checkpoint in {str(run_dir)!r}: every one fails its check "
+                          f"({'; '.join(failures) or 'see process 0'})")
 
 
+def intact(run_dir: str | os.PathLike) -> str:
+    """A phrase naming the newest latest checkpoint that passes its check, for error messages
+    ("the checkpoint of step 20 ('run/checkpoints/latest/20') is intact"). Local, not collective."""
+    step, _ = _newest_good(run_dir, LATEST, None)
+    if step is None:
+        return f"no checkpoint of this run is intact yet in {str(run_dir)!r}"
+    return f"the checkpoint of step {step} ({str(checkpoint_dir(run_dir, LATEST) / str(step))!r}) is intact"
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove(d: Path, step: int) -> None:
+    """Unpublish step `step` of `d` with one rename, then delete it (a kill in between leaves a
+    `.deleting` folder that `clean` removes, never a half-deleted checkpoint)."""
+    doomed = d / f"{step}{DELETING}"
+    _rmtree(doomed)
+    os.rename(d / str(step), doomed)
+    _rmtree(doomed)
+
+
+def _publish(which: str, step: int, tmp: Path, final: Path) -> None:
+    if final.exists():  # an interrupted earlier attempt at this step: replace it, atomically
+        old = final.with_name(f"{step}{OLD}")
+        _rmtree(old)
+        os.rename(final, old)
+        _fault(which, step, "moved", final)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        _rmtree(old)
+    else:
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+
+
+def _prune(d: Path, step: int, keep: int) -> None:
+    """Keep the `keep` newest steps up to `step`; remove the rest and every step above it."""
+    published = _published(d)
+    for s in [s for s in published if s > step] + [s for s in published if s <= step][:-keep]:
+        _remove(d, s)
+
+
+def save(run_dir: str | os.PathLike, which: str, step: int, params: PyTree,
+         train_state: PyTree | None = None, *, keep: int = 1) -> Path:
+    """Save `params` (and, for full resume, `train_state`) as checkpoint `which` at `step`,
+    keeping the `keep` newest checkpoints up to `step` (see the module docstring); returns its
+    folder. Saving a step that exists replaces it atomically.
+
+    Collective under multi-process JAX: every process calls it. Raises CheckpointWriteError
+    (an OSError) when anything fails while writing: nothing of this save is left published.
+    """
+    d = checkpoint_dir(run_dir, which)
+    final, tmp = d / str(step), d / f"{step}{WRITING}"
+    items = {"params": ocp.args.StandardSave(flatten(params))}
+    if train_state is not None:
+        items["train_state"] = ocp.args.StandardSave(flatten(train_state))
+    primary = distributed.is_primary()
+    try:
+        _fault(which, step, "start", tmp)
+        if primary:
+            d.mkdir(parents=True, exist_ok=True)
+            _rmtree(tmp)  # left by an interrupted attempt at this step
+        distributed.barrier(f"checkpoint_{which}_{step}_start")
+        with _quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(tmp.absolute(), args=ocp.args.Composite(**items))
+        _fault(which, step, "written", tmp)
+        if primary:
+            _write_digests(tmp, step)  # last: a folder with digests.json is complete
+            _fault(which, step, "digested", tmp)
+            _publish(which, step, tmp, final)
+            _fault(which, step, "committed", final)
+            _prune(d, step, keep)
+            _fault(which, step, "pruned", final)
+        distributed.barrier(f"checkpoint_{which}_{step}_done")
+    except Exception as e:
+        if primary:
+            for leftover in [tmp, *d.glob(f"{tmp.name}{ORBAX_TMP}*")]:
+                _rmtree(leftover)
+        raise CheckpointWriteError(f"could not save the {which} checkpoint of step {step} to "
+                                   f"{str(final)!r}: {_cause(e)}", which, step, final) from e
+    return final
+
+
+def clean(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writers left in `run_dir`: checkpoint folders being written or
+    pruned, orbax's temporary folders, atomic-write temporary files; a step folder caught
+    mid-replacement (`<S>.old` without `<S>`) is put back. Returns the removed paths. Only the
+    process holding the run's lock may call it."""
+    removed = remove_temp_files(run_dir)
+    for which in (LATEST, BEST):
+        d = checkpoint_dir(run_dir, which)
+        if not d.is_dir():
+            continue
+        for child in sorted(d.iterdir()):
+            stem, dot, suffix = child.name.partition(".")
+            if not (stem.isdigit() and dot):
+                continue
+            if "." + suffix == OLD and not (d / stem).exists():
+                os.rename(child, d / stem)  # killed between the two renames of a replacement
+            elif "." + suffix in (WRITING, OLD, DELETING) or ORBAX_TMP in child.name:
+                _rmtree(child)
+                removed.append(child)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ loading
 def restore(run_dir: str | os.PathLike, which: str, params_like: PyTree,
-            train_state_like: PyTree | None = None) -> tuple[int, PyTree, PyTree | None]:
+            train_state_like: PyTree | None = None, *, step: int | None = None,
+            warn: Callable[[str], Any] | None = _warn) -> tuple[int, PyTree, PyTree | None]:
     """Restore checkpoint `which`: returns (step, params, train_state or None).
 
-    `params_like` / `train_state_like` give structure, dtypes and target shardings. A
-    checkpoint whose names or shapes do not match raises CheckpointError.
+    `step`: None = the newest that passes its check (`good_step`: newer ones that fail it are
+    skipped with `warn`); an explicit step is restored as it is (the caller checked it).
+    `params_like` / `train_state_like` give structure, dtypes and target shardings. No
+    checkpoint, none that passes its check, or one whose names or shapes do not match raise
+    CheckpointError. Collective under multi-process JAX.
     """
-    step = latest_step(run_dir, which)
+    if step is None:
+        step = good_step(run_dir, which, warn)
     if step is None:
         raise CheckpointError(f"no {which!r} checkpoint in {str(run_dir)!r}")
     items = {"params": ocp.args.StandardRestore(jax.tree.map(_abstract, flatten(params_like)))}
@@ -122,8 +372,9 @@ def restore(run_dir: str | os.PathLike, which: str, params_like: PyTree,
         items["train_state"] = ocp.args.StandardRestore(
             jax.tree.map(_abstract, flatten(train_state_like)))
     try:
-        with _manager(run_dir, which, create=False) as mngr:
-            restored = mngr.restore(step, args=ocp.args.Composite(**items))
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore((checkpoint_dir(run_dir, which) / str(step)).absolute(),
+                                            args=ocp.args.Composite(**items))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(
             f"the {which!r} checkpoint in {str(run_dir)!r} does not fit this model: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,13 +19,21 @@ from pathlib import Path
 from ..config import MODEL_SHAPE_FIELDS, Config, ConfigError
 from ..parallel import distributed
 from . import checkpoint as ckpt
+from . import runlock
 from .layout import CONFIG_FILE, TOKENIZER_FILE
 
-__all__ = ["resolve_run_dir", "check_resumable", "is_empty_dir", "topmost_new_dir", "remove_created"]
+__all__ = ["resolve_run_dir", "check_resumable", "is_empty_dir", "not_empty", "take_lock", "open_for_resume",
+           "topmost_new_dir", "remove_created"]
 
 
 def is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    # run.lock alone: a new run stopped right after locking its directory, before writing anything
+    return path.is_dir() and all(p.name == runlock.LOCK_FILE for p in path.iterdir())
+
+
+def not_empty(path: Path) -> FileExistsError:
+    return FileExistsError(f"run_dir: {str(path)!r} is not empty; pass --resume to continue that run, or "
+                           "choose a new --run_dir")
 
 
 def resolve_run_dir(run_dir: str | os.PathLike | None, resume: bool) -> Path:
@@ -43,16 +52,46 @@ def resolve_run_dir(run_dir: str | os.PathLike | None, resume: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"run_dir: {str(path)!r} exists and is not a directory")
     if resume:
-        if ckpt.latest_step(path, ckpt.LATEST) is None:
-            raise ckpt.CheckpointError(f"run_dir: no checkpoint to resume in {str(path)!r}; "
-                                       "start a new run without --resume")
-        for name in (CONFIG_FILE, TOKENIZER_FILE):
-            if not (path / name).is_file():
-                raise ckpt.CheckpointError(f"run_dir: {str(path / name)!r} is missing; cannot resume")
+        if not path.is_dir():  # what it holds is checked under its lock (`open_for_resume`)
+            raise ckpt.CheckpointError(f"run_dir: no checkpoint to resume in {str(path)!r}: it does not "
+                                       "exist; start a new run without --resume")
     elif path.exists() and not is_empty_dir(path):
-        raise FileExistsError(f"run_dir: {str(path)!r} is not empty; pass --resume to continue "
-                              "that run, or choose a new --run_dir")
+        raise not_empty(path)
     return path
+
+
+def take_lock(lock: runlock.RunLock | None, run_dir: Path) -> None:
+    """Process 0 takes the run directory's lock (`lock`; None in other processes); every
+    process raises if it could not (RunLockedError names the holder)."""
+    failure = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            failure = e
+    if distributed.any_process(failure is not None):
+        raise failure or runlock.RunLockedError(f"run_dir: process 0 could not lock {str(run_dir)!r}; "
+                                                "see its error message")
+
+
+def open_for_resume(run_dir: Path, lock: runlock.RunLock | None) -> bool:
+    """Lock the run directory, remove what an interrupted writer left in it (`checkpoint.clean`),
+    and return whether it has no checkpoint yet: a run stopped during its start-up, which then
+    starts again at step 0 (with its saved config.yaml, if it got that far)."""
+    take_lock(lock, run_dir)
+    if lock is not None:
+        ckpt.clean(run_dir)
+    distributed.barrier("run_dir_cleaned")
+    if ckpt.steps(run_dir, ckpt.LATEST):
+        for name in (CONFIG_FILE, TOKENIZER_FILE):  # written before any checkpoint
+            if not (run_dir / name).is_file():
+                raise ckpt.CheckpointError(f"run_dir: {str(run_dir / name)!r} is missing; cannot resume")
+        return False
+    if distributed.is_primary():
+        how = "its saved config.yaml" if (run_dir / CONFIG_FILE).is_file() else "the given config"
+        print(f"{run_dir} has no checkpoint yet (it was stopped during its start-up): starting it at "
+              f"step 0 with {how}", file=sys.stderr, flush=True)
+    return True
 
 
 def check_resumable(saved: Config, config: Config, run_dir: Path) -> None:

@@ -58,12 +58,11 @@ def which(best: bool) -> str:
     return checkpoint.BEST if best else checkpoint.LATEST
 
 
-def saved_dtypes(run_dir: str | os.PathLike, which: str) -> dict[str, Any]:
-    """`{array name: dtype}` of checkpoint `which`'s params, read from orbax's metadata."""
-    step = checkpoint.latest_step(run_dir, which)
+def saved_dtypes(run_dir: str | os.PathLike, which: str, step: int | None = None) -> dict[str, Any]:
+    """`{array name: dtype}` of checkpoint `which`'s params (at `step`; None = the newest that
+    passes its check), read from orbax's metadata."""
     if step is None:
-        raise CheckpointError(f"run directory {str(run_dir)!r} has no {which!r} checkpoint "
-                              f"(looked in {str(checkpoint.checkpoint_dir(run_dir, which))!r})")
+        step = _good_step(run_dir, which)
     path = checkpoint.checkpoint_dir(run_dir, which) / str(step) / "params"
     try:
         tree = ocp.StandardCheckpointHandler().metadata(path.absolute()).tree
@@ -74,10 +73,22 @@ def saved_dtypes(run_dir: str | os.PathLike, which: str) -> dict[str, Any]:
     return {name: meta.dtype for name, meta in tree.items()}
 
 
+def _good_step(run_dir: str | os.PathLike, which: str) -> int:
+    """The newest step of `which` that passes its digest check (newer failing ones are skipped
+    with a CheckpointWarning): a checkpoint that fails it is never loaded."""
+    step = checkpoint.good_step(run_dir, which)
+    if step is None:
+        raise CheckpointError(f"run directory {str(run_dir)!r} has no {which!r} checkpoint "
+                              f"(looked in {str(checkpoint.checkpoint_dir(run_dir, which))!r})")
+    return step
+
+
 def restore_arrays(run_dir: str | os.PathLike, which: str, like: Any) -> Any:
-    """Restore checkpoint `which` into a tree shaped like `like` (ShapeDtypeStruct leaves; other
-    leaves are kept). Each array comes back in its saved dtype, whole on the default device."""
-    dtypes = saved_dtypes(run_dir, which)
+    """Restore checkpoint `which` (the newest that passes its check) into a tree shaped like
+    `like` (ShapeDtypeStruct leaves; other leaves are kept). Each array comes back in its saved
+    dtype, whole on the default device."""
+    step = _good_step(run_dir, which)
+    dtypes = saved_dtypes(run_dir, which, step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     arrays, rest = eqx.partition(like, _is_struct)
     names = checkpoint.flatten(arrays)
@@ -87,5 +98,5 @@ def restore_arrays(run_dir: str | os.PathLike, which: str, like: Any) -> Any:
                               f"{len(missing)} array(s) the model needs, e.g. {missing[0]!r}")
     targets = checkpoint.unflatten(
         {n: jax.ShapeDtypeStruct(s.shape, dtypes[n], sharding=device) for n, s in names.items()}, arrays)
-    _, restored, _ = checkpoint.restore(run_dir, which, targets)
+    _, restored, _ = checkpoint.restore(run_dir, which, targets, step=step)
     return eqx.combine(restored, rest)

@@ -95,8 +95,8 @@ class Checkpointer:
     collectively; only `primary` writes the cursor) and refuses to save non-finite state."""
 
     def __init__(self, run_dir: Path, mesh: Any, total: int, data_path: Path, *, primary: bool,
-                 saved: Callable[[Any], Any] = lambda p: p):
-        self.run_dir, self.mesh, self.total, self.data_path = run_dir, mesh, total, data_path
+                 saved: Callable[[Any], Any] = lambda p: p, keep: int = 2):
+        self.run_dir, self.mesh, self.total, self.data_path, self.keep = run_dir, mesh, total, data_path, keep
         self.primary = primary
         self.saved = saved  # what of the params is saved (an adapter-only LoRA run: the adapters)
 
@@ -116,7 +116,8 @@ class Checkpointer:
         ckpt.save(self.run_dir, ckpt.BEST, state.step, self.saved(state.params))
 
     def save_latest(self, state: TrainState, *, finished: bool = False, stopped_early: bool = False) -> None:
-        ckpt.save(self.run_dir, ckpt.LATEST, state.step, self.saved(state.params), state.checkpoint_tree(self.mesh))
+        ckpt.save(self.run_dir, ckpt.LATEST, state.step, self.saved(state.params), state.checkpoint_tree(self.mesh),
+                  keep=self.keep)  # the last `keep` latest checkpoints: a fallback if one fails its check
         if self.primary:
             best = state.best_val_loss
             write_cursor(self.run_dir, {

@@ -35,7 +35,7 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
             data_path = recorded
     path = Path(data_path) if data_path is not None else default_corpus_path()
     tokenizer_file = None  # the file of a fixed tokenizer, named when a prepared dataset differs
-    if resume:
+    if resume and (run_dir / TOKENIZER_FILE).is_file():  # absent: stopped before saving it
         tokenizer_file = run_dir / TOKENIZER_FILE
     elif config.tokenizer_path:
         tokenizer_file = Path(config.tokenizer_path)

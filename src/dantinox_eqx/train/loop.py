@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..parallel import distributed
 from .hooks import Checkpointer, Hook, StepEvent
-from .progress import StopFlag, TrainingInterrupted
+from .progress import StopFlag, TrainingInterrupted, TrainingWriteError
 from .state import TrainState
 
 __all__ = ["train_loop"]
@@ -34,23 +34,28 @@ def _should_stop(stop: StopFlag, multi: bool, just_saved: bool) -> bool:
 
 def train_loop(state: TrainState, step_fn: Callable, hooks: list[Hook], *, total: int,
                checkpointer: Checkpointer, stop: StopFlag, run_dir: Path) -> TrainState:
-    """Train from `state.step` to `total` (see the module docstring); returns the final state."""
+    """Train from `state.step` to `total` (see the module docstring); returns the final state.
+    An OSError while writing the run directory (a full disk, ...) ends it as one
+    TrainingWriteError naming the step, the path and the checkpoint that is still intact."""
     multi = distributed.process_count() > 1
     saved_at = state.step
-    while state.step < total:
-        params, opt_state, metrics = step_fn(state.params, state.opt_state, state.step)
-        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        event = StepEvent(state.step, total, metrics)
-        for hook in hooks:
-            if hook.due(event):
-                state = hook(state, event)
-        if event.saved:
-            saved_at = state.step
-        if event.stop_early:
-            break
-        if _should_stop(stop, multi, saved_at == state.step):
-            if saved_at != state.step:
-                checkpointer.check_finite(state.step, state.params, {})
-                checkpointer.save_latest(state)
-            raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.step, run_dir)
+    try:
+        while state.step < total:
+            params, opt_state, metrics = step_fn(state.params, state.opt_state, state.step)
+            state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+            event = StepEvent(state.step, total, metrics)
+            for hook in hooks:
+                if hook.due(event):
+                    state = hook(state, event)
+            if event.saved:
+                saved_at = state.step
+            if event.stop_early:
+                break
+            if _should_stop(stop, multi, saved_at == state.step):
+                if saved_at != state.step:
+                    checkpointer.check_finite(state.step, state.params, {})
+                    checkpointer.save_latest(state)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.step, run_dir)
+    except OSError as e:
+        raise TrainingWriteError(state.step, e, run_dir) from e
     return state

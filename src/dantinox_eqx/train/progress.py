@@ -14,16 +14,24 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainingInterrupted", "TrainingDiverged", "StopFlag", "Progress"]
+from ..run import checkpoint as ckpt
+
+__all__ = ["TrainingInterrupted", "TrainingDiverged", "TrainingWriteError", "StopFlag", "Progress"]
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after saving the latest checkpoint at `step`."""
+    """SIGINT/SIGTERM stopped training after saving the latest checkpoint at `step`, or
+    (`saved=False`) during start-up, before the first step of this session, when there was
+    nothing to save: the run directory is as it was (or holds only what a resume starts from)."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path):
-        self.signum, self.step, self.run_dir = signum, step, run_dir
+    def __init__(self, signum: int, step: int, run_dir: Path | None, saved: bool = True):
+        self.signum, self.step, self.run_dir, self.saved = signum, step, run_dir, saved
         name = signal.Signals(signum).name
-        super().__init__(f"training interrupted by {name} at step {step}; checkpoint saved in {run_dir}")
+        if saved:
+            super().__init__(f"training interrupted by {name} at step {step}; checkpoint saved in {run_dir}")
+        else:
+            super().__init__(f"training interrupted by {name} during start-up (before this session's first "
+                             "step); nothing was lost")
 
     @property
     def exit_code(self) -> int:
@@ -34,18 +42,42 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the parameters) became NaN/inf; nothing was saved after the last good step."""
 
 
+class TrainingWriteError(RuntimeError):
+    """Writing the run directory failed at `step` (a full disk, permissions, ...): training
+    stopped; the message names the step, the path and the checkpoint that is still intact
+    (`--resume` continues from it once the cause is fixed)."""
+
+    def __init__(self, step: int, error: OSError, run_dir: Path):
+        self.step, self.error = step, error
+        if isinstance(error, ckpt.CheckpointWriteError):
+            what = str(error)
+        else:
+            where = f" {str(error.filename)!r}" if error.filename else f" in {str(run_dir)!r}"
+            what = f"could not write{where} at step {step}: {error.strerror or error}"
+        super().__init__(f"{what}; {ckpt.intact(run_dir)}: free space (or fix the cause), then resume "
+                         "with --resume")
+
+
 class StopFlag:
     """SIGINT/SIGTERM handlers that only record the signal (the loop checks it between steps).
-    A second signal while stopping raises KeyboardInterrupt for an immediate exit."""
+    A second signal while stopping raises KeyboardInterrupt for an immediate exit.
 
-    def __init__(self) -> None:
+    `starting=True` (fit's start-up, until the loop installs its own flag): a signal raises
+    TrainingInterrupted(saved=False) at once; nothing is in flight then (every write is atomic,
+    and a half-made checkpoint is cleaned up on resume)."""
+
+    def __init__(self, starting: bool = False) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self.starting = starting
+        self.step, self.run_dir = 0, None  # what a start-up interruption reports (step: resumed from)
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.starting:
+            raise TrainingInterrupted(signum, self.step, self.run_dir, saved=False)
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,17 @@ from ..lora import has_lora, lora_summary
 from ..model import Transformer, cast_floating
 from ..parallel import distributed, sharding
 from ..run import checkpoint as ckpt
-from ..run import finetune
+from ..run import finetune, runlock
 from ..run.layout import CONFIG_FILE, CURSOR_FILE, EXPERT_COUNTS_FILE, LOG_COLUMNS, TOKENIZER_FILE, read_log, write_log
-from ..run.rundir import check_resumable, remove_created, resolve_run_dir, topmost_new_dir
+from ..run.rundir import (
+    check_resumable,
+    is_empty_dir,
+    not_empty,
+    open_for_resume,
+    remove_created,
+    resolve_run_dir,
+    topmost_new_dir,
+)
 from ..run.summary import model_summary
 from . import hooks
 from .expert_log import ExpertCountsLog
@@ -50,15 +59,22 @@ from .loop import train_loop
 from .lr_finder import _check_args, find_lr
 from .optim import make_optimizer, make_schedule
 from .programs import build_programs
-from .progress import Progress, StopFlag, TrainingDiverged, TrainingInterrupted
+from .progress import Progress, StopFlag, TrainingDiverged, TrainingInterrupted, TrainingWriteError
 from .state import TrainState
 from .step import init_opt_state
 from .wandb_logger import make_wandb_logger
 
-__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "LOG_COLUMNS", "CURSOR_FILE", "CONFIG_FILE",
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "TrainingWriteError", "LOG_COLUMNS", "CURSOR_FILE",
+           "CONFIG_FILE",
            "read_log", "default_config_path"]
 
 Logger = Callable[[dict[str, Any]], Any]
+
+
+def _warn(message: str) -> None:
+    """A one-line warning on stderr (process 0), e.g. a checkpoint skipped by resume."""
+    if distributed.is_primary():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def default_config_path() -> Path:
@@ -99,15 +115,34 @@ class Trainer:
           None = the default Shakespeare corpus (`data/corpus.py`), or on resume the data the
           run was trained on.
         - run_dir: None = runs/run_YYYYMMDD_HHMMSS. A non-empty run_dir needs resume=True.
-        - resume: continue from the latest checkpoint (exactly: same rows as never stopping).
+        - resume: continue from the latest checkpoint that passes its check (exactly: same rows
+          as never stopping; a newer one that fails it is skipped with a warning), or from step 0
+          when the run was stopped before its first checkpoint.
+        The run directory is locked (`run/runlock.py`) while fit writes it: a second writer gets
+        RunLockedError (a ConfigError) naming the holder.
         Raises ConfigError/DataError/FileExistsError/CheckpointError before writing anything,
-        TrainingInterrupted (checkpoint saved) on SIGINT/SIGTERM, and TrainingDiverged on a
-        NaN/inf loss (nothing saved past the last good checkpoint).
+        TrainingInterrupted on SIGINT/SIGTERM (checkpoint saved; during start-up: nothing to
+        save), TrainingDiverged on a NaN/inf loss (nothing saved past the last good checkpoint)
+        and TrainingWriteError when writing the run directory fails (e.g. a full disk).
         """
         keep_freed_memory()  # XLA:CPU's per-step buffers reused, not re-faulted (hostmem.py)
+        lock = None
+        with StopFlag(starting=True) as stop:  # start-up: a signal stops at once (the loop has its own)
+            try:
+                run_dir = resolve_run_dir(run_dir, resume)
+                stop.run_dir = run_dir
+                lock = runlock.RunLock(run_dir) if distributed.is_primary() else None
+                return self._fit(data_path, run_dir, resume, stop, lock)
+            finally:
+                stop.starting = False  # the loop has ended (or never began): a signal now is only noted
+                if lock is not None:
+                    lock.release()
+
+    def _fit(self, data_path: str | os.PathLike | None, run_dir: Path, resume: bool, stop: StopFlag,
+             lock: runlock.RunLock | None) -> Path:
         config = self.config
-        run_dir = resolve_run_dir(run_dir, resume)
-        saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume else None
+        fresh = open_for_resume(run_dir, lock) if resume else False  # True: no checkpoint yet
+        saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume and (run_dir / CONFIG_FILE).is_file() else None
         data_path, dataset = training_data(config, data_path, run_dir, resume)
         config = resolve_vocab(config, dataset.vocab_size)
         if config.init_from:  # recorded absolute: resume and loading work from any directory
@@ -131,7 +166,7 @@ class Trainer:
         params, opt_state = sharding.place(params, opt_state, mesh, config.sharding)
         state = TrainState.initial(params, opt_state, key=root)
         rows: list[dict[str, Any]] = []
-        if resume:
+        if resume and not fresh:
             state = self._restore(run_dir, state, trainable, base, mesh)
             if (run_dir / config.log_file).is_file():
                 rows = [r for r in read_log(run_dir / config.log_file) if r["step"] <= state.step]
@@ -146,18 +181,14 @@ class Trainer:
         # process still checks that it is new).
         distributed.barrier("inputs_checked")
         self.run_dir = run_dir
-        loggers = self._start_loggers(config, run_dir, summary, resume)
-        if distributed.is_primary():
-            config.to_yaml(run_dir / CONFIG_FILE)
-            # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
-            # imported Hugging Face tokenizer.json survives fine-tuning and export unchanged.
-            source = (run_dir / TOKENIZER_FILE if resume else config.tokenizer_path
-                      or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
-            tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
-            atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
-            if base is not None:
-                finetune.write_pointer(run_dir, base)
-            write_log(run_dir / config.log_file, rows)
+        stop.step = state.step
+        loggers = self._start_loggers(config, run_dir, summary, resume, lock)
+        try:
+            self._write_run_files(config, run_dir, resume, dataset, summary, base, rows)
+        except OSError as e:
+            raise TrainingWriteError(state.step, e, run_dir) from e
+        if stop.signum is not None:  # a start-up signal whose exception some library swallowed
+            raise TrainingInterrupted(stop.signum, state.step, run_dir, saved=False)
         try:
             self._train(config, run_dir, data_path, total, static, optimizer, trainable, dataset, feed, mesh,
                         state, rows, loggers, adapter_only=base is not None)
@@ -166,6 +197,23 @@ class Trainer:
                 if hasattr(logger, "finish"):
                     logger.finish()
         return run_dir
+
+    @staticmethod
+    def _write_run_files(config: Config, run_dir: Path, resume: bool, dataset: Splits, summary: dict[str, Any],
+                         base: dict[str, Any] | None, rows: list[dict[str, Any]]) -> None:
+        """config.yaml, tokenizer.json, model_summary.json, lora_base.json and the log (process 0)."""
+        if not distributed.is_primary():
+            return
+        config.to_yaml(run_dir / CONFIG_FILE)
+        # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
+        # imported Hugging Face tokenizer.json survives fine-tuning and export unchanged.
+        source = (run_dir / TOKENIZER_FILE if resume else config.tokenizer_path
+                  or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
+        tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
+        atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+        if base is not None:
+            finetune.write_pointer(run_dir, base)
+        write_log(run_dir / config.log_file, rows)
 
     def _train(self, config: Config, run_dir: Path, data_path: Path, total: int, static: Any, optimizer: Any,
                trainable: Any, dataset: Splits, feed_kind: str, mesh: Any, state: TrainState,
@@ -183,7 +231,7 @@ class Trainer:
         schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, total, c.min_lr_ratio,
                                          c.wsd_stable_fraction))
         # An adapter-only LoRA run checkpoints the trained arrays only (the base is in its run).
-        checkpointer = hooks.Checkpointer(run_dir, mesh, total, data_path, primary=primary,
+        checkpointer = hooks.Checkpointer(run_dir, mesh, total, data_path, primary=primary, keep=c.keep_checkpoints,
                                           saved=(lambda p: eqx.filter(p, trainable)) if adapter_only else (lambda p: p))
         experts = ExpertCountsLog(run_dir / EXPERT_COUNTS_FILE, keep_upto=state.step) if c.use_moe else None
         clock = hooks.Clock()
@@ -210,7 +258,7 @@ class Trainer:
         is still the one it was trained on."""
         like = state.checkpoint_tree(mesh)
         if base is None:
-            _, params, tree = ckpt.restore(run_dir, ckpt.LATEST, state.params, like)
+            _, params, tree = ckpt.restore(run_dir, ckpt.LATEST, state.params, like, warn=_warn)
             return TrainState.from_checkpoint(params, tree)
         pointer = finetune.read_pointer(run_dir)
         if pointer is None or pointer["params_sha256"] != base["params_sha256"]:
@@ -220,7 +268,7 @@ class Trainer:
                 f"{None if pointer is None else pointer.get('step')} then, {base['step']} now); "
                 "the adapter cannot be resumed on other base weights")
         adapter, frozen = eqx.partition(state.params, trainable)
-        _, adapter, tree = ckpt.restore(run_dir, ckpt.LATEST, adapter, like)
+        _, adapter, tree = ckpt.restore(run_dir, ckpt.LATEST, adapter, like, warn=_warn)
         return TrainState.from_checkpoint(eqx.combine(adapter, frozen), tree)
 
     @staticmethod
@@ -238,20 +286,29 @@ class Trainer:
                                        "devices": sharding.num_devices(mesh), "sharding": config.sharding}
         return summary
 
-    def _start_loggers(self, config: Config, run_dir: Path, summary: dict[str, Any], resume: bool) -> list[Logger]:
-        """Create the run directory and start the loggers (the given ones, then W&B's when
-        `config.wandb` or `config.wandb_project` is set): process 0 only; other processes get
-        no loggers. If one cannot start (e.g. W&B is not logged in), the started ones are
-        finished, what this call created of a new run directory is removed (nothing else was
-        written yet), and every process raises."""
+    def _start_loggers(self, config: Config, run_dir: Path, summary: dict[str, Any], resume: bool,
+                       lock: runlock.RunLock | None = None) -> list[Logger]:
+        """Create the run directory, lock it (a new run; `lock`), and start the loggers (the
+        given ones, then W&B's when `config.wandb` or `config.wandb_project` is set): process 0
+        only; other processes get no loggers. If one cannot start (e.g. W&B is not logged in),
+        the started ones are finished, what this call created of a new run directory is removed
+        (nothing else was written yet), and every process raises. If the directory is locked by
+        another run, or another run wrote it since it was found empty, every process raises and
+        nothing is removed."""
         started: list[Logger] = []
         failure: Exception | None = None
         if distributed.is_primary():
             created = topmost_new_dir(run_dir)
             existed = run_dir.exists()
             run_dir.mkdir(parents=True, exist_ok=True)
-            wandb_logger = make_wandb_logger(config, run_dir)
+            claimed = resume or lock is None  # a resumed run was locked by open_for_resume
             try:
+                if not claimed:  # a new run: locked once its directory exists,
+                    lock.acquire()
+                    if not is_empty_dir(run_dir):  # and still empty (another run may have begun)
+                        raise not_empty(run_dir)
+                    claimed = True
+                wandb_logger = make_wandb_logger(config, run_dir)
                 for logger in [*self.loggers, *([wandb_logger] if wandb_logger is not None else [])]:
                     if hasattr(logger, "start"):
                         logger.start(config, summary)
@@ -261,7 +318,7 @@ class Trainer:
                 for logger in started:
                     if hasattr(logger, "finish"):
                         logger.finish()
-                if not resume:  # a new run: the directory was absent or empty before this call
+                if not resume and claimed:  # a new run: the directory was absent or empty before this call
                     remove_created(run_dir, created, existed)
         if distributed.any_process(failure is not None):
             if failure is not None:

@@ -1,0 +1,98 @@
+"""What keeps a checkpoint save honest when it fails: orbax's error noise held off stderr, the
+failure's cause in one line, and the test-only fault seam that stops a save at a given phase.
+Used by `run/checkpoint.py`'s `save`."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FAULT_ENV", "fault", "quiet_orbax", "cause"]
+
+# Test-only seam: "which:step:phase:action[,...]" stops a save at a phase (see `fault`).
+FAULT_ENV = "DANTINOX_EQX_TEST_FAULT"
+
+
+def fault(which: str, step: int, phase: str, path: Path) -> None:
+    """Test-only seam: `DANTINOX_EQX_TEST_FAULT="best:20:written:kill,latest:30:start:enospc"`
+    stops the save of checkpoint `which` at `step` at `phase` (start, written, digested, moved,
+    committed, pruned; see `save`) by SIGKILL (`kill`), a raised ENOSPC (`enospc`), or a file size
+    limit of 4 KiB from then on that makes orbax's own writes fail (`fsize`)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        w, s, ph, action = item.strip().split(":")
+        if (w, int(s), ph) != (which, step, phase):
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        elif action == "fsize":
+            import resource  # noqa: PLC0415 (POSIX only, and only for this test seam)
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@contextlib.contextmanager
+def quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 10.0) -> Iterator[None]:
+    """Keep orbax's own error reports off stderr while it saves: when a write fails (a full
+    disk), its writer threads log each failure with a traceback (absl), its abandoned asyncio
+    tasks are logged when collected, and tensorstore's late callbacks raise "Event loop is
+    closed" into sys.unraisablehook: hundreds of lines for one error, which `save` reports in
+    one line (`cause`). After a failure this waits until those reports stop coming (none for
+    `settle_s`, at most `max_wait_s`) before handing stderr back."""
+    events = [0]
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            events[0] += 1
+            return False
+
+    loggers, drop, hook = [logging.getLogger("absl"), logging.getLogger("asyncio")], _Drop(), sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        events[0] += 1
+
+    for logger in loggers:
+        logger.addFilter(drop)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    except BaseException:
+        deadline, seen, quiet_since = time.monotonic() + max_wait_s, -1, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < settle_s:
+            gc.collect()  # abandoned tasks report their errors when collected
+            if events[0] != seen:
+                seen, quiet_since = events[0], time.monotonic()
+            time.sleep(0.05)
+        raise
+    finally:
+        sys.unraisablehook = hook
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def cause(error: BaseException) -> str:
+    """A short reason for a failed write: the OS error when there is one (orbax's tensorstore
+    errors carry it as `[os_error_code='28']`), else the error's first line."""
+    if isinstance(error, OSError) and error.errno:
+        return f"[Errno {error.errno}] {error.strerror}" + (f": {str(error.filename)!r}" if error.filename else "")
+    text = str(error).strip()
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= 300 else first[:300] + " ..."
