@@ -33,7 +33,7 @@ from .config import Config
 from .sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathered
 
 __all__ = ["Transformer", "Block", "Attention", "MLP", "Linear", "Norm", "KVCache",
-           "rope", "attend", "gelu", "matmul", "write_cache", "causal_mask", "dropout", "cast_floating"]
+           "rope", "attend", "gelu", "activate", "matmul", "write_cache", "causal_mask", "dropout", "cast_floating"]
 
 NEG_INF = -1e30  # finite: a fully masked row (left padding) gives a uniform softmax, not NaN
 
@@ -84,8 +84,9 @@ class Norm(eqx.Module):
 
 def residual_std(cfg: Config) -> float:
     """Init std of the projections that write into the residual stream (attention out, MLP
-    down): GPT-2's 0.02 / sqrt(2 L), so the stream's variance does not grow with depth."""
-    return 0.02 / math.sqrt(2 * cfg.num_blocks)
+    down): GPT-2's 0.02 / sqrt(2 L), so the stream's variance does not grow with depth; 0 with
+    `zero_init_proj` (issue 16: every block starts as the identity, modded-nanogpt's init)."""
+    return 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.num_blocks)
 
 
 def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
@@ -221,6 +222,8 @@ class Attention(eqx.Module):
 
     qkv: Linear  # D -> (H + 2K) * E, one GEMM for all three projections
     o: Linear  # H * E -> D
+    q_norm: Norm | None  # qk_norm (issue 16): RMSNorm over each head's E dims, before RoPE
+    k_norm: Norm | None
     n_heads: int = eqx.field(static=True)
     kv_heads: int = eqx.field(static=True)
     head_size: int = eqx.field(static=True)
@@ -235,6 +238,7 @@ class Attention(eqx.Module):
         H, K, E = cfg.n_heads, cfg.effective_kv_heads, cfg.head_size
         self.qkv = Linear(cfg.dim, (H + 2 * K) * E, key=k1)
         self.o = Linear(H * E, cfg.dim, key=k2, std=residual_std(cfg))
+        self.q_norm, self.k_norm = (Norm(E), Norm(E)) if cfg.qk_norm else (None, None)
         self.n_heads, self.kv_heads, self.head_size = H, K, E
         self.rope_base = rope_base(E, cfg.rope_scale_factor) if cfg.use_rotary_pos else None
         self.window = cfg.context_window if cfg.sliding_window else None
@@ -261,6 +265,8 @@ class Attention(eqx.Module):
         B, T, _ = x.shape
         H, K, E = self.n_heads, self.kv_heads, self.head_size
         q, k, v = jnp.split(self.qkv(x).reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
         if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):
@@ -317,8 +323,18 @@ class MLP(eqx.Module):
             gate, h = jnp.split(h, 2, axis=-1)
             h = jax.nn.silu(gate) * h
         else:
-            h = gelu(h) if self.activation == "gelu" else getattr(jax.nn, self.activation)(h)
+            h = activate(self.activation, h)
         return self.down(h), jnp.zeros((), jnp.float32)
+
+
+def activate(name: str, x: Array) -> Array:
+    """config.activation: gelu (tanh form, `gelu`), relu, silu, or relu2 = relu(x)^2 (issue 16;
+    modded-nanogpt's ReLU squared)."""
+    if name == "gelu":
+        return gelu(x)
+    if name == "relu2":
+        return jnp.square(jax.nn.relu(x))
+    return getattr(jax.nn, name)(x)
 
 
 @jax.custom_vjp
@@ -405,6 +421,7 @@ class Transformer(eqx.Module):
     dropout_rate: float = eqx.field(static=True)
     remat: str = eqx.field(static=True)
     scan_unroll: int = eqx.field(static=True)
+    logit_softcap: float | None = eqx.field(static=True)  # issue 16: cap * tanh(logits / cap)
 
     def __init__(self, config: Config, *, key: PRNGKeyArray):
         if config.vocab_size is None:
@@ -423,6 +440,7 @@ class Transformer(eqx.Module):
         self.vocab_size, self.max_context = V, config.max_context
         self.dropout_rate = config.dropout_rate
         self.remat, self.scan_unroll = config.effective_remat, config.effective_scan_unroll
+        self.logit_softcap = config.logit_softcap
 
     @classmethod
     def from_pretrained(cls, run_dir: Any, best: bool = True, *, dtype: Any = None) -> Transformer:
@@ -449,9 +467,11 @@ class Transformer(eqx.Module):
 
     def _logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         x = self.norm(x)
-        if self.head is not None:
-            return self.head(x)
-        return matmul(x, self.embedding.T)
+        logits = self.head(x) if self.head is not None else matmul(x, self.embedding.T)
+        if self.logit_softcap is None:
+            return logits
+        cap = self.logit_softcap  # in float32: tanh's saturation is where bfloat16 is coarsest
+        return (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
 
     def _run_blocks(self, x: Array, positions: Array, caches: Any, key: PRNGKeyArray | None
                     ) -> tuple[Array, Scalar, Any]:

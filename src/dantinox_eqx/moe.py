@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .config import Config
-from .model import MLP, Linear, residual_std
+from .model import MLP, Linear, activate, residual_std
 
 __all__ = ["MoE", "ExpertLinear", "Routing", "capacity", "balance_loss", "expert_counts",
            "param_counts"]
@@ -132,7 +132,8 @@ class MoE(eqx.Module):
             gate, h = jnp.split(h, 2, axis=-1)
             h = jax.nn.silu(gate) * h
         else:
-            h = getattr(jax.nn, self.activation)(h)
+            # issue 16: model.activate adds relu2; gelu keeps jax.nn.gelu's autodiff (unchanged runs)
+            h = jax.nn.gelu(h) if self.activation == "gelu" else activate(self.activation, h)
         return self.down(h)
 
     def __call__(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], Scalar]:
