@@ -63,6 +63,7 @@ from .expert_log import EXPERT_COUNTS_FILE, ExpertCountsLog, make_counts_fn
 from .hostmem import keep_freed_memory
 from .lora import has_lora, lora_summary, lora_trainable
 from .model import Transformer, cast_floating
+from .muon import param_groups
 from .optim import make_optimizer, make_schedule
 from .step import init_opt_state, make_eval_step, make_train_step
 from .summary import model_summary
@@ -325,6 +326,8 @@ class Trainer:
                for name in MODEL_SHAPE_FIELDS}
         why["optimizer"] = "its optimizer state cannot be resumed with another optimizer"
         why["grad_clip"] = "its optimizer state cannot be resumed with clipping switched on or off"
+        if config.optimizer == "muon":  # issue 16: the groups fix the optimizer state's arrays
+            why["muon_params"] = "its optimizer state holds these parameter groups"
         why["seed"] = "a resumed run keeps its seed (its batches and dropout derive from it)"
         for name, reason in why.items():
             old, new = getattr(saved, name), getattr(config, name)
@@ -441,6 +444,7 @@ class Trainer:
         else:
             step = 0
         summary = model_summary(config, params, opt_state)
+        summary |= param_groups(config, params, trainable)  # issue 16: optimizer: muon's groups
         if has_lora(model):  # the trainable share; optimizer_mem_MB above is the adapter's state
             lora = lora_summary(model)
             summary |= {"trainable_params": lora["trainable"], "trainable_percent": round(lora["percent"], 4),
