@@ -5,7 +5,6 @@ their modules (`model`, `step`, `optim`, `data`, `tokenizer`) for research code 
 """
 
 from .config import Config, ConfigError
-from .model import Transformer
 
 __version__ = "0.1.0"
 
@@ -13,7 +12,12 @@ __all__ = ["Config", "ConfigError", "Transformer", "Trainer", "Generator", "__ve
 
 
 def __getattr__(name: str):
-    # Trainer and Generator pull in orbax, rich and tokenizers: import them on first use.
+    # Imported on first use: Transformer pulls in JAX and Equinox (issue 16: `dantinox-eqx
+    # --help` and `--version` need neither), Trainer and Generator orbax and tokenizers too.
+    if name == "Transformer":
+        from .model import Transformer
+
+        return Transformer
     if name == "Trainer":
         from .trainer import Trainer
 
