@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .config import Config
-from .model import MLP, Linear, activate, residual_std
+from .model import MLP, Linear, activate, normal_init, residual_std
 
 __all__ = ["MoE", "ExpertLinear", "Routing", "capacity", "balance_loss", "expert_counts",
            "param_counts"]
@@ -66,7 +66,7 @@ class ExpertLinear(eqx.Module):
 
     def __init__(self, n_experts: int, d_in: int, d_out: int, *, key: PRNGKeyArray,
                  std: float = 0.02):
-        self.weight = std * jax.random.normal(key, (n_experts, d_in, d_out))
+        self.weight = normal_init(key, (n_experts, d_in, d_out), std)  # issue 16: jit-stable
 
     def __call__(self, x: Float[Array, "n_experts C d_in"]) -> Float[Array, "n_experts C d_out"]:
         return jnp.einsum("ecd,edf->ecf", x, self.weight.astype(x.dtype))

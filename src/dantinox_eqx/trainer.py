@@ -249,7 +249,7 @@ class Trainer:
             raise ConfigError("use_lora: LoRA fine-tunes a trained model: set init_from to its run directory "
                               "(CLI: --init_from RUN_DIR), or pass model= to Trainer")
         else:
-            model = Transformer(config, key=key)
+            model = Transformer.build(config, key=key)  # issue 16: one compiled program
         return finetune.add_adapters(model, config, jax.random.fold_in(key, 1)) if config.use_lora else model
 
     def _trainable(self, model: Transformer) -> Any:
