@@ -3,6 +3,8 @@
     python benchmarks/recipe.py --data_path tinyshakespeare.txt          # 3 seeds x 3 recipes
     python benchmarks/recipe.py --quick                                  # 1 seed, 300 steps
     python benchmarks/recipe.py --data_path F --tune 0.01 0.02 0.04      # muon_lr sweep, seed 0
+    python benchmarks/recipe.py --data_path F --seeds 1 --tag s1         # one seed (in parallel) ...
+    python benchmarks/recipe.py --merge results/recipe_*-s?.json         # ... then the table
 
 Shape: the packaged default config, which is nanoGPT's shakespeare_char "baby" shape (4 blocks,
 dim 128, context 64, batch 12, lr 1e-3 with 100 warmup steps and cosine decay, 2000 steps, AdamW
@@ -43,7 +45,7 @@ from dantinox_eqx.corpus import cache_dir, default_corpus_path
 from dantinox_eqx.data import prepare_data, sample_batch
 from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer, make_schedule
+from dantinox_eqx.optim import make_optimizer
 from dantinox_eqx.step import init_opt_state, make_eval_step, make_train_step
 from dantinox_eqx.trainer import default_config_path
 
@@ -180,8 +182,13 @@ def main() -> None:
                     help="instead: a muon_lr sweep of the muon recipe (first seed only)")
     ap.add_argument("--eval_every", type=int, default=100)
     ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--tag", default=None, help="results file suffix (runs of other seeds in parallel)")
+    ap.add_argument("--merge", nargs="*", default=None, type=Path,
+                    help="instead: merge these results files' runs into the full results and table")
     args = ap.parse_args()
     keep_freed_memory()
+    if args.merge:
+        return merge(args.merge)
 
     base = Config.from_yaml(default_config_path())
     steps = args.steps or (300 if args.quick else base.max_steps)
@@ -216,12 +223,31 @@ def main() -> None:
     if not args.tune and "adamw" in runs:
         result["summary"] = summarise(runs, steps, args.target)
         print(json.dumps(result["summary"], indent=1))
-    suffix = "-tune" if args.tune else "-quick" if args.quick else ""
+    suffix = f"-{args.tag}" if args.tag else "-tune" if args.tune else "-quick" if args.quick else ""
     out = RESULTS / f"recipe_{machine_name()}{suffix}.json"
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    if "summary" in result and not args.quick:
+    if "summary" in result and not args.quick and not args.tag:
         write_table(result)
     print(f"wrote {out}")
+
+
+def merge(files: list[Path]) -> None:
+    """One results file and table from runs written by several processes (`--tag`)."""
+    parts = [json.loads(f.read_text()) for f in files]
+    result = {**parts[0], "runs": {}, "merged_from": [f.name for f in files]}
+    for part in parts:
+        if part["steps"] != result["steps"] or part["corpus"] != result["corpus"]:
+            raise SystemExit(f"cannot merge runs of other steps or corpus: {part['steps']} {part['corpus']}")
+        for name, runs in part["runs"].items():
+            result["runs"].setdefault(name, []).extend(runs)
+    for runs in result["runs"].values():
+        runs.sort(key=lambda r: r["seed"])
+    result["summary"] = summarise(result["runs"], result["steps"], result["target"])
+    out = RESULTS / f"recipe_{result['machine']}.json"
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    write_table(result)
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out} and the table in {README}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import Config
-from .muon import muon_labels, scale_by_block_muon, fused_splits
+from .muon import fused_splits, muon_labels, scale_by_block_muon
 
 __all__ = ["make_schedule", "make_optimizer", "decay_mask"]
 
