@@ -160,7 +160,12 @@ def write_table(result: dict) -> None:
         lr = f" (muon_lr {row['muon_lr']})" if row.get("muon_lr") else ""
         lines.append(f"| {name}{lr} | " + " | ".join(cells) + f" | {_fmt_steps(row['steps_to_target'])} | "
                      f"{_fmt_steps(row.get('steps_to_adamw_final', []))} | {row['ms_per_step']} |")
-    table = "\n".join(lines) + "\n"
+    n_seeds = len(next(iter(summary.values()))["seeds"])
+    table = "\n".join(lines) + (
+        f"\n\n{result['corpus']}, {steps} steps ({result['schedule']}), {n_seeds} seeds each (mean, and the "
+        f"range over seeds in brackets); val = the whole validation split every {result['curve_every']} steps; "
+        f"steps: the first evaluation at or below the threshold, per seed (- = not reached); options = "
+        f"{', '.join(f'{k} {v}' for k, v in result['options'].items())}; {result['machine']}, {result['date']}.\n")
     text = README.read_text() if README.exists() else ""
     start, end = MARKERS
     if start in text:
@@ -219,6 +224,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M"), "corpus": data_path.name,
               "schedule": f"{base.lr_schedule}, warmup {base.warmup_steps}, lr {base.lr}", "steps": steps,
               "target": args.target, "options": OPTIONS, "quick": args.quick, "tune": args.tune,
+              "curve_every": args.eval_every,
               "runs": runs}
     if not args.tune and "adamw" in runs:
         result["summary"] = summarise(runs, steps, args.target)
@@ -234,7 +240,7 @@ def main() -> None:
 def merge(files: list[Path]) -> None:
     """One results file and table from runs written by several processes (`--tag`)."""
     parts = [json.loads(f.read_text()) for f in files]
-    result = {**parts[0], "runs": {}, "merged_from": [f.name for f in files]}
+    result = {"curve_every": 100, **parts[0], "runs": {}, "merged_from": [f.name for f in files]}
     for part in parts:
         if part["steps"] != result["steps"] or part["corpus"] != result["corpus"]:
             raise SystemExit(f"cannot merge runs of other steps or corpus: {part['steps']} {part['corpus']}")
