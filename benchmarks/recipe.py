@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_readme import README, write_section
 from dantinox_eqx.config import Config, atomic_write_text
 from dantinox_eqx.corpus import cache_dir, default_corpus_path
 from dantinox_eqx.data import prepare_data, sample_batch
@@ -51,8 +52,6 @@ from dantinox_eqx.trainer import default_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "benchmarks" / "README.md"
-MARKERS = ("<!-- recipe:start -->", "<!-- recipe:end -->")
 OPTIONS = dict(qk_norm=True, activation="relu2", use_swiglu=False, logit_softcap=30.0, zero_init_proj=True)
 REPORT_STEPS = (250, 500, 1000, 1500, 2000)
 
@@ -147,7 +146,7 @@ def _fmt_steps(values: list) -> str:
 
 
 def write_table(result: dict) -> None:
-    """The recipe table in benchmarks/README.md, between MARKERS."""
+    """The recipe table: section "recipe" of benchmarks/README.md."""
     steps, summary = result["steps"], result["summary"]
     cols = [s for s in (*REPORT_STEPS, steps) if f"val@{s}" in summary["adamw"]]
     cols = list(dict.fromkeys(cols))
@@ -166,13 +165,7 @@ def write_table(result: dict) -> None:
         f"range over seeds in brackets); val = the whole validation split every {result['curve_every']} steps; "
         f"steps: the first evaluation at or below the threshold, per seed (- = not reached); options = "
         f"{', '.join(f'{k} {v}' for k, v in result['options'].items())}; {result['machine']}, {result['date']}.\n")
-    text = README.read_text() if README.exists() else ""
-    start, end = MARKERS
-    if start in text:
-        text = text[: text.index(start) + len(start)] + "\n" + table + text[text.index(end):]
-    else:
-        text += f"\n{start}\n{table}{end}\n"
-    atomic_write_text(README, text)
+    write_section("recipe", table)
 
 
 def main() -> None:

@@ -34,8 +34,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "benchmarks" / "README.md"
-MARKERS = ("<!-- startup:start -->", "<!-- startup:end -->")
 TINY_RUN = ["--dim", "64", "--n_heads", "2", "--head_size", "32", "--num_blocks", "2", "--max_steps", "1"]
 
 
@@ -114,15 +112,9 @@ def write_table(res: dict) -> None:
     lines += [f"| {label} | {b[k]:.2f} | {m[k]:.2f} | {aim} |" for label, k, aim in rows]
     table = "\n".join(lines) + (f"\n\n{len(res['readings_s']['help'])} interleaved rounds, {res['date']}, "
                                 f"{res['cpus']} CPUs, 1-min load average {res['load_average_1min']}.\n")
-    text = README.read_text() if README.exists() else ""
-    start, end = MARKERS
-    if start in text:
-        text = text[: text.index(start) + len(start)] + "\n" + table + text[text.index(end):]
-    else:
-        text += f"\n{start}\n{table}{end}\n"
-    from dantinox_eqx.config import atomic_write_text
+    from bench_readme import write_section
 
-    atomic_write_text(README, text)
+    write_section("startup", table)
 
 
 def main() -> None:

@@ -15,10 +15,8 @@ import pytest
 
 from dantinox_eqx.config import MODEL_SHAPE_FIELDS, Config, ConfigError
 from dantinox_eqx.model import Transformer
-from dantinox_eqx.optim import make_optimizer
-from dantinox_eqx.step import init_opt_state, make_train_step
 
-from .conftest import TINY
+from .conftest import TINY, decode_in_pieces, one_batch_losses
 from .data.make_logits_golden import VARIANTS, logits
 
 GOLDEN = Path(__file__).parent / "data" / "logits_3db2249.npz"
@@ -100,15 +98,8 @@ def test_zero_init_proj_makes_every_block_the_identity():
 
 def test_cached_decoding_equals_the_full_forward_with_the_options():
     model = _model(qk_norm=True, logit_softcap=3.0, activation="relu2", use_swiglu=False, kv_heads=2)
-    toks = _tokens()
-    full, _ = model(toks)
-    cache = model.init_cache(2)
-    out, cache = model.decode(toks[:, :9], jnp.broadcast_to(jnp.arange(9), (2, 9)), cache)
-    pieces = [out]
-    for t in range(9, 16):
-        o, cache = model.decode(toks[:, t:t + 1], jnp.full((2, 1), t), cache)
-        pieces.append(o)
-    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4)
+    full, _ = model(_tokens())
+    np.testing.assert_allclose(decode_in_pieces(model, _tokens(), prefill=9), full, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", [*OPTIONS, "all"])
@@ -116,16 +107,7 @@ def test_a_short_run_with_each_option_learns(name):
     kw = {k: v for o in OPTIONS.values() for k, v in o.items()} if name == "all" else OPTIONS[name]
     if name == "logit_softcap":
         kw = {"logit_softcap": 15.0}  # a cap of 1 would bound the loss away from fitting
-    cfg = Config(**{**TINY, **kw, "lr": 3e-3, "warmup_steps": 0, "max_steps": 40})
-    params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)
-    opt = make_optimizer(cfg, 40)
-    state = init_opt_state(opt, params)
-    step = make_train_step(static, opt)
-    batch = jax.random.randint(jax.random.key(1), (1, 8, 17), 0, 37)
-    losses = []
-    for i in range(40):
-        params, state, m = step(params, state, batch, jax.random.key(i))
-        losses.append(float(m["loss"]))
+    losses = one_batch_losses(Config(**{**TINY, **kw, "lr": 3e-3, "warmup_steps": 0, "max_steps": 40}))
     assert losses[-1] < losses[0] - 0.5
 
 

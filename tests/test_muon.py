@@ -22,7 +22,7 @@ from dantinox_eqx.muon import param_groups
 from dantinox_eqx.optim import make_optimizer
 from dantinox_eqx.step import init_opt_state, make_train_step
 
-from .conftest import TINY
+from .conftest import TINY, one_batch_losses
 from .procs import device_env
 
 BETA = 0.95
@@ -174,15 +174,8 @@ def test_lora_factors_are_muon_matrices():
 @pytest.mark.parametrize("kw", [{}, {"use_moe": True, "use_swiglu": False}, {"mla": True, "rope_dim": 4,
                                                                              "down_dim_q": 16, "down_dim_kv": 16}])
 def test_muon_lowers_the_loss(kw):
-    cfg, params, static = _setup(lr=3e-3, grad_clip=1.0, lr_schedule="cosine", warmup_steps=5, **kw)
-    opt = make_optimizer(cfg, 40)
-    state = init_opt_state(opt, params)
-    step = make_train_step(static, opt, alpha_balance=cfg.alpha_balance if cfg.use_moe else 0.0)
-    batch = jax.random.randint(jax.random.key(1), (1, 8, 17), 0, 37)
-    losses = []
-    for i in range(40):
-        params, state, m = step(params, state, batch, jax.random.key(i))
-        losses.append(float(m["loss"]))
+    cfg = _setup(lr=3e-3, grad_clip=1.0, lr_schedule="cosine", warmup_steps=5, **kw)[0]
+    losses = one_batch_losses(cfg, 40, alpha_balance=cfg.alpha_balance if cfg.use_moe else 0.0)
     assert losses[-1] < losses[0] - 1.0
 
 
