@@ -282,3 +282,21 @@ def test_resume_with_muon_is_bitwise_exact(tmp_path: Path):
     summary = json.loads((full / "model_summary.json").read_text())
     assert "blocks.attn.qkv.weight" in summary["optimizer_groups"]["muon"]["params"]
     assert "embedding" in summary["optimizer_groups"]["adamw"]["params"]
+
+
+def test_muon_with_pure_bfloat16_params_and_moments():
+    """use_bf16 without master weights: bfloat16 params, gradients and Muon momentum."""
+    from dantinox_eqx.model import cast_floating
+
+    cfg, params, static = _setup(lr=3e-3, warmup_steps=0)
+    params = cast_floating(params, jnp.bfloat16)
+    opt = make_optimizer(cfg, 20, mu_dtype=jnp.bfloat16)
+    state = init_opt_state(opt, params)
+    assert {x.dtype for x in jax.tree.leaves(state) if x.ndim >= 3} == {jnp.dtype(jnp.bfloat16)}
+    step = make_train_step(static, opt)
+    batch = jax.random.randint(jax.random.key(1), (1, 8, 17), 0, 37)
+    losses = []
+    for i in range(20):
+        params, state, m = step(params, state, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert params.blocks.attn.o.weight.dtype == jnp.bfloat16 and losses[-1] < losses[0] - 0.5
