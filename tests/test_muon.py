@@ -19,7 +19,7 @@ from dantinox_eqx.config import Config, ConfigError
 from dantinox_eqx.lora import apply_lora, lora_trainable
 from dantinox_eqx.model import Transformer
 from dantinox_eqx.muon import param_groups
-from dantinox_eqx.optim import make_optimizer
+from dantinox_eqx.optim import make_optimizer, make_schedule
 from dantinox_eqx.step import init_opt_state, make_train_step
 
 from .conftest import TINY, one_batch_losses
@@ -55,14 +55,16 @@ def newton_schulz(g: np.ndarray, steps: int = 5) -> np.ndarray:
     return x.T if tall else x
 
 
-def reference_updates(grads: list[np.ndarray]) -> list[np.ndarray]:
-    """Muon's updates of one matrix (d_in, d_out) over steps t = 1, 2, ... (module doc of muon.py)."""
+def reference_updates(grads: list[np.ndarray], lrs: list[float] | None = None) -> list[np.ndarray]:
+    """Muon's updates of one matrix (d_in, d_out) over steps t = 1, 2, ... (module doc of
+    muon.py), at learning rates `lrs` (default: LR at every step)."""
     mom, out = np.zeros_like(grads[0]), []
     for t, g in enumerate(grads, 1):
         mom = BETA * mom + (1 - BETA) * g
         nesterov = BETA * mom / (1 - BETA ** (t + 1)) + (1 - BETA) * g / (1 - BETA**t)
         d_in, d_out = g.shape
-        out.append(-LR * np.sqrt(max(1.0, d_out / d_in)) * newton_schulz(nesterov))
+        lr = LR if lrs is None else lrs[t - 1]
+        out.append(-lr * np.sqrt(max(1.0, d_out / d_in)) * newton_schulz(nesterov))
     return out
 
 
@@ -81,13 +83,13 @@ def _run_updates(cfg, params, n_steps=3, trainable=None):
     return grads, updates
 
 
-def _check(get, grads, updates, split=None):
+def _check(get, grads, updates, split=None, lrs=None):
     """Every matrix get(tree)[i...] (and each of its output-axis parts `split`) equals the reference."""
     stack = np.asarray(get(grads[0]))
     for idx in np.ndindex(stack.shape[:-2]):
         parts = [(0, stack.shape[-1])] if split is None else split
         for lo, hi in parts:
-            want = reference_updates([np.asarray(get(g))[idx][:, lo:hi] for g in grads])
+            want = reference_updates([np.asarray(get(g))[idx][:, lo:hi] for g in grads], lrs)
             got = [np.asarray(get(u))[idx][:, lo:hi] for u in updates]
             for w, x in zip(want, got):
                 np.testing.assert_allclose(x, w, rtol=2e-4, atol=2e-6)
@@ -103,6 +105,16 @@ def test_update_equals_reference_newton_schulz_per_layer_and_projection():
     _check(lambda t: t.blocks.attn.qkv.weight, grads, updates,
            split=[(0, H * E), (H * E, H * E + K * E), (H * E + K * E, (H + 2 * K) * E)])
     _check(lambda t: t.blocks.mlp.up.weight, grads, updates, split=[(0, F), (F, 2 * F)])
+
+
+def test_muon_lr_follows_the_schedule_scaled_to_muon_lr():
+    """Warmup then cosine: Muon's lr at update s is schedule(s) * muon_lr / lr."""
+    cfg, params, _ = _setup(lr=1e-3, lr_schedule="cosine", warmup_steps=2)
+    grads, updates = _run_updates(cfg, params, n_steps=4)
+    schedule = make_schedule("cosine", 1e-3, 2, 100, cfg.min_lr_ratio)
+    lrs = [float(schedule(s)) * LR / 1e-3 for s in range(4)]
+    assert lrs[0] == pytest.approx(LR / 2) and lrs[1] == pytest.approx(LR)
+    _check(lambda t: t.blocks.attn.o.weight, grads, updates, lrs=lrs)
 
 
 def test_stacked_blocks_are_orthogonalised_per_layer_not_as_one_matrix():
