@@ -69,16 +69,27 @@ def benchmarks(session: nox.Session) -> None:
     The full run also trains the original DantinoX 0.4.14 (from PyPI, in its own virtual
     environment so its JAX and Flax never meet ours) on the same shape and corpus, and times
     nanoGPT's step in PyTorch (benchmarks/nanogpt_ref.py, torch in another environment).
-    `-- --no-dantinox` / `-- --no-nanogpt` leave either out.
+    `-- --no-dantinox` / `-- --no-nanogpt` leave either out; `-- --no-recipe` / `-- --no-startup`
+    skip the recipe (benchmarks/recipe.py) and start-up (benchmarks/startup.py) benchmarks.
     """
     session.install("-e", ".[dev]")
-    skip = {"--no-dantinox", "--no-nanogpt"}
-    args = [a for a in session.posargs if a not in skip]
-    if "--quick" not in args and "--no-dantinox" not in session.posargs:
+    skip = {"--no-dantinox", "--no-nanogpt", "--no-recipe", "--no-startup"}
+    recipe_data = [a.split("=", 1)[1] for a in session.posargs if a.startswith("--recipe-data=")]
+    args = [a for a in session.posargs if a not in skip and not a.startswith("--recipe-data=")]
+    quick = "--quick" in args
+    if not quick and "--no-dantinox" not in session.posargs:
         args += ["--dantinox", _reference_venv(session, "dantinox-ref", "dantinox", "dantinox==0.4.14")]
-    if "--quick" not in args and "--no-nanogpt" not in session.posargs:
+    if not quick and "--no-nanogpt" not in session.posargs:
         args += ["--nanogpt", _reference_venv(session, "nanogpt-ref", "python", "torch==2.13.*", "numpy")]
     session.run("python", "benchmarks/run.py", *args, env={"WANDB_MODE": "offline"})
+    # issue 16: AdamW vs Muon vs Muon + block options (`-- --recipe-data=tinyshakespeare.txt` for
+    # the committed table; default: the package's corpus), and seconds to the first step.
+    if "--no-recipe" not in session.posargs:
+        data = ["--data_path", recipe_data[0]] if recipe_data else []
+        session.run("python", "benchmarks/recipe.py", *data, *(["--quick"] if quick else []),
+                    env={"WANDB_MODE": "offline"})
+    if "--no-startup" not in session.posargs:
+        session.run("python", "benchmarks/startup.py", "--repeats", "1" if quick else "3")
 
 
 def _reference_venv(session: nox.Session, name: str, exe: str, *pip_args: str) -> str:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_readme import write_section
 from dantinox_eqx.config import Config, atomic_write_text
 from dantinox_eqx.data.corpus import default_corpus_path
 from dantinox_eqx.data.sampling import sample_batch
@@ -302,14 +303,7 @@ def write_table() -> None:
             rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     table = ("| machine | config | dtype | ms/step | tokens/s | MFU % | compile s | peak MB | sample tok/s |\n"
              "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text() if readme.exists() else ""
-    start, end = "<!-- table:start -->", "<!-- table:end -->"
-    if start in text:
-        text = text[: text.index(start) + len(start)] + "\n" + table + text[text.index(end):]
-    else:
-        text += f"\n{start}\n{table}{end}\n"
-    atomic_write_text(readme, text)
+    write_section("table", table)
 
 
 def main() -> None:

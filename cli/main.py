@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import signal
 import sys
@@ -23,41 +25,49 @@ signal.signal(signal.SIGTERM, _terminated)
 
 import click
 
-from dantinox_eqx import __version__
+from dantinox_eqx import __version__  # issue 16: dantinox_eqx no longer imports JAX eagerly
+from dantinox_eqx.compile_cache import enable_compile_cache
 from dantinox_eqx.hostmem import keep_freed_memory
 
+# issue 16: command name -> its module in cli/, imported only when the command is looked up
+# (run, or listed by --help); every cli module imports JAX (and the rest) inside its command.
+LAZY_COMMANDS = {"train": "train", "prepare": "prepare", "generate": "generate", "eval": "evaluate",
+                 "export": "export", "import-hf": "import_hf", "find-lr": "find_lr", "plot-lr-schedule": "find_lr",
+                 "sweep": "sweep", "plot": "plot"}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A Click group that imports a subcommand's module (LAZY_COMMANDS) on first use. A module
+    that does not exist yet simply does not appear in --help."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        present = [n for n, m in LAZY_COMMANDS.items() if importlib.util.find_spec(f"cli.{m}") is not None]
+        return sorted({*super().list_commands(ctx), *present})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in LAZY_COMMANDS:
+            if importlib.util.find_spec(f"cli.{LAZY_COMMANDS[name]}") is None:
+                return None
+            for command in importlib.import_module(f"cli.{LAZY_COMMANDS[name]}").COMMANDS:
+                self.add_command(command)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dantinox-eqx")
-def app() -> None:
+@click.option("--no-compile-cache", is_flag=True,
+              help="Do not keep compiled XLA programs on disk (default: ~/.cache/dantinox-eqx/jax-cache; "
+                   "DANTINOX_EQX_COMPILE_CACHE=0 or =PATH turns it off or moves it; an existing "
+                   "JAX_COMPILATION_CACHE_DIR is respected).")
+def app(no_compile_cache: bool) -> None:
     """Train, fine-tune and sample GPT-style language models in JAX with Equinox.
 
     \b
     dantinox-eqx train                      train the default config on Shakespeare
     dantinox-eqx train --config C --data_path FILE [--FIELD VALUE ...]
-    dantinox-eqx prepare SOURCE OUT_DIR     text/folder/JSONL/Parquet/HF -> token shards
     dantinox-eqx generate RUN_DIR --prompt "..."
-    dantinox-eqx import-hf HF_DIR RUN_DIR       a Hugging Face model as a run (export --format hf: back)
     """
-
-
-def _register() -> None:
-    # Each subcommand module is optional while the project grows: a missing one simply
-    # does not appear in --help.
-    import importlib
-
-    for name in ("train", "prepare", "generate", "evaluate", "export", "import_hf", "find_lr", "sweep", "plot"):
-        try:
-            module = importlib.import_module(f"cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"cli.{name}":
-                raise
-            continue
-        for command in module.COMMANDS:
-            app.add_command(command)
-
-
-_register()
+    enable_compile_cache(not no_compile_cache)  # issue 16: before anything compiles
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:

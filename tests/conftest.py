@@ -76,6 +76,43 @@ TINY = dict(dim=32, n_heads=4, head_size=8, num_blocks=2, vocab_size=37, max_con
             eval_iters=2)
 
 
+def one_batch_losses(cfg: Config, steps: int = 40, alpha_balance: float = 0.0) -> list[float]:
+    """The loss of every step of training `cfg`'s model (key 0) with `cfg`'s optimizer on ONE
+    fixed random batch of 8 x 17 tokens (vocabulary 37): a model that learns fits it."""
+    import equinox as eqx
+    import jax
+
+    from dantinox_eqx.model import Transformer
+    from dantinox_eqx.train.optim import make_optimizer
+    from dantinox_eqx.train.step import init_opt_state, make_train_step
+
+    params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)
+    opt = make_optimizer(cfg, steps)
+    state = init_opt_state(opt, params)
+    step = make_train_step(static, opt, alpha_balance=alpha_balance)
+    batch = jax.random.randint(jax.random.key(1), (1, 8, 17), 0, 37)
+    losses = []
+    for i in range(steps):
+        params, state, m = step(params, state, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    return losses
+
+
+def decode_in_pieces(model, tokens, prefill: int):
+    """Logits (B, T, V) of `tokens` (B, T) through the KV cache: a prefill of the first `prefill`
+    tokens, then one token per call (to compare with the full forward)."""
+    import jax.numpy as jnp
+
+    B, T = tokens.shape
+    cache = model.init_cache(B)
+    out, cache = model.decode(tokens[:, :prefill], jnp.broadcast_to(jnp.arange(prefill), (B, prefill)), cache)
+    pieces = [out]
+    for t in range(prefill, T):
+        o, cache = model.decode(tokens[:, t:t + 1], jnp.full((B, 1), t), cache)
+        pieces.append(o)
+    return jnp.concatenate(pieces, 1)
+
+
 @pytest.fixture
 def tiny_config() -> Config:
     return Config(**TINY)

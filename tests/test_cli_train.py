@@ -91,6 +91,11 @@ BAD_INPUTS = {
                         "coordinator: expected HOST:PORT"),
     "process_id out of range": (["--coordinator", "127.0.0.1:1", "--num_processes", "2", "--process_id", "2"],
                                 "process_id: 2 must be in [0, num_processes=2)"),
+    # issue 16
+    "muon on a group it cannot handle": (["--optimizer", "muon", "--muon_params", "head"],
+                                         "muon_params: Muon cannot train 'head'"),
+    "logit_softcap <= 0": (["--logit_softcap", "0"], "logit_softcap: must be positive"),
+    "unknown activation": (["--activation", "swish"], "activation: unknown value 'swish'"),
 }
 
 

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "dantinox_eqx"
 
 # Lowest first. A module is named by its path in the package; a folder stands for all its modules.
 LAYERS: list[tuple[str, ...]] = [
-    ("files", "hostmem"),
+    ("files", "hostmem", "compile_cache"),
     ("config",),
     ("parallel",),
     ("nn",),
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),
     ("infer",),
     ("tools",),
-    ("__init__",),  # the front door may import anything (it attaches Transformer.from_pretrained)
+    ("__init__",),  # the front door may import anything (lazily)
 ]
 
 

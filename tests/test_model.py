@@ -7,7 +7,7 @@ import pytest
 from dantinox_eqx.config import Config
 from dantinox_eqx.model import Transformer, attend, causal_mask
 
-from .conftest import TINY
+from .conftest import TINY, decode_in_pieces
 
 
 def _model(**kw) -> Transformer:
@@ -78,13 +78,7 @@ def test_kv_cache_equals_full_forward():
     model = _model(kv_heads=2)
     toks = _tokens(t=16)
     full, _ = model(toks)
-    cache = model.init_cache(2)
-    out, cache = model.decode(toks[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache)
-    pieces = [out]
-    for t in range(7, 16):
-        o, cache = model.decode(toks[:, t:t + 1], jnp.full((2, 1), t), cache)
-        pieces.append(o)
-    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4)
+    np.testing.assert_allclose(decode_in_pieces(model, toks, prefill=7), full, atol=1e-4)
 
 
 def test_rope_scaling_and_window_off_leave_logits_unchanged():

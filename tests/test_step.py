@@ -10,7 +10,7 @@ from dantinox_eqx.model import Transformer
 from dantinox_eqx.train.optim import decay_mask, make_optimizer, make_schedule
 from dantinox_eqx.train.step import init_opt_state, make_eval_step, make_train_step
 
-from .conftest import TINY
+from .conftest import TINY, one_batch_losses
 
 
 def _setup(**kw):
@@ -93,18 +93,10 @@ def test_weight_decay_only_on_matrices():
     assert not mask.embedding and not mask.blocks.attn_norm.scale and not mask.norm.scale
 
 
-@pytest.mark.parametrize("opt_name", ["adamw", "adafactor", "lion"])
+@pytest.mark.parametrize("opt_name", ["adamw", "adafactor", "lion", "adam", "muon"])
 def test_every_optimizer_lowers_the_loss(opt_name):
     lr = 1e-3 if opt_name == "lion" else 3e-3  # lion takes ~3x smaller steps
-    cfg, params, static = _setup(optimizer=opt_name, lr=lr, warmup_steps=0, max_steps=40)
-    opt = make_optimizer(cfg, 40)
-    state = init_opt_state(opt, params)
-    step = make_train_step(static, opt)
-    batch = jax.random.randint(jax.random.key(1), (1, 8, 17), 0, 37)
-    losses = []
-    for i in range(40):
-        params, state, m = step(params, state, batch, jax.random.key(i))
-        losses.append(float(m["loss"]))
+    losses = one_batch_losses(Config(**{**TINY, "optimizer": opt_name, "lr": lr, "warmup_steps": 0, "max_steps": 40}))
     assert losses[-1] < losses[0] - 0.5
 
 

@@ -5,28 +5,21 @@ their modules (`model`, `step`, `optim`, `data`, `tokenizer`) for research code 
 """
 
 from .config import Config, ConfigError
-from .model import Transformer
 
 __version__ = "0.1.0"
 
-
-def _from_pretrained(cls: type, run_dir: str, best: bool = True, *, dtype: object = None) -> Transformer:
-    """Load a trained run directory's model (best checkpoint, or latest with best=False) in the
-    dtype it was saved in; see `run.pretrained.from_pretrained`."""
-    from .run.pretrained import from_pretrained  # orbax is imported on first use, not with the package
-
-    return from_pretrained(run_dir, best, dtype=dtype)
-
-
-# The front door attaches the loader: the model layer stays below the run layer (no import
-# from model.py upwards), and every import of the package runs this before any submodule.
-Transformer.from_pretrained = classmethod(_from_pretrained)
 
 __all__ = ["Config", "ConfigError", "Transformer", "Trainer", "Generator", "__version__"]
 
 
 def __getattr__(name: str):
-    # Trainer and Generator pull in orbax, rich and tokenizers: import them on first use.
+    # Imported on first use: Transformer pulls in JAX and Equinox (issue 16: `dantinox-eqx
+    # --help` and `--version` need neither), Trainer and Generator orbax and tokenizers too.
+    if name == "Transformer":
+        from .model import Transformer
+        from .run import pretrained  # noqa: F401 (attaches Transformer.from_pretrained)
+
+        return Transformer
     if name == "Trainer":
         from .train.trainer import Trainer
 

@@ -35,7 +35,7 @@ class ImmutableConfigError(ConfigError, dataclasses.FrozenInstanceError):
 
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-OPTIMIZERS = ("adamw", "adafactor", "lion")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "adam", "muon")  # issue 16: adam, muon
 TOKENIZERS = ("char", "bpe")
 UNKNOWN_CHARS = ("error", "drop")  # issue 14: tokenizer.UNKNOWN_CHARS (config imports nothing of ours)
 DATASET_SOURCES = ("local", "hf")  # issue 14: DantinoX's dataset_source values
@@ -43,8 +43,9 @@ LORA_TARGETS = ("attention", "mlp", "all")
 SHARDINGS = ("dp", "fsdp")
 REMATS = ("none", "dots", "full")
 ATTENTION_IMPLS = ("auto", "fused", "plain")
-ACTIVATIONS = ("gelu", "relu", "silu")
+ACTIVATIONS = ("gelu", "relu", "silu", "relu2")  # issue 16: relu2 = relu(x)^2
 NORMS = ("rmsnorm", "layernorm")
+MUON_PARAMS = ("blocks", "attention", "mlp")  # issue 16: which block matrices Muon trains
 AUTO_UNROLL_MAX_BLOCKS = 6  # scan_unroll 0 (auto) unrolls every layer up to this depth
 DEFAULT_ROPE_THETA = 10000.0  # the RoPE base when rope_theta is null
 
@@ -70,7 +71,7 @@ MODEL_SHAPE_FIELDS = (
     "dim", "n_heads", "head_size", "num_blocks", "vocab_size", "kv_heads", "weight_tying",
     "use_swiglu", "expansion", "use_moe", "n_experts", "shared_expert", "mla", "down_dim_q",
     "down_dim_kv", "rope_dim", "absolute_pos", "trainable_pos", "norm_type", "max_context",
-    "tokenizer_type", "mlp_hidden", "qkv_bias", "o_bias", "mlp_bias",  # the last four: issue 15
+    "tokenizer_type", "mlp_hidden", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
 )
 
 
@@ -98,6 +99,10 @@ class Config:
     o_bias: bool = False  # ours: a bias on the attention output projection (GPT-2)
     mlp_bias: bool = False  # ours: biases on the dense MLP's projections (GPT-2)
     dropout_rate: float = 0.0
+    # ours (issue 16), all off by default: modded-nanogpt's block options
+    qk_norm: bool = False  # RMSNorm (learned scale per head dim) on queries and keys, before RoPE
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None = off
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero
     gradient_checkpointing: bool = False  # DantinoX's name for remat: "full"
     # --- positions / attention -------------------------------------------------------------
     use_rotary_pos: bool = True
@@ -160,6 +165,11 @@ class Config:
     weight_decay: float = 0.1  # ours: decoupled, on matrices only (not norms/embeddings)
     beta1: float = 0.9  # ours
     beta2: float = 0.95  # ours
+    # ours (issue 16): optimizer muon = Muon on the blocks' matrices, AdamW (lr) on the rest
+    muon_lr: float = 0.02  # peak lr of the Muon group (the schedule's shape is lr_schedule's)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.0  # Muon group's decoupled decay, multiplied by its lr
+    muon_params: str = "blocks"  # the block matrices Muon trains: blocks | attention | mlp
     eval_interval: int = 50  # ours: the seed evaluates every 50 steps
     checkpoint_interval: int | None = None  # ours: None = eval_interval
     keep_checkpoints: int = 2  # ours: latest checkpoints kept (resume falls back if the newest is bad)
@@ -433,13 +443,13 @@ def _validate(cfg: Config) -> None:
               "down_dim_kv", "rope_dim", "bpe_vocab_size", "max_train_tokens", "lr", "batch_size",
               "grad_accum", "epochs", "max_steps", "eval_interval", "checkpoint_interval",
               "keep_checkpoints", "eval_iters", "lora_rank", "lora_alpha", "rope_scale_factor", "norm_eps",
-              "rope_theta", "mlp_hidden")
+              "rope_theta", "mlp_hidden", "muon_lr", "logit_softcap")
     _non_negative(cfg, "warmup_steps", "grad_clip", "patience", "weight_decay", "n_devices",
-                  "alpha_balance", "capacity_factor", "min_lr_ratio", "scan_unroll")
+                  "alpha_balance", "capacity_factor", "min_lr_ratio", "scan_unroll", "muon_weight_decay")
     for name in ("dropout_rate", "lora_dropout"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{name}: must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("val_fraction", "wsd_stable_fraction", "beta1", "beta2"):
+    for name in ("val_fraction", "wsd_stable_fraction", "beta1", "beta2", "muon_momentum"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{name}: must be in [0, 1), got {getattr(cfg, name)}")
     _choice(cfg, "lr_schedule", SCHEDULES)
@@ -453,6 +463,7 @@ def _validate(cfg: Config) -> None:
     _choice(cfg, "attention_impl", ATTENTION_IMPLS)
     _choice(cfg, "activation", ACTIVATIONS)
     _choice(cfg, "norm_type", NORMS)
+    _validate_recipe(cfg)
     if cfg.dim != cfg.n_heads * cfg.head_size:
         raise ConfigError(
             f"dim: must equal n_heads * head_size = {cfg.n_heads} * {cfg.head_size} = "
@@ -480,6 +491,22 @@ def _validate(cfg: Config) -> None:
             f"batch_size: {cfg.batch_size} is not divisible by n_devices={cfg.n_devices}; "
             f"use a multiple of {cfg.n_devices}"
         )
+
+
+def _validate_recipe(cfg: Config) -> None:
+    """Issue 16's fields: Muon's parameter groups and the block options."""
+    if cfg.muon_params not in MUON_PARAMS:
+        if cfg.muon_params in ("embedding", "head", "norms", "all"):
+            raise ConfigError(f"muon_params: Muon cannot train {cfg.muon_params!r}: it orthogonalises the "
+                              "blocks' weight matrices; embeddings, the head and norms always stay on AdamW; "
+                              f"choose one of {', '.join(MUON_PARAMS)}")
+        _choice(cfg, "muon_params", MUON_PARAMS)
+    if cfg.activation == "relu2" and cfg.use_swiglu:
+        raise ConfigError("activation: 'relu2' is the non-gated MLP's non-linearity, but use_swiglu is true "
+                          "(SwiGLU ignores activation); set use_swiglu: false")
+    if cfg.qk_norm and cfg.mla:
+        raise ConfigError("qk_norm: not available with mla (latent attention normalises its latents "
+                          "already); set qk_norm: false or mla: false")
 
 
 def read_yaml_mapping(path: str | os.PathLike, label: str, fix: str, holds: str) -> dict[str, Any]:

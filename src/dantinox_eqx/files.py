@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_path", "atomic_dir", "make_temp_dir",
-           "fsync_dir", "remove_temp_files", "TEMP_SUFFIX"]
+           "fsync_dir", "remove_temp_files", "cache_dir", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
 # `.NAME.XXXXXXXX.tmp`: ours (8 hex digits) and tempfile.mkstemp's (8 characters), which older
@@ -150,3 +150,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def cache_dir() -> Path:
+    """Where built artifacts are cached: $DANTINOX_EQX_CACHE, else $XDG_CACHE_HOME/dantinox-eqx,
+    else ~/.cache/dantinox-eqx."""
+    if os.environ.get("DANTINOX_EQX_CACHE"):
+        return Path(os.environ["DANTINOX_EQX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dantinox-eqx"

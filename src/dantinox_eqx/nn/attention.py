@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .functional import dropout, fold_key
 from .linear import Linear, add_bias
+from .norm import Norm
 from .rope import rope
 
 __all__ = ["Attention", "KVCache", "attend", "causal_mask", "write_cache", "cached_mask", "NEG_INF"]
@@ -111,6 +112,8 @@ class Attention(eqx.Module):
 
     qkv: Linear  # D -> (H + 2K) * E, one GEMM for all three projections
     o: Linear  # H * E -> D
+    q_norm: Norm | None  # qk_norm: RMSNorm over each head's E dims of q and k, before RoPE
+    k_norm: Norm | None
     qkv_bias: Float[Array, " qkv"] | None  # (H + 2K) * E with qkv_bias, else None
     o_bias: Float[Array, " D"] | None  # with o_bias, else None
     n_heads: int = eqx.field(static=True)
@@ -125,7 +128,7 @@ class Attention(eqx.Module):
     def __init__(self, dim: int, n_heads: int, kv_heads: int, head_size: int, *, key: PRNGKeyArray,
                  rope_base: float | None = 10000.0, window: int | None = None, sink: bool = False,
                  dropout_rate: float = 0.0, impl: str = "auto", out_std: float = 0.02,
-                 qkv_bias: bool = False, o_bias: bool = False):
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False):
         """`dim` D -> H = n_heads query heads and K = kv_heads key/value heads (H % K == 0) of
         `head_size` E -> D. `rope_base` None: no rotary positions. `window`: sliding-window
         attention over the last `window` positions (+ position 0 with `sink`). `out_std`: the
@@ -134,6 +137,7 @@ class Attention(eqx.Module):
         H, K, E = n_heads, kv_heads, head_size
         self.qkv = Linear(dim, (H + 2 * K) * E, key=k1)
         self.o = Linear(H * E, dim, key=k2, std=out_std)
+        self.q_norm, self.k_norm = (Norm(E), Norm(E)) if qk_norm else (None, None)
         self.qkv_bias = jnp.zeros(((H + 2 * K) * E,)) if qkv_bias else None
         self.o_bias = jnp.zeros((dim,)) if o_bias else None
         self.n_heads, self.kv_heads, self.head_size = H, K, E
@@ -160,6 +164,8 @@ class Attention(eqx.Module):
         H, K, E = self.n_heads, self.kv_heads, self.head_size
         qkv = add_bias(self.qkv(x, key=fold_key(key, 1)), self.qkv_bias)
         q, k, v = jnp.split(qkv.reshape(B, T, H + 2 * K, E), [H, H + K], axis=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
         if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-__all__ = ["Linear", "matmul", "add_bias"]
+__all__ = ["Linear", "matmul", "add_bias", "normal_init"]
 
 
 class Linear(eqx.Module):
@@ -25,7 +25,7 @@ class Linear(eqx.Module):
 
     def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray, std: float = 0.02,
                  dtype: Any = jnp.float32):
-        self.weight = (std * jax.random.normal(key, (d_in, d_out))).astype(dtype)
+        self.weight = normal_init(key, (d_in, d_out), std).astype(dtype)
 
     def __call__(self, x: Float[Array, "*lead d_in"], *, key: PRNGKeyArray | None = None
                  ) -> Float[Array, "*lead d_out"]:
@@ -45,3 +45,10 @@ def add_bias(y: Float[Array, "*lead d"], bias: Float[Array, " d"] | None) -> Flo
     it, so LoRA merging, its filters and the weight-decay mask (by the name `weight`) see only
     weights (config.qkv_bias / o_bias / mlp_bias, for imported Hugging Face models)."""
     return y if bias is None else y + bias.astype(y.dtype)
+
+
+def normal_init(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Float[Array, "..."]:
+    """std * N(0, 1) samples. The barrier keeps XLA from folding `std` into the sampler's own
+    constants when this runs inside a jit (`Transformer.build`): the arrays are then bitwise
+    the eager ones (folded, a quarter of them differ in the last bit)."""
+    return std * jax.lax.optimization_barrier(jax.random.normal(key, shape))

@@ -45,12 +45,17 @@ class MLP(eqx.Module):
 
 def activate(h: Array, swiglu: bool, activation: str) -> Array:
     """The MLP nonlinearity on `up`'s output: SwiGLU silu(gate) * up of h = [gate | up], else
-    `activation` ("gelu": the custom-backward `gelu`; else a `jax.nn` function name). Shared by
+    `activation` ("gelu": the custom-backward `gelu`; "relu2": relu(x)^2; else a `jax.nn`
+    function name). Shared by
     the dense MLP and the MoE experts."""
     if swiglu:
         gate, h = jnp.split(h, 2, axis=-1)
         return jax.nn.silu(gate) * h
-    return gelu(h) if activation == "gelu" else getattr(jax.nn, activation)(h)
+    if activation == "gelu":
+        return gelu(h)
+    if activation == "relu2":  # ReLU squared (modded-nanogpt)
+        return jnp.square(jax.nn.relu(h))
+    return getattr(jax.nn, activation)(h)
 
 
 @jax.custom_vjp

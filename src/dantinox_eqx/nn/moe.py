@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .functional import fold_key
-from .linear import Linear
+from .linear import Linear, normal_init
 from .mlp import MLP, activate
 
 __all__ = ["MoE", "ExpertLinear", "Routing", "capacity", "balance_loss", "find_modules"]
@@ -66,7 +66,7 @@ class ExpertLinear(eqx.Module):
 
     def __init__(self, n_experts: int, d_in: int, d_out: int, *, key: PRNGKeyArray,
                  std: float = 0.02):
-        self.weight = std * jax.random.normal(key, (n_experts, d_in, d_out))
+        self.weight = normal_init(key, (n_experts, d_in, d_out), std)  # jit-stable (Transformer.build)
 
     def __call__(self, x: Float[Array, "n_experts C d_in"], *, key: PRNGKeyArray | None = None
                  ) -> Float[Array, "n_experts C d_out"]:

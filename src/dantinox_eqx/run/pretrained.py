@@ -1,6 +1,6 @@
 """`from_pretrained(run_dir)`: the trained `Transformer` of a run directory (our own runs, LoRA
-runs with or without a base run, exports). `Transformer.from_pretrained` delegates here (the
-package's front door attaches it: the model layer does not import the run layer)."""
+runs with or without a base run, exports). `Transformer.from_pretrained` delegates here: this
+module attaches it to the class when imported (the model layer does not import the run layer)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,16 @@ def from_pretrained(run_dir: str | os.PathLike, best: bool = True, *, dtype: Any
     if merge_lora and has_lora(model):
         model = merge_lora_weights(model)
     return model if dtype is None else cast_floating(model, dtype)
+
+
+def _from_pretrained(cls: type, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None
+                     ) -> Transformer:
+    """Load a trained run directory's model (best checkpoint, or latest with best=False) in the
+    dtype it was saved in; see `from_pretrained`."""
+    return from_pretrained(run_dir, best, dtype=dtype)
+
+
+# `Transformer.from_pretrained`: the loading layer registers itself on the model class, so the
+# model never imports upwards (docs/architecture.md). `dantinox_eqx.Transformer` (the front
+# door) imports this module with the model.
+Transformer.from_pretrained = classmethod(_from_pretrained)

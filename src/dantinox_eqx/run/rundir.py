@@ -101,6 +101,8 @@ def check_resumable(saved: Config, config: Config, run_dir: Path) -> None:
            for name in MODEL_SHAPE_FIELDS}
     why["optimizer"] = "its optimizer state cannot be resumed with another optimizer"
     why["grad_clip"] = "its optimizer state cannot be resumed with clipping switched on or off"
+    if config.optimizer == "muon":  # the groups fix the optimizer state's arrays
+        why["muon_params"] = "its optimizer state holds these parameter groups"
     why["seed"] = "a resumed run keeps its seed (its batches and dropout derive from it)"
     for name in ("use_lora", "lora_targets", "lora_rank"):
         why[name] = "a resumed run keeps its adapters (start a new run_dir to change them)"

@@ -98,7 +98,7 @@ def initial_model(config: Config, key: Any, given: Transformer | None = None
         raise ConfigError("use_lora: LoRA fine-tunes a trained model: set init_from to its run directory "
                           "(CLI: --init_from RUN_DIR), or pass model= to Trainer")
     else:
-        model = Transformer(config, key=key)
+        model = Transformer.build(config, key=key)  # one compiled program (seconds to the first step)
     if config.use_lora:
         model = finetune.add_adapters(model, config, jax.random.fold_in(key, 1))
     return model, base

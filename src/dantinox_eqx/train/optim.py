@@ -12,6 +12,9 @@ A schedule is a plain function `step -> lr`. Every schedule warms up linearly, t
 
 where lo = lr * min_lr_ratio (0.01 by default), T is the run's total steps and f is
 `wsd_stable_fraction` (0.4: the seed's "stable (40 %)" is 40 % of the post-warmup steps).
+
+Optimizers: adamw, adam (no weight decay), lion, adafactor, and muon (`muon.py`: Muon on the
+blocks' matrices with the schedule scaled to peak at `muon_lr`, AdamW with `lr` on the rest).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from ..config import Config
+from .muon import fused_splits, muon_labels, scale_by_block_muon
 
 __all__ = ["make_schedule", "make_optimizer", "decay_mask"]
 
@@ -83,6 +87,10 @@ def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None,
     elif config.optimizer == "lion":
         opt = optax.lion(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
                          mask=decay_mask, mu_dtype=mu_dtype)
+    elif config.optimizer == "adam":  # issue 16: DantinoX's plain Adam (weight_decay unused)
+        opt = optax.adam(schedule, b1=config.beta1, b2=config.beta2, mu_dtype=mu_dtype)
+    elif config.optimizer == "muon":  # issue 16
+        opt = _muon(config, schedule, mu_dtype)
     elif config.optimizer == "adafactor":
         opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
                               weight_decay_rate=config.weight_decay or None,
@@ -92,3 +100,16 @@ def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None,
     if config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
     return opt
+
+
+def _muon(config: Config, schedule: optax.Schedule, mu_dtype: Any) -> optax.GradientTransformation:
+    """Muon on `muon.muon_labels`' matrices (lr: `schedule` * muon_lr / lr, so a replaced
+    schedule such as the LR finder's ramp keeps the two groups' ratio), AdamW on the rest."""
+    ratio = config.muon_lr / config.lr
+    muon = optax.chain(scale_by_block_muon(fused_splits(config), config.muon_momentum, mu_dtype),
+                       optax.add_decayed_weights(config.muon_weight_decay, decay_mask),
+                       optax.scale_by_learning_rate(lambda step: schedule(step) * ratio))
+    adamw = optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
+                        mask=decay_mask, mu_dtype=mu_dtype)
+    return optax.partition({"muon": muon, "adamw": adamw},
+                           lambda params: muon_labels(params, config.muon_params))

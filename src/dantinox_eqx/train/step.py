@@ -52,8 +52,10 @@ def _everything(params: PyTree) -> PyTree:
 
 def init_opt_state(optimizer: optax.GradientTransformation, params: PyTree,
                    trainable: PyTree | None = None) -> PyTree:
-    """Optimizer state for the trainable leaves of `params` only (all leaves when None)."""
-    return optimizer.init(eqx.filter(params, trainable if trainable is not None else _everything(params)))
+    """Optimizer state for the trainable leaves of `params` only (all leaves when None), built
+    in one compiled program (issue 16: eagerly, each moment's zeros is a program of its own)."""
+    return eqx.filter_jit(optimizer.init)(eqx.filter(params, trainable if trainable is not None
+                                                     else _everything(params)))
 
 
 def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,

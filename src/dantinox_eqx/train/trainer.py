@@ -57,6 +57,7 @@ from .expert_log import ExpertCountsLog
 from .inputs import initial_model, resolve_vocab, trainable_mask, training_data
 from .loop import train_loop
 from .lr_finder import _check_args, find_lr
+from .muon import param_groups
 from .optim import make_optimizer, make_schedule
 from .programs import build_programs
 from .progress import Progress, StopFlag, TrainingDiverged, TrainingInterrupted, TrainingWriteError
@@ -275,6 +276,7 @@ class Trainer:
     def _summary(config: Config, model: Transformer, state: TrainState, mesh: Any,
                  base: dict[str, Any] | None) -> dict[str, Any]:
         summary = model_summary(config, state.params, state.opt_state)
+        summary |= param_groups(config, state.params, trainable_mask(model))  # optimizer: muon's groups
         if has_lora(model):  # the trainable share; optimizer_mem_MB above is the adapter's state
             lora = lora_summary(model)
             summary |= {"trainable_params": lora["trainable"], "trainable_percent": round(lora["percent"], 4),
