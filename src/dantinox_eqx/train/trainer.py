@@ -65,6 +65,23 @@ def default_config_path() -> Path:
     return Path(str(files("dantinox_eqx") / "configs" / "default_config.yaml"))
 
 
+def write_run_files(run_dir: Path, config: Config, dataset: Any, summary: dict[str, Any],
+                    rows: list[dict[str, Any]], *, resume: bool, base: dict[str, Any] | None = None) -> None:
+    """A run directory's files before training: config.yaml, tokenizer.json, model_summary.json,
+    the base pointer (adapter-only LoRA) and the training log (`rows`: those kept on resume).
+    `fit` and a population's members (train/population_fit.py) write the same files."""
+    config.to_yaml(run_dir / CONFIG_FILE)
+    # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
+    # imported Hugging Face tokenizer.json survives fine-tuning and export unchanged.
+    source = (run_dir / TOKENIZER_FILE if resume else config.tokenizer_path
+              or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
+    tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
+    atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+    if base is not None:
+        finetune.write_pointer(run_dir, base)
+    write_log(run_dir / config.log_file, rows)
+
+
 class Trainer:
     """Trains `config` (optionally starting from `model`'s weights) into a run directory.
 
@@ -138,16 +155,7 @@ class Trainer:
         self.run_dir = run_dir
         loggers = self._start_loggers(config, run_dir, summary, resume)
         if distributed.is_primary():
-            config.to_yaml(run_dir / CONFIG_FILE)
-            # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
-            # imported Hugging Face tokenizer.json survives fine-tuning and export unchanged.
-            source = (run_dir / TOKENIZER_FILE if resume else config.tokenizer_path
-                      or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
-            tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
-            atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
-            if base is not None:
-                finetune.write_pointer(run_dir, base)
-            write_log(run_dir / config.log_file, rows)
+            write_run_files(run_dir, config, dataset, summary, rows, resume=resume, base=base)
         try:
             self._train(config, run_dir, data_path, total, static, optimizer, trainable, dataset, mesh,
                         state, rows, loggers, adapter_only=base is not None)
