@@ -95,6 +95,10 @@ def save(run_dir: str | os.PathLike, which: str, step: int, params: PyTree,
     if train_state is not None:
         items["train_state"] = ocp.args.StandardSave(flatten(train_state))
     with _manager(run_dir, which, create=True) as mngr:
+        if step in mngr.all_steps():
+            # A resume saving again the step a kill interrupted (the best checkpoint saved, the
+            # latest not): orbax refuses an existing step, and the resumed values are the same.
+            mngr.delete(step)
         mngr.save(step, args=ocp.args.Composite(**items), force=True)
         mngr.wait_until_finished()
 

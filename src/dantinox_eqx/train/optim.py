@@ -35,8 +35,9 @@ HYPERPARAMETERS = ("lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad
                    "wsd_stable_fraction")
 
 
-def make_schedule(name: str, lr: float, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float = 0.01, wsd_stable_fraction: float = 0.4) -> optax.Schedule:
+def make_schedule(name: str, lr: float | jax.Array, warmup_steps: int | jax.Array, total_steps: int,
+                  min_lr_ratio: float | jax.Array = 0.01,
+                  wsd_stable_fraction: float | jax.Array = 0.4) -> optax.Schedule:
     """The schedule `name` ("cosine" | "linear" | "constant" | "wsd"); formulas in the module doc."""
     lo = lr * min_lr_ratio
     traced = not isinstance(warmup_steps, int)  # a population member's value (a JAX scalar)

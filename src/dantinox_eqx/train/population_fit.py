@@ -96,10 +96,10 @@ def _check_run_dir(path: Path, resuming: bool) -> None:
                               "or choose new run directories")
 
 
-class _Prefixed:
-    """The population's progress display, each member's lines prefixed with its name."""
+class _Prefixed(Progress):
+    """The population's progress display (one bar), each member's lines prefixed with its name."""
 
-    def __init__(self, progress: Progress | None, prefix: str):
+    def __init__(self, progress: Progress | None, prefix: str):  # no bar of its own
         self.progress, self.prefix = progress, prefix
 
     def row(self, row: dict[str, Any], total: int) -> None:
@@ -109,11 +109,12 @@ class _Prefixed:
         self.progress.message(self.prefix + text)
 
 
-class _MemberClock:
+class _MemberClock(hooks.Clock):
     """A member's view of the population's clock: ms per population step (the hooks' restarts
     are the population's business, after every member's hooks ran)."""
 
     def __init__(self, population: _Population):
+        super().__init__()
         self.population = population
 
     def ms_per_step(self, step: int) -> float:
