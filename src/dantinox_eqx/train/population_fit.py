@@ -56,7 +56,7 @@ from .state import TrainState
 from .step import init_opt_state
 from .trainer import Trainer, write_run_files
 
-__all__ = ["MemberResult", "fit_population", "train_population"]
+__all__ = ["MemberResult", "fit_population", "train_population", "check_population_memory"]
 
 
 @dataclasses.dataclass
@@ -83,15 +83,15 @@ def train_population(base_config: Config, members: Sequence[Mapping[str, Any]], 
     return run_dirs
 
 
-def _check_run_dir(path: Path, resuming: bool) -> None:
-    """A member's directory: resumed (a checkpoint and its files), or new: absent, empty, or a
-    member directory this population created before its first checkpoint (resume only)."""
+def _check_run_dir(path: Path, resuming: bool, resume: bool) -> None:
+    """A member's directory: resumed (a checkpoint and its files), or new: absent, empty, or
+    (with `resume`) a member directory a population wrote before its first checkpoint."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"run_dir: {str(path)!r} exists and is not a directory")
     if resuming:
         if not (path / CONFIG_FILE).is_file():
             raise ckpt.CheckpointError(f"run_dir: {str(path / CONFIG_FILE)!r} is missing; cannot resume")
-    elif path.exists() and not is_empty_dir(path):
+    elif path.exists() and not is_empty_dir(path) and not (resume and (path / CONFIG_FILE).is_file()):
         raise FileExistsError(f"run_dir: {str(path)!r} is not empty; pass resume to continue that population, "
                               "or choose new run directories")
 
@@ -142,7 +142,8 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
                    progress: bool | None = None, memory_flag: str = "--population") -> list[MemberResult]:
     """Train `configs` (check_members) as one population into `run_dirs` (see the module doc).
 
-    - resume: members whose directory holds a checkpoint continue from it; the others start.
+    - resume: members whose directory holds a checkpoint continue from it; the others start
+      (in a new directory, or one a population wrote before its first checkpoint).
     - shared_batches: every member trains and evaluates on member 0's batches (default: each its
       own seed's, which makes member k a separate run of configs[k]).
     Raises ConfigError/DataError/FileExistsError/CheckpointError before writing anything
@@ -158,7 +159,7 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
         raise ConfigError("population: trains in one process (its members spread over that process's devices)")
     resuming = [resume and ckpt.latest_step(d, ckpt.LATEST) is not None for d in run_dirs]
     for d, r in zip(run_dirs, resuming):
-        _check_run_dir(d, r)
+        _check_run_dir(d, r, resume)
     source = next((d for d, r in zip(run_dirs, resuming) if r), None)  # one tokenizer for every member
     data_path, dataset = training_data(configs[0], data_path, source, source is not None)
     configs = [resolve_vocab(c, dataset.vocab_size) for c in configs]
@@ -174,21 +175,33 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
     return population.run()
 
 
+def _mu_dtype(config: Config) -> Any:
+    return jnp.bfloat16 if config.use_bf16 and not config.master_weights else None  # as fit decides
+
+
+def check_population_memory(config: Config, n_members: int, *, what: str = "--population") -> None:
+    """Refuse (ConfigError naming `what`) `n_members` members of `config` (its vocab_size
+    resolved) that would not fit the devices holding them (population.check_memory), estimated
+    from shapes alone: nothing is allocated."""
+    mu_dtype = _mu_dtype(config)
+
+    def one_member() -> tuple[Any, Any]:
+        params = eqx.filter(initial_model(config, jax.random.key(0))[0], eqx.is_array)
+        params = params if mu_dtype is None else cast_floating(params, jnp.bfloat16)
+        return params, init_opt_state(make_optimizer(config, 1, mu_dtype=mu_dtype), params)
+
+    per = pop.member_bytes(config, *jax.eval_shape(one_member))
+    pop.check_memory(n_members, per, pop.population_mesh(n_members, config.n_devices), what=what)
+
+
 class _Population:
     def __init__(self, configs: list[Config], run_dirs: list[Path], resuming: list[bool], dataset: Any,
                  data_path: Path, total: int, mesh: Mesh, memory_flag: str, shared_batches: bool,
                  progress: bool | None):
         self.total, self.mesh, self.data_path, self.show = total, mesh, data_path, progress
         first = configs[0]
-        mu_dtype = jnp.bfloat16 if first.use_bf16 and not first.master_weights else None
-
-        def one_member() -> tuple[Any, Any]:  # shapes only: nothing is allocated
-            params = eqx.filter(initial_model(first, jax.random.key(0))[0], eqx.is_array)
-            params = params if mu_dtype is None else cast_floating(params, jnp.bfloat16)
-            return params, init_opt_state(make_optimizer(first, total, mu_dtype=mu_dtype), params)
-
-        per = pop.member_bytes(first, *jax.eval_shape(one_member))
-        pop.check_memory(len(configs), per, mesh, what=memory_flag)  # before N models exist
+        mu_dtype = _mu_dtype(first)
+        check_population_memory(first, len(configs), what=memory_flag)  # before N models exist
         self.progress_start = total
         self.members = [self._member(k, c, d, r, dataset, mu_dtype, len(configs))
                         for k, (c, d, r) in enumerate(zip(configs, run_dirs, resuming))]
