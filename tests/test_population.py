@@ -11,6 +11,7 @@ accumulate a batched matmul in another order) and 4.8e-7 on 4 devices; the lr co
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli.main import app
+from click.testing import CliRunner
 
 from dantinox_eqx.config import SCHEDULES, Config, ConfigError
 from dantinox_eqx.model import Transformer
@@ -194,3 +197,39 @@ def test_memory_estimate_refuses_a_population_too_large(small_corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"^--population: 64 members need about [\d,]+ bytes"):
         train_population(big, [{"seed": s} for s in range(64)], small_corpus, tmp_path / "pop")
     assert not (tmp_path / "pop").exists()
+
+
+# ---------------------------------------------------------------------------------------- find-lr
+@pytest.mark.slow
+def test_find_lr_population_trains_each_rate_as_fit_would(setup, tmp_path):
+    cfg = setup["dir"] / "config.yaml"
+    out = CliRunner().invoke(app, ["find-lr", "--config", str(cfg), "--data_path", str(setup["corpus"]),
+                                   "--population", "4", "--min_lr", "1e-4", "--max_lr", "1e-1", "--num_steps", "30",
+                                   "--plot", "--out_dir", str(tmp_path / "lr")])
+    assert out.exit_code == 0, out.output
+    with open(tmp_path / "lr" / "lr_population.csv") as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
+    assert (tmp_path / "lr" / "lr_population.png").stat().st_size > 0
+    best = min(rows, key=lambda r: r["val_loss"])
+    assert f"Best LR: {best['lr']:.2e}" in out.output
+    # The best member is the run `fit` trains with that lr for 30 steps (warm-up capped at 3).
+    alone = Trainer(setup["base"].replace(lr=best["lr"], max_steps=30, warmup_steps=3, eval_interval=30),
+                    progress=False).fit(setup["corpus"], run_dir=tmp_path / "alone")
+    assert abs(read_log(alone / "training_log.csv")[-1]["val_loss"] - best["val_loss"]) <= TOL
+
+
+def test_find_lr_population_refuses_bad_sizes(small_corpus, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    Config(**{**TINY, "vocab_size": None}).to_yaml(cfg)
+    base = ["find-lr", "--config", str(cfg), "--data_path", str(small_corpus), "--plot", "--out_dir",
+            str(tmp_path / "o")]
+    for extra, message in ((["--population", "0"], "Error: --population: the number of learning rates must be at "
+                                                    "least 1, got 0"),
+                           (["--population", "64", "--dim", "4096", "--n_heads", "32", "--head_size", "128",
+                             "--num_blocks", "48"], "Error: --population: 64 members need about ")):
+        out = CliRunner().invoke(app, base + extra)
+        errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
+        assert out.exit_code == 2 and len(errors) == 1 and errors[0].startswith(message), out.output
+        assert "Traceback" not in out.output
+    assert not (tmp_path / "o").exists()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli.main import app
 from click.testing import CliRunner
 
-from cli.main import app
 from dantinox_eqx.config import Config
 from dantinox_eqx.run import checkpoint as ckpt
 from dantinox_eqx.tools import sweep as sw

@@ -31,8 +31,8 @@ from typing import Any
 from ..config import Config, ConfigError
 from ..files import atomic_write_text
 from ..train.inputs import resolve_vocab, training_data
-from ..train.population import structure_key
-from ..train.population_fit import check_population_memory, fit_population
+from ..train.population import check_population_memory, structure_key
+from ..train.population_fit import fit_population
 from ..train.progress import TrainingInterrupted
 from . import sweep as sw
 from .sweep_config import SweepConfig, build_trial_config

@@ -43,6 +43,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,16 +52,19 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import Config, ConfigError
 from ..data.sampling import Dataset, sample_batch
+from ..model import cast_floating
 from ..nn.functional import keep_probability
 from ..parallel.sharding import DATA
 from ..run.summary import model_summary
 from .expert_log import make_counts_fn
 from .hooks import all_finite
+from .inputs import initial_model
 from .optim import HYPERPARAMETERS, make_optimizer
-from .step import make_eval_step, make_train_step
+from .step import init_opt_state, make_eval_step, make_train_step
 
-__all__ = ["POPULATION_FIELDS", "HOST_FIELDS", "check_members", "member_values", "PopulationPrograms",
-           "build_population_programs", "population_mesh", "stack", "place", "take", "member_bytes", "check_memory"]
+__all__ = ["POPULATION_FIELDS", "HOST_FIELDS", "check_members", "structure_key", "member_values",
+           "PopulationPrograms", "build_population_programs", "population_mesh", "stack", "place", "take",
+           "member_bytes", "check_memory", "check_population_memory", "mu_dtype"]
 
 # The fields the members of one population may set each to its own value: numbers the step
 # reads (as arrays), and the seed (each member's root key).
@@ -239,3 +243,23 @@ def check_memory(n_members: int, per_member: int, mesh: Mesh, *, what: str = "--
         raise ConfigError(f"{what}: {n_members} members need about {need:,} bytes ({on_one} x {per_member:,}: "
                           f"parameters + optimizer state + activations) but {where} holds {limit:,}; "
                           f"train fewer members at once (lower {what}) or a smaller model")
+
+
+def mu_dtype(config: Config) -> Any:
+    """The first moments' dtype, as fit decides it (bfloat16 with use_bf16 without master weights)."""
+    return jnp.bfloat16 if config.use_bf16 and not config.master_weights else None  # as fit decides
+
+
+def check_population_memory(config: Config, n_members: int, *, what: str = "--population") -> None:
+    """Refuse (ConfigError naming `what`) `n_members` members of `config` (its vocab_size
+    resolved) that would not fit the devices holding them (check_memory), estimated
+    from shapes alone: nothing is allocated."""
+    bf16_moments = mu_dtype(config)
+
+    def one_member() -> tuple[Any, Any]:
+        params = eqx.filter(initial_model(config, jax.random.key(0))[0], eqx.is_array)
+        params = params if bf16_moments is None else cast_floating(params, jnp.bfloat16)
+        return params, init_opt_state(make_optimizer(config, 1, mu_dtype=bf16_moments), params)
+
+    per = member_bytes(config, *jax.eval_shape(one_member))
+    check_memory(n_members, per, population_mesh(n_members, config.n_devices), what=what)

@@ -56,7 +56,7 @@ from .state import TrainState
 from .step import init_opt_state
 from .trainer import Trainer, write_run_files
 
-__all__ = ["MemberResult", "fit_population", "train_population", "check_population_memory"]
+__all__ = ["MemberResult", "fit_population", "train_population"]
 
 
 @dataclasses.dataclass
@@ -175,33 +175,14 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
     return population.run()
 
 
-def _mu_dtype(config: Config) -> Any:
-    return jnp.bfloat16 if config.use_bf16 and not config.master_weights else None  # as fit decides
-
-
-def check_population_memory(config: Config, n_members: int, *, what: str = "--population") -> None:
-    """Refuse (ConfigError naming `what`) `n_members` members of `config` (its vocab_size
-    resolved) that would not fit the devices holding them (population.check_memory), estimated
-    from shapes alone: nothing is allocated."""
-    mu_dtype = _mu_dtype(config)
-
-    def one_member() -> tuple[Any, Any]:
-        params = eqx.filter(initial_model(config, jax.random.key(0))[0], eqx.is_array)
-        params = params if mu_dtype is None else cast_floating(params, jnp.bfloat16)
-        return params, init_opt_state(make_optimizer(config, 1, mu_dtype=mu_dtype), params)
-
-    per = pop.member_bytes(config, *jax.eval_shape(one_member))
-    pop.check_memory(n_members, per, pop.population_mesh(n_members, config.n_devices), what=what)
-
-
 class _Population:
     def __init__(self, configs: list[Config], run_dirs: list[Path], resuming: list[bool], dataset: Any,
                  data_path: Path, total: int, mesh: Mesh, memory_flag: str, shared_batches: bool,
                  progress: bool | None):
         self.total, self.mesh, self.data_path, self.show = total, mesh, data_path, progress
         first = configs[0]
-        mu_dtype = _mu_dtype(first)
-        check_population_memory(first, len(configs), what=memory_flag)  # before N models exist
+        mu_dtype = pop.mu_dtype(first)
+        pop.check_population_memory(first, len(configs), what=memory_flag)  # before N models exist
         self.progress_start = total
         self.members = [self._member(k, c, d, r, dataset, mu_dtype, len(configs))
                         for k, (c, d, r) in enumerate(zip(configs, run_dirs, resuming))]
