@@ -204,16 +204,18 @@ def test_memory_estimate_refuses_a_population_too_large(small_corpus, tmp_path):
 def test_find_lr_population_trains_each_rate_as_fit_would(setup, tmp_path):
     cfg = setup["dir"] / "config.yaml"
     out = CliRunner().invoke(app, ["find-lr", "--config", str(cfg), "--data_path", str(setup["corpus"]),
-                                   "--population", "4", "--min_lr", "1e-4", "--max_lr", "1e-1", "--num_steps", "30",
+                                   "--population", "4", "--min_lr", "1e-5", "--max_lr", "1e-2", "--num_steps", "30",
                                    "--plot", "--out_dir", str(tmp_path / "lr")])
     assert out.exit_code == 0, out.output
     with open(tmp_path / "lr" / "lr_population.csv") as f:
         rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
+    assert [r["lr"] for r in rows] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
     assert (tmp_path / "lr" / "lr_population.png").stat().st_size > 0
     best = min(rows, key=lambda r: r["val_loss"])
     assert f"Best LR: {best['lr']:.2e}" in out.output
     # The best member is the run `fit` trains with that lr for 30 steps (warm-up capped at 3).
+    # (Not at lr 0.1: there this tiny model's training is chaotic, and float32 rounding
+    # differences grow to 0.03 in 30 steps, the member and the separate run alike.)
     alone = Trainer(setup["base"].replace(lr=best["lr"], max_steps=30, warmup_steps=3, eval_interval=30),
                     progress=False).fit(setup["corpus"], run_dir=tmp_path / "alone")
     assert abs(read_log(alone / "training_log.csv")[-1]["val_loss"] - best["val_loss"]) <= TOL
