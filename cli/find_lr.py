@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import click
 
 from cli.common import fail, handle_errors
 from cli.overrides import field_options, load_config
-from dantinox_eqx.config import SCHEDULES, atomic_write_text
+from dantinox_eqx.config import SCHEDULES, Config, atomic_write_text
 
 
 def _new_dir(parent: Path, prefix: str) -> Path:
@@ -30,20 +31,29 @@ def _new_dir(parent: Path, prefix: str) -> Path:
 @click.option("--data_path", required=True, help="Training corpus (UTF-8 text).")
 @click.option("--min_lr", type=float, default=1e-6, show_default=True, help="LR of the first step.")
 @click.option("--max_lr", type=float, default=1e-2, show_default=True, help="LR of the last step.")
-@click.option("--num_steps", type=int, default=100, show_default=True, help="Steps of the exponential ramp.")
-@click.option("--plot", is_flag=True, help="Write lr_finder.png (and lr_finder.csv).")
+@click.option("--num_steps", type=int, default=None,
+              help="Steps of the exponential ramp [100]; with --population, each member's steps [300].")
+@click.option("--population", type=int, default=None,
+              help="Train this many LRs (log-spaced from min_lr to max_lr) side by side instead of the ramp.")
+@click.option("--plot", is_flag=True, help="Write lr_finder.png and lr_finder.csv (--population: lr_population.*).")
 @click.option("--out_dir", default=None, help="Where --plot writes [default: a new runs/lr_finder_<time>/].")
-@field_options(exclude=("config", "data_path", "min_lr", "max_lr", "num_steps", "plot", "out_dir"))
+@field_options(exclude=("config", "data_path", "min_lr", "max_lr", "num_steps", "population", "plot", "out_dir"))
 @handle_errors
-def find_lr(config_path: str, data_path: str, min_lr: float, max_lr: float, num_steps: int,
-            plot: bool, out_dir: str | None, **fields: str | None) -> None:
+def find_lr(config_path: str, data_path: str, min_lr: float, max_lr: float, num_steps: int | None,
+            population: int | None, plot: bool, out_dir: str | None, **fields: str | None) -> None:
     """LR range test: train briefly with an exponentially rising LR and suggest the LR of the
     steepest loss descent, on the model `train` would start from (same tokenizer, init and
-    optimizer). Changes no run. --FIELD VALUE options override the config."""
+    optimizer). With --population N: N learning rates trained side by side for --num_steps
+    steps in one compiled program, the best by validation loss. Changes no run. --FIELD VALUE
+    options override the config."""
     from dantinox_eqx.tools.lr_plots import plot_lr_finder
     from dantinox_eqx.train.trainer import Trainer
 
     config = load_config(config_path, fields)
+    if population is not None:  # issue 17: the population LR search
+        _population(config, data_path, min_lr, max_lr, population, num_steps or 300, plot, out_dir)
+        return
+    num_steps = num_steps or 100
     suggested, lrs, losses = Trainer(config).find_lr(data_path, min_lr, max_lr, num_steps)
     if len(lrs) < num_steps:
         click.echo(f"Stopped after {len(lrs)} of {num_steps} steps: the loss diverged at lr={lrs[-1]:.2e}")
@@ -52,11 +62,35 @@ def find_lr(config_path: str, data_path: str, min_lr: float, max_lr: float, num_
         folder = Path(out_dir) if out_dir else _new_dir(Path("runs"), "lr_finder")
         folder.mkdir(parents=True, exist_ok=True)
         png = plot_lr_finder(lrs, losses, suggested, folder / "lr_finder.png")
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["lr", "smoothed_loss"])
-        writer.writerows(zip(lrs, losses))
-        atomic_write_text(folder / "lr_finder.csv", buf.getvalue())
+        _write_csv(folder / "lr_finder.csv", ["lr", "smoothed_loss"], zip(lrs, losses))
+        click.echo(f"Wrote {png}")
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[tuple]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _population(config: Config, data_path: str, min_lr: float, max_lr: float, population: int, num_steps: int,
+                plot: bool, out_dir: str | None) -> None:
+    from dantinox_eqx.tools.lr_plots import plot_lr_population
+    from dantinox_eqx.train.lr_finder import find_lr_population_on_path
+
+    result = find_lr_population_on_path(config, data_path, min_lr, max_lr, population, num_steps)
+    click.echo(f"{'lr':>10}  {'val_loss':>9}  {'train_loss':>10}  ({population} rates, {num_steps} steps each)")
+    for lr, val, train in zip(result.lrs, result.val_loss, result.train_loss):
+        click.echo(f"{lr:10.2e}  {val:9.4f}  {train:10.4f}")
+    click.echo(f"Best LR: {result.best_lr:.2e}")
+    if plot:
+        folder = Path(out_dir) if out_dir else _new_dir(Path("runs"), "lr_population")
+        folder.mkdir(parents=True, exist_ok=True)
+        png = plot_lr_population(result.lrs, result.val_loss, result.train_loss, result.best_lr,
+                                 folder / "lr_population.png")
+        _write_csv(folder / "lr_population.csv", ["lr", "val_loss", "train_loss"],
+                   zip(result.lrs, result.val_loss, result.train_loss))
         click.echo(f"Wrote {png}")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import handle_errors
+from cli.common import fail, handle_errors
 from cli.overrides import field_options, load_config
 
 
@@ -19,18 +19,21 @@ from cli.overrides import field_options, load_config
 @click.option("--wandb_project", default="dantinox-eqx", show_default=True, help="W&B project (wandb backend).")
 @click.option("--entity", default=None, help="W&B entity (wandb backend).")
 @click.option("--count", type=int, default=10, show_default=True, help="Trials to run now.")
-@click.option("--backend", type=click.Choice(["wandb", "local"]), default="wandb", show_default=True,
-              help="wandb: a W&B sweep agent (needs a server); local: optuna, offline.")
+@click.option("--backend", type=click.Choice(["wandb", "local", "population"]), default="wandb", show_default=True,
+              help="wandb: a W&B sweep agent (needs a server); local: optuna, offline, one run after another; "
+                   "population: optuna, offline, the trials of one shape trained together in one program.")
+@click.option("--population", type=int, default=None,
+              help="population backend: at most this many trials trained at once [default: all of a shape].")
 @click.option("--sweep_dir", default=None, help="Sweep directory; an existing one is continued "
               "[default: a new runs/sweep_<time>/].")
 @click.option("--sweep_id", default=None, help="wandb backend: join this existing W&B sweep.")
 @click.option("--seed", type=int, default=None, help="Sampler seed (local backend) [default: the config's].")
 @field_options(exclude=("sweep_config", "data_path", "config", "wandb_project", "entity", "count", "backend",
-                        "sweep_dir", "sweep_id", "seed"))
+                        "population", "sweep_dir", "sweep_id", "seed"))
 @handle_errors
 def sweep(sweep_config: str, data_path: str, config_path: str | None, wandb_project: str,
-          entity: str | None, count: int, backend: str, sweep_dir: str | None, sweep_id: str | None,
-          seed: int | None, **fields: str | None) -> None:
+          entity: str | None, count: int, backend: str, population: int | None, sweep_dir: str | None,
+          sweep_id: str | None, seed: int | None, **fields: str | None) -> None:
     """Run COUNT trials of a sweep; each trains the base config with the trial's values and
     reports the sweep's metric. Writes sweep_results.csv (best first) and sweep.png.
     --FIELD VALUE options override the base config (e.g. --max_steps 300)."""
@@ -40,7 +43,14 @@ def sweep(sweep_config: str, data_path: str, config_path: str | None, wandb_proj
     base = load_config(config_path, fields)
     folder = Path(sweep_dir) if sweep_dir else Path("runs") / f"sweep_{datetime.now():%Y%m%d_%H%M%S}"
     click.echo(f"Sweep directory: {folder}")
-    if backend == "local":
+    if population is not None and backend != "population":
+        fail("--population: only --backend population trains trials together; drop it or use that backend")
+    if backend == "population":  # issue 17: tools/population_sweep.py
+        from dantinox_eqx.tools.population_sweep import run_population_sweep
+
+        records = run_population_sweep(spec, base, data_path, folder, count, population=population, seed=seed,
+                                       log=click.echo)
+    elif backend == "local":
         records = sw.run_local_sweep(spec, base, data_path, folder, count, sw.trainer_train_fn, seed=seed,
                                      log=click.echo)
     else:

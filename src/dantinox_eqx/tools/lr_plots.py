@@ -17,7 +17,7 @@ from ..config import SCHEDULES, Config, ConfigError
 from ..files import atomic_path
 from ..train.optim import make_schedule
 
-__all__ = ["save_figure", "plot_lr_finder", "plot_lr_schedule", "schedule_values", "plot_sweep"]
+__all__ = ["save_figure", "plot_lr_finder", "plot_lr_schedule", "schedule_values", "plot_sweep", "plot_lr_population"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
@@ -96,5 +96,28 @@ def plot_sweep(trials: Sequence[int] | np.ndarray, values: Floats, metric: str, 
     if len(ys) and np.all(ys > 0) and ys.max() / ys.min() > 100:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_lr_population(lrs: Floats, val_losses: Floats, train_losses: Floats, best: float,
+                       path: str | os.PathLike) -> Path:
+    """`find-lr --population`: the validation loss after training (and the smoothed training
+    loss of the last step) against each member's learning rate (log x axis), the best marked.
+    Diverged members (inf) are left out of the lines."""
+    fig = Figure(figsize=(7, 4.5), layout="tight")
+    ax = fig.add_subplot()
+    lrs = np.asarray(lrs, np.float64)
+    lines = ((val_losses, "C0", "validation loss"), (train_losses, "C1", "training loss (smoothed)"))
+    for values, color, label in lines:
+        ys = np.asarray(values, np.float64)
+        ok = np.isfinite(ys)
+        ax.plot(lrs[ok], ys[ok], "o-", color=color, label=label)
+    ax.axvline(best, color="C3", linestyle="--", label=f"best lr = {best:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("loss after training")
+    ax.set_title(f"{len(lrs)} learning rates trained side by side")
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return save_figure(fig, path)

@@ -17,6 +17,7 @@ does).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -30,12 +31,23 @@ from ..config import Config, ConfigError
 from ..data.feeds import choose_feed, philox_key, read_batch
 from ..data.sampling import Dataset, prepare_data, sample_batch
 from ..data.tokens import TRAIN_STREAM, Splits
-from ..model import Transformer
+from ..model import Transformer, cast_floating
+from .inputs import initial_model, trainable_mask
 from .optim import make_optimizer
+from .population import (
+    build_population_programs,
+    check_members,
+    check_population_memory,
+    member_values,
+    mu_dtype,
+    place,
+    population_mesh,
+    stack,
+)
 from .step import init_opt_state, make_train_step
 
 __all__ = ["find_lr", "find_lr_on_path", "exponential_ramp", "smooth_losses", "steepest_descent",
-           "prepare_config_data"]
+           "prepare_config_data", "find_lr_population", "find_lr_population_on_path", "PopulationLR"]
 
 
 def exponential_ramp(min_lr: float, max_lr: float, num_steps: int) -> Any:
@@ -183,3 +195,77 @@ def find_lr_on_path(config: Config, data_path: str | os.PathLike, min_lr: float 
     data = prepare_config_data(config, data_path)
     return find_lr(config, data, min_lr, max_lr, num_steps, smoothing=smoothing, diverge_factor=diverge_factor,
                    model=model, trainable=trainable)
+
+
+# ------------------------------------------------------------------------------------------ population
+@dataclasses.dataclass(frozen=True)
+class PopulationLR:
+    """`find_lr_population`'s result: per learning rate (log-spaced, ascending), the validation
+    loss after training (inf where the member diverged) and the smoothed training loss of its
+    last step; `curves[k]` is member k's smoothed training loss at every step."""
+
+    lrs: list[float]
+    val_loss: list[float]
+    train_loss: list[float]
+    curves: list[list[float]]
+    best_lr: float
+
+
+def find_lr_population(config: Config, data: Dataset, min_lr: float = 1e-5, max_lr: float = 1e-2,
+                       population: int = 8, num_steps: int = 300, *, smoothing: float = 0.98,
+                       model: Transformer | None = None) -> PopulationLR:
+    """Train `population` copies of the model `fit` would start from side by side, one jitted
+    vmapped step for all (train/population.py), each at its own peak learning rate (log-spaced
+    from min_lr to max_lr) and otherwise as the config trains: its optimizer, schedule (over
+    `num_steps`; warm-up capped at a tenth of them), batches and dropout, identical in every
+    member but the rate. The best rate is the one with the lowest validation loss after
+    `num_steps` (eval_iters batches, the same for every member). A slower companion of the range
+    test that reads the rates' effect after real training rather than along one ramp. Writes
+    nothing. Raises ConfigError for bad arguments or a population too large for memory."""
+    if population < 1:
+        raise ConfigError(f"--population: the number of learning rates must be at least 1, got {population}")
+    _check_args(min_lr, max_lr, max(num_steps, 5), smoothing, 2.0)
+    config = config if config.vocab_size is not None else config.replace(vocab_size=data.vocab_size)
+    lrs = [float(x) for x in np.geomspace(min_lr, max_lr, population)]
+    configs = [config.replace(lr=lr, max_steps=num_steps, warmup_steps=min(config.warmup_steps, num_steps // 10))
+               for lr in lrs]
+    check_members(configs)
+    check_population_memory(configs[0], population)
+    mesh = population_mesh(population, config.n_devices)
+    root = jax.random.key(config.seed)
+    if model is None:  # what fit starts from: fresh from the seed's init key, or init_from's weights
+        model = initial_model(config, jax.random.split(root, 4)[0])[0]
+    params, static = eqx.partition(model, eqx.is_array)
+    moments = mu_dtype(config)
+    if moments is not None:  # use_bf16 without master weights: bfloat16 params, as fit trains them
+        params = cast_floating(params, moments)
+    optimizer = make_optimizer(configs[0], num_steps, mu_dtype=moments)
+    params = stack([params] * population, mesh)
+    opt_state = stack([init_opt_state(optimizer, jax.tree.map(lambda x: x[0], params))] * population, mesh)
+    values, roots = place(member_values(configs), mesh), stack([root] * population, mesh)
+    programs = build_population_programs(configs[0], static, trainable_mask(model), data, mesh, num_steps,
+                                         mu_dtype=moments)
+    active = np.ones(population, bool)
+    losses = []
+    for s in range(num_steps):
+        params, opt_state, metrics = programs.step(params, opt_state, values, roots, roots,
+                                                   np.full(population, s, np.int32), active)
+        losses.append(metrics["loss"])  # fetched once at the end: the loop never waits
+    losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)  # (num_steps, population)
+    _, val, finite, _ = jax.device_get(programs.evaluate(params, roots, np.full(population, num_steps, np.int32)))
+    val_loss = [float(v) if ok and math.isfinite(v) else math.inf for v, ok in zip(val["loss"], finite)]
+    curves = [smooth_losses(losses[:, k], smoothing).tolist() for k in range(population)]
+    best = int(np.argmin(val_loss))
+    if not math.isfinite(val_loss[best]):
+        raise ConfigError(f"min_lr: every learning rate from {min_lr} to {max_lr} diverged; lower both")
+    return PopulationLR(lrs, val_loss, [c[-1] for c in curves], curves, lrs[best])
+
+
+def find_lr_population_on_path(config: Config, data_path: str | os.PathLike, min_lr: float = 1e-5,
+                               max_lr: float = 1e-2, population: int = 8, num_steps: int = 300, *,
+                               smoothing: float = 0.98) -> PopulationLR:
+    """`find_lr_population` on the corpus at `data_path` (its tokenizer and split as training's)."""
+    if population < 1:  # before preparing the data
+        raise ConfigError(f"--population: the number of learning rates must be at least 1, got {population}")
+    return find_lr_population(config, prepare_config_data(config, data_path), min_lr, max_lr, population, num_steps,
+                              smoothing=smoothing)

@@ -15,6 +15,10 @@ where lo = lr * min_lr_ratio (0.01 by default), T is the run's total steps and f
 
 Optimizers: adamw, adam (no weight decay), lion, adafactor, and muon (`muon.py`: Muon on the
 blocks' matrices with the schedule scaled to peak at `muon_lr`, AdamW with `lr` on the rest).
+
+The numbers may be JAX scalars instead of Python numbers: a population (train/population.py)
+passes each member's own values, traced inside its vmapped step. With Python numbers the
+arithmetic is unchanged (a plain run computes exactly what it always has).
 """
 
 from __future__ import annotations
@@ -28,14 +32,21 @@ import optax
 from ..config import Config
 from .muon import fused_splits, muon_labels, scale_by_block_muon
 
-__all__ = ["make_schedule", "make_optimizer", "decay_mask"]
+__all__ = ["make_schedule", "make_optimizer", "decay_mask", "HYPERPARAMETERS"]
+
+# The Config fields the optimizer reads as numbers (a population may give each member its own).
+HYPERPARAMETERS = ("lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "min_lr_ratio",
+                   "wsd_stable_fraction")
 
 
-def make_schedule(name: str, lr: float, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float = 0.01, wsd_stable_fraction: float = 0.4) -> optax.Schedule:
+def make_schedule(name: str, lr: float | jax.Array, warmup_steps: int | jax.Array, total_steps: int,
+                  min_lr_ratio: float | jax.Array = 0.01,
+                  wsd_stable_fraction: float | jax.Array = 0.4) -> optax.Schedule:
     """The schedule `name` ("cosine" | "linear" | "constant" | "wsd"); formulas in the module doc."""
     lo = lr * min_lr_ratio
-    W, T = warmup_steps, max(total_steps, warmup_steps + 1)
+    traced = not isinstance(warmup_steps, int)  # a population member's value (a JAX scalar)
+    W = warmup_steps
+    T = jnp.maximum(total_steps, W + 1) if traced else max(total_steps, W + 1)
 
     def schedule(step: Any) -> Any:
         s = jnp.asarray(step, jnp.float32)
@@ -52,8 +63,8 @@ def make_schedule(name: str, lr: float, warmup_steps: int, total_steps: int,
             after = lo + (lr - lo) * 0.5 * (1.0 + jnp.cos(jnp.pi * q))
         else:
             raise ValueError(f"lr_schedule: unknown schedule {name!r}")
-        if W == 0:
-            return after
+        if not traced and W == 0:
+            return after  # (traced: s < 0 never holds, so the where below gives `after`)
         return jnp.where(s < W, lr * (s + 1.0) / W, after)
 
     return schedule
@@ -71,21 +82,26 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None,
-                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+                   schedule: optax.Schedule | None = None,
+                   values: dict[str, Any] | None = None) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) -> the chosen optimizer with the config's schedule.
 
     `mu_dtype` sets the dtype of first moments (bfloat16 for use_bf16, as the seed does).
     `schedule` replaces the config's schedule (the LR finder's exponential ramp) and leaves
     everything else (betas, clipping, weight decay and its mask) as a real run has it.
+    `values` replaces the config's numbers (any of HYPERPARAMETERS; JAX scalars in a
+    population's vmapped step); the config still decides the structure of the optimizer and
+    of its state: the family, the schedule's shape, clipping on or off, adafactor's decay.
     """
+    h = {name: getattr(config, name) for name in HYPERPARAMETERS} | dict(values or {})
     if schedule is None:
-        schedule = make_schedule(config.lr_schedule, config.lr, config.warmup_steps, total_steps,
-                                 config.min_lr_ratio, config.wsd_stable_fraction)
+        schedule = make_schedule(config.lr_schedule, h["lr"], h["warmup_steps"], total_steps,
+                                 h["min_lr_ratio"], h["wsd_stable_fraction"])
     if config.optimizer == "adamw":
-        opt = optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
+        opt = optax.adamw(schedule, b1=h["beta1"], b2=h["beta2"], weight_decay=h["weight_decay"],
                           mask=decay_mask, mu_dtype=mu_dtype)
     elif config.optimizer == "lion":
-        opt = optax.lion(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
+        opt = optax.lion(schedule, b1=h["beta1"], b2=h["beta2"], weight_decay=h["weight_decay"],
                          mask=decay_mask, mu_dtype=mu_dtype)
     elif config.optimizer == "adam":  # issue 16: DantinoX's plain Adam (weight_decay unused)
         opt = optax.adam(schedule, b1=config.beta1, b2=config.beta2, mu_dtype=mu_dtype)
@@ -93,12 +109,12 @@ def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None,
         opt = _muon(config, schedule, mu_dtype)
     elif config.optimizer == "adafactor":
         opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
-                              weight_decay_rate=config.weight_decay or None,
+                              weight_decay_rate=h["weight_decay"] if config.weight_decay else None,
                               weight_decay_mask=decay_mask)
     else:
         raise ValueError(f"optimizer: unknown optimizer {config.optimizer!r}")
     if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
+        return optax.chain(optax.clip_by_global_norm(h["grad_clip"]), opt)
     return opt
 
 

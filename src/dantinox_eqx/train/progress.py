@@ -113,10 +113,11 @@ class Progress:
         if self.bar is not None:
             self.bar.advance(self.task)
 
-    def row(self, row: dict[str, Any], total: int) -> None:
+    def row(self, row: dict[str, Any], total: int, prefix: str = "") -> None:
+        """Print an evaluation row (`prefix`: e.g. which member of a population it belongs to)."""
         if self.quiet:
             return
-        line = (f"step {row['step']}/{total} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
+        line = (f"{prefix}step {row['step']}/{total} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
                 f" ({row['val_bpb']:.4f} bits/byte) | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step"
                 f" | {row['tokens_per_s']:.0f} tok/s")
         if self.bar is not None:

@@ -85,6 +85,23 @@ def default_config_path() -> Path:
     return Path(str(files("dantinox_eqx") / "configs" / "default_config.yaml"))
 
 
+def write_run_files(run_dir: Path, config: Config, dataset: Any, summary: dict[str, Any],
+                    rows: list[dict[str, Any]], *, resume: bool, base: dict[str, Any] | None = None) -> None:
+    """A run directory's files before training: config.yaml, tokenizer.json, model_summary.json,
+    the base pointer (adapter-only LoRA) and the training log (`rows`: those kept on resume).
+    `fit` and a population's members (train/population_fit.py) write the same files."""
+    config.to_yaml(run_dir / CONFIG_FILE)
+    # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
+    # imported Hugging Face tokenizer.json survives fine-tuning and export unchanged.
+    source = (run_dir / TOKENIZER_FILE if resume else config.tokenizer_path
+              or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
+    tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
+    atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+    if base is not None:
+        finetune.write_pointer(run_dir, base)
+    write_log(run_dir / config.log_file, rows)
+
+
 class Trainer:
     """Trains `config` (optionally starting from `model`'s weights) into a run directory.
 
@@ -185,7 +202,8 @@ class Trainer:
         stop.step = state.step
         loggers = self._start_loggers(config, run_dir, summary, resume, lock)
         try:
-            self._write_run_files(config, run_dir, resume, dataset, summary, base, rows)
+            if distributed.is_primary():
+                write_run_files(run_dir, config, dataset, summary, rows, resume=resume, base=base)
         except OSError as e:
             raise TrainingWriteError(state.step, e, run_dir) from e
         if stop.signum is not None:  # a start-up signal whose exception some library swallowed
@@ -198,23 +216,6 @@ class Trainer:
                 if hasattr(logger, "finish"):
                     logger.finish()
         return run_dir
-
-    @staticmethod
-    def _write_run_files(config: Config, run_dir: Path, resume: bool, dataset: Splits, summary: dict[str, Any],
-                         base: dict[str, Any] | None, rows: list[dict[str, Any]]) -> None:
-        """config.yaml, tokenizer.json, model_summary.json, lora_base.json and the log (process 0)."""
-        if not distributed.is_primary():
-            return
-        config.to_yaml(run_dir / CONFIG_FILE)
-        # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
-        # imported Hugging Face tokenizer.json survives fine-tuning and export unchanged.
-        source = (run_dir / TOKENIZER_FILE if resume else config.tokenizer_path
-                  or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
-        tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
-        atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
-        if base is not None:
-            finetune.write_pointer(run_dir, base)
-        write_log(run_dir / config.log_file, rows)
 
     def _train(self, config: Config, run_dir: Path, data_path: Path, total: int, static: Any, optimizer: Any,
                trainable: Any, dataset: Splits, feed_kind: str, mesh: Any, state: TrainState,

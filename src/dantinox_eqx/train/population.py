@@ -1,0 +1,265 @@
+"""A population: N models of one shape trained together by one jitted, `jax.vmap`ped step.
+
+    check_members(configs)                       # one shape and program, or ConfigError
+    values = member_values(configs)              # {name: (N,) array} of POPULATION_FIELDS
+    programs = build_population_programs(configs[0], static, trainable, dataset, mesh, total)
+    params, opt_state, metrics = programs.step(params, opt_state, values, roots, data_roots, steps, active)
+    train, val, finite, counts = programs.evaluate(params, data_roots, steps)
+
+Every array of a population has a leading member axis of length N: the parameters and optimizer
+states (each member's, stacked), the values of POPULATION_FIELDS, the root keys `key(seed)`, the
+step numbers and the `active` mask (a member that finished, stopped early or diverged is carried
+unchanged). The members are split over the devices of `mesh` along that axis: each member's
+arrays and computation live whole on one device, and no step moves data between devices.
+
+Member k computes what `Trainer(configs[k]).fit` computes (train/programs.py), with its own
+numbers: its optimizer is `make_optimizer(config, total, values=member k's values)`, built inside
+the vmapped function from traced scalars (the optimizer state has the structure a plain run's
+has, so each member checkpoints in the ordinary format); its dropout keeps units with its own
+probability (`nn.functional.keep_probability`); its root key gives its batches, dropout and
+evaluation batches exactly as a run of its seed derives them:
+
+    init, data, dropout, eval = split(key(seed), 4)
+    batch of update s    = sample_batch(train, fold_in(data, s), ...)      (data from data_roots)
+    dropout of update s  = fold_in(dropout, s)
+    eval after s updates = eval_iters batches of each split from fold_in(eval, s)  (data_roots)
+
+By default `data_roots` are the members' own roots, so member k sees exactly the batches it would
+see alone: that is what makes member k a separate run of its config, comparable with any other
+run of it (a sweep's result must not depend on which members shared its program). Shared batches
+(`data_roots` all member 0's key) are the option for comparing hyperparameters on identical data.
+
+Exactness: vmap turns each matmul into a batched one, whose accumulation order XLA may choose
+differently, and the hyperparameters become float32 arrays instead of constants folded in
+double precision. So member k agrees with its separate run to float32 rounding, not bitwise
+(tests/test_population.py measures it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..config import Config, ConfigError
+from ..data.sampling import Dataset, sample_batch
+from ..model import cast_floating
+from ..nn.functional import keep_probability
+from ..parallel.sharding import DATA
+from ..run.summary import model_summary
+from .expert_log import make_counts_fn
+from .hooks import all_finite
+from .inputs import initial_model
+from .optim import HYPERPARAMETERS, make_optimizer
+from .step import init_opt_state, make_eval_step, make_train_step
+
+__all__ = ["POPULATION_FIELDS", "HOST_FIELDS", "check_members", "structure_key", "member_values",
+           "PopulationPrograms", "build_population_programs", "population_mesh", "stack", "place", "take",
+           "member_bytes", "check_memory", "check_population_memory", "mu_dtype"]
+
+# The fields the members of one population may set each to its own value: numbers the step
+# reads (as arrays), and the seed (each member's root key).
+POPULATION_FIELDS = (*HYPERPARAMETERS, "dropout_rate", "seed")
+# Fields only the host-side hooks read, also free per member.
+HOST_FIELDS = ("patience",)
+# Values of population fields that change the program or the optimizer state's structure: the
+# members of one population agree on each of these.
+_STRUCTURE = {
+    "grad_clip": ("clipping on or off", lambda c: c.grad_clip > 0),
+    "dropout_rate": ("dropout on or off", lambda c: c.dropout_rate > 0),
+    "weight_decay": ("adafactor's weight decay on or off", lambda c: c.optimizer == "adafactor" and c.weight_decay > 0),
+}
+_UNSUPPORTED = {"use_lora": "a LoRA fine-tune trains alone (dantinox-eqx train)",
+                "wandb": "W&B logging needs a run per process (sweep --backend wandb)"}
+
+
+def check_members(configs: Sequence[Config]) -> None:
+    """Raise ConfigError unless `configs` can train as one population: at least one, the same
+    fields everywhere except POPULATION_FIELDS and HOST_FIELDS, and among those the same
+    structure (clipping, dropout, adafactor decay on or off). The message names the field."""
+    if len(configs) < 1:
+        raise ConfigError("population: needs at least 1 member, got 0")
+    first = configs[0]
+    for name, why in _UNSUPPORTED.items():
+        if getattr(first, name) or (name == "wandb" and first.wandb_project):
+            raise ConfigError(f"{name}: a population cannot train with {name} on ({why})")
+    free = set(POPULATION_FIELDS) | set(HOST_FIELDS)
+    for k, c in enumerate(configs[1:], 1):
+        for field in dataclasses.fields(Config):
+            a, b = getattr(first, field.name), getattr(c, field.name)
+            if field.name not in free and a != b:
+                raise ConfigError(f"{field.name}: member {k} has {field.name}={b!r}, member 0 {a!r}; the members of "
+                                  f"one population share every field but {', '.join(POPULATION_FIELDS + HOST_FIELDS)}"
+                                  " (a sweep with --backend population groups its trials by the others)")
+        for name, (what, flag) in _STRUCTURE.items():
+            if flag(first) != flag(c):
+                raise ConfigError(f"{name}: member {k} has {name}={getattr(c, name)!r}, member 0 "
+                                  f"{getattr(first, name)!r}; {what} changes the compiled step or the optimizer "
+                                  "state, so they train in separate populations")
+
+
+def structure_key(config: Config) -> tuple:
+    """What members of one population share (`check_members`): a sweep groups trials by it."""
+    free = set(POPULATION_FIELDS) | set(HOST_FIELDS)
+    shared = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(Config) if f.name not in free)
+    return shared + tuple(flag(config) for _, flag in _STRUCTURE.values())
+
+
+def member_values(configs: Sequence[Config]) -> dict[str, np.ndarray]:
+    """Each member's optimizer numbers as (N,) arrays (float32; warmup_steps int32) plus `keep`,
+    the dropout keep probability 1 - dropout_rate (computed in double, as a plain run folds it)."""
+    out = {name: np.asarray([getattr(c, name) for c in configs],
+                            np.int32 if name == "warmup_steps" else np.float32) for name in HYPERPARAMETERS}
+    out["keep"] = np.asarray([1.0 - c.dropout_rate for c in configs], np.float32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ placement
+def population_mesh(n_members: int, n_devices: int = 0) -> Mesh:
+    """A 1-D "data" mesh over the most devices (of the first `n_devices`; 0 = all) that split
+    `n_members` evenly: each device holds n_members / devices whole members."""
+    devices = jax.devices()
+    if n_devices < 0 or n_devices > len(devices):
+        raise ConfigError(f"n_devices: asked for {n_devices}, but {len(devices)} device(s) are visible")
+    n = n_devices or len(devices)
+    used = max(d for d in range(1, n + 1) if n_members % d == 0)
+    return Mesh(np.asarray(devices[:used]), (DATA,))
+
+
+def stack(trees: Sequence[Any], mesh: Mesh) -> Any:
+    """The member trees stacked on a new leading axis, split over `mesh` along it. Member 0's
+    tree structure is kept: the members' may differ only in static metadata (dropout rates)."""
+    treedef = jax.tree.structure(trees[0])
+    return place(treedef.unflatten([jnp.stack(xs) for xs in zip(*(jax.tree.leaves(t) for t in trees))]), mesh)
+
+
+def place(tree: Any, mesh: Mesh) -> Any:
+    """Arrays with a leading member axis, split over `mesh` along it."""
+    return jax.device_put(tree, NamedSharding(mesh, P(DATA)))
+
+
+@jax.jit
+def _take(tree: Any, k: Any) -> Any:
+    return jax.tree.map(lambda x: x[k], tree)
+
+
+def take(tree: Any, k: int) -> Any:
+    """Member `k`'s slice of a stacked tree (on the device that holds it)."""
+    return _take(tree, np.int32(k))
+
+
+# ------------------------------------------------------------------------------------------ programs
+@dataclasses.dataclass(frozen=True)
+class PopulationPrograms:
+    step: Callable  # (params, opt_state, values, roots, data_roots, steps, active) -> (params, opt_state, metrics)
+    evaluate: Callable  # (params, data_roots, steps) -> (train, val, finite, counts), each (N, ...)
+
+
+def build_population_programs(config: Config, static: Any, trainable: Any, dataset: Dataset, mesh: Mesh,
+                              total: int, *, mu_dtype: Any = None) -> PopulationPrograms:
+    """The population's jitted step and evaluation (see the module docstring). `config` is any
+    member's (they share everything but their values); `static` the model's non-array part."""
+    c = config
+    B, T = c.batch_size, c.max_context
+    compute = jnp.bfloat16 if c.use_bf16 and c.master_weights else None
+    eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
+    counts_fn = make_counts_fn(static) if c.use_moe else None
+    members, rep = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
+    train_tokens = jax.device_put(np.asarray(dataset.train), rep)
+    val_tokens = jax.device_put(np.asarray(dataset.val), rep)
+
+    def member_step(params, opt_state, values, root, data_root, step, tokens):
+        optimizer = make_optimizer(c, total, mu_dtype=mu_dtype, values={k: values[k] for k in HYPERPARAMETERS})
+        step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
+                                  donate=False, compute_dtype=compute)
+        data_key, dropout_key = jax.random.split(data_root, 4)[1], jax.random.split(root, 4)[2]
+        batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=c.grad_accum)
+        with keep_probability(values["keep"]):
+            return step_fn(params, opt_state, batch, jax.random.fold_in(dropout_key, step))
+
+    def step(params, opt_state, values, roots, data_roots, steps, active, tokens):
+        new_p, new_o, metrics = jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, 0, None))(
+            params, opt_state, values, roots, data_roots, steps, tokens)
+
+        def keep(new, old):  # inactive members unchanged; dtypes as they were (see member_values)
+            where = active.reshape(active.shape + (1,) * (old.ndim - 1))
+            return jnp.where(where, new.astype(old.dtype), old)
+
+        return jax.tree.map(keep, new_p, params), jax.tree.map(keep, new_o, opt_state), metrics
+
+    def member_eval(params, data_root, step, train, val):
+        eval_key = jax.random.split(data_root, 4)[3]
+        k_train, k_val = jax.random.split(jax.random.fold_in(eval_key, step))
+        batches = [sample_batch(tokens, k, B, T, accum=c.eval_iters) for tokens, k in ((train, k_train), (val, k_val))]
+        counts = None if counts_fn is None else counts_fn(params, batches[1])
+        return eval_fn(params, batches[0]), eval_fn(params, batches[1]), all_finite(params), counts
+
+    def evaluate(params, data_roots, steps, train, val):
+        return jax.vmap(member_eval, in_axes=(0, 0, 0, None, None))(params, data_roots, steps, train, val)
+
+    step_jit = jax.jit(step, in_shardings=(members,) * 7 + (rep,), out_shardings=(members, members, members),
+                       donate_argnums=(0, 1))
+    eval_jit = jax.jit(evaluate, in_shardings=(members,) * 3 + (rep, rep), out_shardings=members)
+    return PopulationPrograms(
+        step=lambda p, o, v, r, d, s, a: step_jit(p, o, v, r, d, s, a, train_tokens),
+        evaluate=lambda p, d, s: eval_jit(p, d, s, train_tokens, val_tokens))
+
+
+# ------------------------------------------------------------------------------------------ memory
+def member_bytes(config: Config, params: Any, opt_state: Any) -> int:
+    """Bytes one member needs: parameters + optimizer state + activations of one micro-batch
+    (run/summary.py's estimate; `params` / `opt_state` may be shapes from `jax.eval_shape`)."""
+    s = model_summary(config, params, opt_state)
+    return int(round((s["weights_mem_MB"] + s["optimizer_mem_MB"] + s["activation_mem_MB"]) * 2**20))
+
+
+def device_memory(device: Any) -> tuple[int, str]:
+    """(bytes a device can hold, what that is): an accelerator's allocator limit, or the host's
+    physical memory for CPU devices (simulated CPU devices all share it)."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def check_memory(n_members: int, per_member: int, mesh: Mesh, *, what: str = "--population") -> None:
+    """Refuse (ConfigError naming `what`) a population whose estimate exceeds the memory of the
+    devices that would hold it: ceil(N / devices) members per accelerator, N on CPU."""
+    device = mesh.devices.flat[0]
+    limit, where = device_memory(device)
+    shared = device.platform == "cpu"
+    on_one = n_members if shared else math.ceil(n_members / mesh.devices.size)
+    need = on_one * per_member
+    if need > limit:
+        raise ConfigError(f"{what}: {n_members} members need about {need:,} bytes ({on_one} x {per_member:,}: "
+                          f"parameters + optimizer state + activations) but {where} holds {limit:,}; "
+                          f"train fewer members at once (lower {what}) or a smaller model")
+
+
+def mu_dtype(config: Config) -> Any:
+    """The first moments' dtype, as fit decides it (bfloat16 with use_bf16 without master weights)."""
+    return jnp.bfloat16 if config.use_bf16 and not config.master_weights else None  # as fit decides
+
+
+def check_population_memory(config: Config, n_members: int, *, what: str = "--population") -> None:
+    """Refuse (ConfigError naming `what`) `n_members` members of `config` (its vocab_size
+    resolved) that would not fit the devices holding them (check_memory), estimated
+    from shapes alone: nothing is allocated."""
+    bf16_moments = mu_dtype(config)
+
+    def one_member() -> tuple[Any, Any]:
+        params = eqx.filter(initial_model(config, jax.random.key(0))[0], eqx.is_array)
+        params = params if bf16_moments is None else cast_floating(params, jnp.bfloat16)
+        return params, init_opt_state(make_optimizer(config, 1, mu_dtype=bf16_moments), params)
+
+    per = member_bytes(config, *jax.eval_shape(one_member))
+    check_memory(n_members, per, population_mesh(n_members, config.n_devices), what=what)
