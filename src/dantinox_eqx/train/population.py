@@ -174,8 +174,8 @@ def build_population_programs(config: Config, static: Any, trainable: Any, datas
     eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
     counts_fn = make_counts_fn(static) if c.use_moe else None
     members, rep = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
-    train_tokens = jax.device_put(np.asarray(dataset.train), rep)
-    val_tokens = jax.device_put(np.asarray(dataset.val), rep)
+    train_tokens = jax.device_put(np.asarray(dataset.train.array()), rep)  # the fused sampler (small corpora)
+    val_tokens = jax.device_put(np.asarray(dataset.val.array()), rep)
 
     def member_step(params, opt_state, values, root, data_root, step, tokens):
         optimizer = make_optimizer(c, total, mu_dtype=mu_dtype, values={k: values[k] for k in HYPERPARAMETERS})
