@@ -26,6 +26,7 @@ member's batches and keys depend on its own step only, so the resume is exact.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -221,7 +222,8 @@ class _Population:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, c, dataset, summary, rows, resume=resuming)
         member = _Member(c, run_dir, state, saved_at=state.step)
-        member.checkpointer = hooks.Checkpointer(run_dir, self.mesh, self.total, self.data_path, primary=True)
+        member.checkpointer = hooks.Checkpointer(run_dir, self.mesh, self.total, self.data_path, primary=True,
+                                                 keep=c.keep_checkpoints)
         schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, self.total, c.min_lr_ratio,
                                          c.wsd_stable_fraction))  # the log's lr column, as fit computes it
         experts = ExpertCountsLog(run_dir / EXPERT_COUNTS_FILE, keep_upto=state.step) if c.use_moe else None
@@ -230,7 +232,9 @@ class _Population:
         member.display = _Prefixed(None, f"[{run_dir.name}] ")
         member.hooks = [hooks.Evaluate(c, lambda params, step, k=k: self.evaluation(k), schedule, clock,
                                        member.checkpointer, rows, run_dir / c.log_file, primary=True,
-                                       experts=experts),
+                                       experts=experts,
+                                       bits_per_nat={"train": dataset.train.tokens_per_byte / math.log(2),
+                                                     "val": dataset.val.tokens_per_byte / math.log(2)}),
                         hooks.Checkpoint(c.checkpoint_interval or c.eval_interval, member.checkpointer),
                         hooks.Report(member.display, [], clock)]
         if state.step >= self.total:
