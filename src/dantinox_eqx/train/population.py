@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import Config, ConfigError
 from ..data.sampling import Dataset, sample_batch
+from ..data.tokens import Splits, TokenStream
 from ..model import cast_floating
 from ..nn.functional import keep_probability
 from ..parallel.sharding import DATA
@@ -164,7 +165,11 @@ class PopulationPrograms:
     evaluate: Callable  # (params, data_roots, steps) -> (train, val, finite, counts), each (N, ...)
 
 
-def build_population_programs(config: Config, static: Any, trainable: Any, dataset: Dataset, mesh: Mesh,
+def _ids(split: Any) -> Any:
+    return split.array() if isinstance(split, TokenStream) else split
+
+
+def build_population_programs(config: Config, static: Any, trainable: Any, dataset: Dataset | Splits, mesh: Mesh,
                               total: int, *, mu_dtype: Any = None) -> PopulationPrograms:
     """The population's jitted step and evaluation (see the module docstring). `config` is any
     member's (they share everything but their values); `static` the model's non-array part."""
@@ -174,8 +179,10 @@ def build_population_programs(config: Config, static: Any, trainable: Any, datas
     eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
     counts_fn = make_counts_fn(static) if c.use_moe else None
     members, rep = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
-    train_tokens = jax.device_put(np.asarray(dataset.train.array()), rep)  # the fused sampler (small corpora)
-    val_tokens = jax.device_put(np.asarray(dataset.val.array()), rep)
+    # The fused sampler: the split's ids whole on every device (a TokenStream's array, or a
+    # prepare_data Dataset's ids).
+    train_tokens = jax.device_put(np.asarray(_ids(dataset.train)), rep)
+    val_tokens = jax.device_put(np.asarray(_ids(dataset.val)), rep)
 
     def member_step(params, opt_state, values, root, data_root, step, tokens):
         optimizer = make_optimizer(c, total, mu_dtype=mu_dtype, values={k: values[k] for k in HYPERPARAMETERS})
