@@ -164,7 +164,8 @@ def write_table(result: dict) -> None:
         f"\n\n{result['corpus']}, {steps} steps ({result['schedule']}), {n_seeds} seeds each (mean, and the "
         f"range over seeds in brackets); val = the whole validation split every {result['curve_every']} steps; "
         f"steps: the first evaluation at or below the threshold, per seed (- = not reached); options = "
-        f"{', '.join(f'{k} {v}' for k, v in result['options'].items())}; {result['machine']}, {result['date']}.\n")
+        f"{', '.join(f'{k} {v}' for k, v in result['options'].items())}; ms/step: training steps only, as "
+        f"measured on {result['machine']} ({result['date']}) while other jobs shared it (indicative only).\n")
     write_section("recipe", table)
 
 
@@ -174,7 +175,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed, 300 steps (a smoke run, minutes on CPU)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (quick: 0)")
     ap.add_argument("--steps", type=int, default=None, help="default: the config's max_steps (quick: 300)")
-    ap.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak lr in both muon recipes")
+    ap.add_argument("--muon_lr", type=float, default=Config.muon_lr,
+                    help="Muon's peak lr in both muon recipes (default: the config's)")
     ap.add_argument("--recipes", nargs="*", default=None, help="a subset of adamw, muon, muon+options")
     ap.add_argument("--tune", type=float, nargs="*", default=None,
                     help="instead: a muon_lr sweep of the muon recipe (first seed only)")
