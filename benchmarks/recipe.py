@@ -182,6 +182,8 @@ def main() -> None:
                     help="instead: a muon_lr sweep of the muon recipe (first seed only)")
     ap.add_argument("--eval_every", type=int, default=100)
     ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="config overrides for every recipe (e.g. lr=0.002 for an AdamW lr check)")
     ap.add_argument("--tag", default=None, help="results file suffix (runs of other seeds in parallel)")
     ap.add_argument("--merge", nargs="*", default=None, type=Path,
                     help="instead: merge these results files' runs into the full results and table")
@@ -197,7 +199,9 @@ def main() -> None:
     data = prepare_data(data_path, tokenizer_type=base.tokenizer_type, max_context=base.max_context,
                         val_fraction=base.val_fraction, max_train_tokens=base.max_train_tokens,
                         cache_dir=cache_dir())
-    base = base.replace(vocab_size=data.vocab_size, max_steps=steps)
+    sets = dict(item.split("=", 1) for item in args.set)
+    base = base.replace(vocab_size=data.vocab_size, max_steps=steps,
+                        **{name: Config.coerce(name, value) for name, value in sets.items()})
     val = val_batches(np.asarray(data.val), base.max_context)
     print(f"corpus {data_path} ({len(data.train)} train / {len(data.val)} val tokens, "
           f"{val.shape[0] * val.shape[1]} val windows scored); {steps} steps, seeds {seeds}", flush=True)
@@ -219,7 +223,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M"), "corpus": data_path.name,
               "schedule": f"{base.lr_schedule}, warmup {base.warmup_steps}, lr {base.lr}", "steps": steps,
               "target": args.target, "options": OPTIONS, "quick": args.quick, "tune": args.tune,
-              "curve_every": args.eval_every,
+              "curve_every": args.eval_every, "set": sets,
               "runs": runs}
     if not args.tune and "adamw" in runs:
         result["summary"] = summarise(runs, steps, args.target)
