@@ -164,7 +164,8 @@ def write_table(result: dict) -> None:
         f"\n\n{result['corpus']}, {steps} steps ({result['schedule']}), {n_seeds} seeds each (mean, and the "
         f"range over seeds in brackets); val = the whole validation split every {result['curve_every']} steps; "
         f"steps: the first evaluation at or below the threshold, per seed (- = not reached); options = "
-        f"{', '.join(f'{k} {v}' for k, v in result['options'].items())}; {result['machine']}, {result['date']}.\n")
+        f"{', '.join(f'{k} {v}' for k, v in result['options'].items())}; ms/step: training steps only, as "
+        f"measured on {result['machine']} ({result['date']}) while other jobs shared it (indicative only).\n")
     write_section("recipe", table)
 
 
@@ -174,12 +175,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed, 300 steps (a smoke run, minutes on CPU)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (quick: 0)")
     ap.add_argument("--steps", type=int, default=None, help="default: the config's max_steps (quick: 300)")
-    ap.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak lr in both muon recipes")
+    ap.add_argument("--muon_lr", type=float, default=Config.muon_lr,
+                    help="Muon's peak lr in both muon recipes (default: the config's)")
     ap.add_argument("--recipes", nargs="*", default=None, help="a subset of adamw, muon, muon+options")
     ap.add_argument("--tune", type=float, nargs="*", default=None,
                     help="instead: a muon_lr sweep of the muon recipe (first seed only)")
     ap.add_argument("--eval_every", type=int, default=100)
     ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="config overrides for every recipe (e.g. lr=0.002 for an AdamW lr check)")
     ap.add_argument("--tag", default=None, help="results file suffix (runs of other seeds in parallel)")
     ap.add_argument("--merge", nargs="*", default=None, type=Path,
                     help="instead: merge these results files' runs into the full results and table")
@@ -195,7 +199,9 @@ def main() -> None:
     data = prepare_data(data_path, tokenizer_type=base.tokenizer_type, max_context=base.max_context,
                         val_fraction=base.val_fraction, max_train_tokens=base.max_train_tokens,
                         cache_dir=cache_dir())
-    base = base.replace(vocab_size=data.vocab_size, max_steps=steps)
+    sets = dict(item.split("=", 1) for item in args.set)
+    base = base.replace(vocab_size=data.vocab_size, max_steps=steps,
+                        **{name: Config.coerce(name, value) for name, value in sets.items()})
     val = val_batches(np.asarray(data.val), base.max_context)
     print(f"corpus {data_path} ({len(data.train)} train / {len(data.val)} val tokens, "
           f"{val.shape[0] * val.shape[1]} val windows scored); {steps} steps, seeds {seeds}", flush=True)
@@ -217,7 +223,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M"), "corpus": data_path.name,
               "schedule": f"{base.lr_schedule}, warmup {base.warmup_steps}, lr {base.lr}", "steps": steps,
               "target": args.target, "options": OPTIONS, "quick": args.quick, "tune": args.tune,
-              "curve_every": args.eval_every,
+              "curve_every": args.eval_every, "set": sets,
               "runs": runs}
     if not args.tune and "adamw" in runs:
         result["summary"] = summarise(runs, steps, args.target)

@@ -166,7 +166,7 @@ class Config:
     beta1: float = 0.9  # ours
     beta2: float = 0.95  # ours
     # ours (issue 16): optimizer muon = Muon on the blocks' matrices, AdamW (lr) on the rest
-    muon_lr: float = 0.02  # peak lr of the Muon group (the schedule's shape is lr_schedule's)
+    muon_lr: float = 0.01  # Muon group's peak lr (lr_schedule's shape); best of 0.01-0.08 on the baby shape
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_weight_decay: float = 0.0  # Muon group's decoupled decay, multiplied by its lr
     muon_params: str = "blocks"  # the block matrices Muon trains: blocks | attention | mlp
