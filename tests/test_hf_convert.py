@@ -225,6 +225,10 @@ def test_import_refusals_name_the_file_or_field_and_write_nothing(tmp_path):
     ("mlp_bias", dict(qkv_bias=True, mlp_bias=True)),
     ("kv_heads", dict(FAMILY_CONFIGS["gpt2"], kv_heads=2)),
     ("qkv_bias", dict(use_moe=True, qkv_bias=True)),
+    ("qk_norm", dict(qk_norm=True)),
+    ("logit_softcap", dict(logit_softcap=30.0)),
+    ("activation", dict(norm_type="layernorm", absolute_pos=True, trainable_pos=True, use_rotary_pos=False,
+                        use_swiglu=False, activation="relu2")),
 ])
 def test_export_refuses_what_hugging_face_cannot_express(field, kw):
     with pytest.raises(HFFormatError, match=f"^{field}: "):

@@ -187,6 +187,14 @@ def hf_model_type(cfg: Config) -> str:
     HFFormatError naming the first field that none can express."""
     if cfg.mla:
         _refuse("mla", "multi-head latent attention")
+    # The block options of issue 16 that no exported family computes (zero_init_proj is only
+    # an initialisation: the trained weights export as any others).
+    if cfg.qk_norm:
+        _refuse("qk_norm", "RMSNorm on each head's queries and keys")
+    if cfg.logit_softcap is not None:
+        _refuse("logit_softcap", "a tanh soft-cap on the logits")
+    if cfg.activation == "relu2" and not cfg.use_swiglu:
+        _refuse("activation", "the ReLU-squared MLP")
     if cfg.sliding_window and not cfg.no_sink:
         _refuse("no_sink", "the sliding window keeps token 0 visible as an attention sink")
     if cfg.absolute_pos and not cfg.trainable_pos:
