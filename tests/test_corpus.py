@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dantinox_eqx.data.sampling import DataError, corpus
+from dantinox_eqx.data import DataError, corpus
 
 HEADER = ("The Project Gutenberg EBook of Hamlet\r\n\r\nLicence blah\r\n"
           "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n")

@@ -211,7 +211,7 @@ class _LowRankDelta(eqx.Module):
     a: jax.Array
     b: jax.Array
 
-    def __call__(self, x):
+    def __call__(self, x, *, key=None):  # a projection takes the call's key= (LoRA dropout)
         return self.base(x) + x @ self.a.astype(x.dtype) @ self.b.astype(x.dtype)
 
 
