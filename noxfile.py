@@ -69,16 +69,21 @@ def benchmarks(session: nox.Session) -> None:
     The full run also trains the original DantinoX 0.4.14 (from PyPI, in its own virtual
     environment so its JAX and Flax never meet ours) on the same shape and corpus, and times
     nanoGPT's step in PyTorch (benchmarks/nanogpt_ref.py, torch in another environment).
-    `-- --no-dantinox` / `-- --no-nanogpt` leave either out.
+    Then sweeps in one compiled program (benchmarks/population.py: `--backend population` vs
+    `--backend local`, per-member ms/step at N = 1, 2, 4, 8).
+    `-- --no-dantinox` / `-- --no-nanogpt` / `-- --no-population` leave either out.
     """
     session.install("-e", ".[dev]")
-    skip = {"--no-dantinox", "--no-nanogpt"}
+    skip = {"--no-dantinox", "--no-nanogpt", "--no-population"}
     args = [a for a in session.posargs if a not in skip]
     if "--quick" not in args and "--no-dantinox" not in session.posargs:
         args += ["--dantinox", _reference_venv(session, "dantinox-ref", "dantinox", "dantinox==0.4.14")]
     if "--quick" not in args and "--no-nanogpt" not in session.posargs:
         args += ["--nanogpt", _reference_venv(session, "nanogpt-ref", "python", "torch==2.13.*", "numpy")]
     session.run("python", "benchmarks/run.py", *args, env={"WANDB_MODE": "offline"})
+    if "--no-population" not in session.posargs:
+        session.run("python", "benchmarks/population.py", *(["--quick"] if "--quick" in args else []),
+                    env={"WANDB_MODE": "offline"})
 
 
 def _reference_venv(session: nox.Session, name: str, exe: str, *pip_args: str) -> str:
