@@ -70,10 +70,12 @@ def benchmarks(session: nox.Session) -> None:
     environment so its JAX and Flax never meet ours) on the same shape and corpus, and times
     nanoGPT's step in PyTorch (benchmarks/nanogpt_ref.py, torch in another environment).
     `-- --no-dantinox` / `-- --no-nanogpt` leave either out; `-- --no-recipe` / `-- --no-startup`
-    skip the recipe (benchmarks/recipe.py) and start-up (benchmarks/startup.py) benchmarks.
+    skip the recipe (benchmarks/recipe.py) and start-up (benchmarks/startup.py) benchmarks; then
+    sweeps in one compiled program (benchmarks/population.py: `--backend population` vs `--backend
+    local`, per-member ms/step at N = 1, 2, 4, 8; `-- --no-population` leaves it out).
     """
     session.install("-e", ".[dev]")
-    skip = {"--no-dantinox", "--no-nanogpt", "--no-recipe", "--no-startup"}
+    skip = {"--no-dantinox", "--no-nanogpt", "--no-recipe", "--no-startup", "--no-population"}
     recipe_data = [a.split("=", 1)[1] for a in session.posargs if a.startswith("--recipe-data=")]
     args = [a for a in session.posargs if a not in skip and not a.startswith("--recipe-data=")]
     quick = "--quick" in args
@@ -90,6 +92,9 @@ def benchmarks(session: nox.Session) -> None:
                     env={"WANDB_MODE": "offline"})
     if "--no-startup" not in session.posargs:
         session.run("python", "benchmarks/startup.py", "--repeats", "1" if quick else "3")
+    if "--no-population" not in session.posargs:
+        session.run("python", "benchmarks/population.py", *(["--quick"] if "--quick" in args else []),
+                    env={"WANDB_MODE": "offline"})
 
 
 def _reference_venv(session: nox.Session, name: str, exe: str, *pip_args: str) -> str:

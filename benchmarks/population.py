@@ -12,8 +12,8 @@ nanoGPT's shakespeare_char shape, dim 128, 4 blocks, context 64, batch 12), on t
    val_loss between the two (the backends must agree: tests/test_population.py's tolerance).
 2. Per-member ms/step of the population step alone (the jitted, vmapped step, batches sampled
    inside, as the population trains) at N = 1, 2, 4, 8 members: the median over timed steps of
-   the step's wall time divided by N, after warm-up; with the plain Trainer step (N = 1, no vmap)
-   as the reference.
+   the step's wall time divided by N, after warm-up, in rounds interleaved with the others; with
+   the plain Trainer step (N = 1, no vmap) as the reference.
 
 Results: benchmarks/results/population_<machine>.json and a printed table. `nox -s benchmarks`
 runs it after the main matrix (`--quick` there: 60 steps, 4 timed rounds of 10 steps).
@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import equinox as eqx
@@ -73,10 +74,11 @@ def sweep_walls(name: str, shape: dict, lrs: list[float], steps: int, corpus: Pa
     assert len(a) == len(b) == len(lrs), (local, together)
     return {"shape": name, "trials": len(lrs), "steps": steps, "local_s": round(t1 - t0, 2),
             "population_s": round(t2 - t1, 2), "speedup": round((t1 - t0) / (t2 - t1), 2),
-            "max_val_loss_diff": max(abs(a[t] - b[t]) for t in a)}
+            "max_val_loss_diff": max(abs(a[t] - b[t]) for t in a),
+            "val_loss_diff_by_lr": {f"{r['params']['lr']:.2e}": abs(a[r['trial']] - b[r['trial']]) for r in local}}
 
 
-def _population_step(cfg: Config, n: int, data) -> tuple:
+def _population_step(cfg: Config, n: int, data) -> Callable:
     lrs = np.geomspace(1e-4, 1e-2, n)
     configs = [cfg.replace(lr=float(lr)) for lr in lrs]
     mesh = pop.population_mesh(n)
@@ -97,7 +99,7 @@ def _population_step(cfg: Config, n: int, data) -> tuple:
     return step
 
 
-def _plain_step(cfg: Config, data) -> tuple:
+def _plain_step(cfg: Config, data) -> Callable:
     params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)
     optimizer = make_optimizer(cfg, 1000)
     train_step = make_train_step(static, optimizer)
@@ -116,24 +118,26 @@ def _plain_step(cfg: Config, data) -> tuple:
     return step
 
 
-def _median_ms(step, rounds: int, per_round: int) -> float:
-    for s in range(3):  # compile and warm up
-        jax.block_until_ready(step(s))
-    times = []
-    for r in range(rounds):
-        for i in range(per_round):
-            t = time.perf_counter()
-            jax.block_until_ready(step(3 + r * per_round + i))
-            times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
 def per_member(name: str, shape: dict, sizes: list[int], rounds: int, per_round: int, data) -> dict:
+    """Median ms/step of the plain step and of the population step at each N, timed in rounds
+    interleaved across them (a shared machine's speed drifts: each gets every phase), one sync
+    per step, after compilation and warm-up; per member = the population step's time / N."""
     cfg = Config(**{**shape, "vocab_size": data.vocab_size})
-    out = {"shape": name, "plain_step_ms": round(_median_ms(_plain_step(cfg, data), rounds, per_round), 3)}
+    steps = {"plain": _plain_step(cfg, data), **{n: _population_step(cfg, n, data) for n in sizes}}
+    for step in steps.values():
+        for s in range(3):  # compile and warm up
+            jax.block_until_ready(step(s))
+    times: dict = {k: [] for k in steps}
+    for r in range(rounds):
+        for k, step in steps.items():
+            for i in range(per_round):
+                t = time.perf_counter()
+                jax.block_until_ready(step(3 + r * per_round + i))
+                times[k].append(time.perf_counter() - t)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    out = {"shape": name, "plain_step_ms": round(ms["plain"], 3)}
     for n in sizes:
-        ms = _median_ms(_population_step(cfg, n, data), rounds, per_round)
-        out[f"N={n}"] = {"step_ms": round(ms, 3), "per_member_ms": round(ms / n, 3)}
+        out[f"N={n}"] = {"step_ms": round(ms[n], 3), "per_member_ms": round(ms[n] / n, 3)}
     return out
 
 

@@ -31,8 +31,10 @@ run of it (a sweep's result must not depend on which members shared its program)
 
 Exactness: vmap turns each matmul into a batched one, whose accumulation order XLA may choose
 differently, and the hyperparameters become float32 arrays instead of constants folded in
-double precision. So member k agrees with its separate run to float32 rounding, not bitwise
-(tests/test_population.py measures it).
+double precision. So member k agrees with its separate run to float32 rounding, not bitwise:
+4.8e-7 at most in the logged losses of tests/test_population.py (20 steps, 1 and 4 devices).
+Training that is chaotic (that tiny model at lr 0.1) amplifies such differences over the steps,
+as it amplifies those between device counts: about 0.04 after 30 steps there.
 """
 
 from __future__ import annotations

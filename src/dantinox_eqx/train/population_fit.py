@@ -136,6 +136,8 @@ class _Member:
     saved_at: int = 0
     result: MemberResult | None = None
     display: _Prefixed | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the log (Evaluate appends)
 
 
 def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | None,
@@ -181,12 +183,19 @@ class _Population:
                  data_path: Path, total: int, mesh: Mesh, memory_flag: str, shared_batches: bool,
                  progress: bool | None):
         self.total, self.mesh, self.data_path, self.show = total, mesh, data_path, progress
+        # loss -> bits per byte, per split (as the Trainer's Evaluate hook reports them)
+        self.bits_per_nat = {"train": dataset.train.tokens_per_byte / math.log(2),
+                             "val": dataset.val.tokens_per_byte / math.log(2)}
         first = configs[0]
         mu_dtype = pop.mu_dtype(first)
         pop.check_population_memory(first, len(configs), what=memory_flag)  # before N models exist
         self.progress_start = total
-        self.members = [self._member(k, c, d, r, dataset, mu_dtype, len(configs))
+        self.members = [self._member(k, c, d, r, mu_dtype)
                         for k, (c, d, r) in enumerate(zip(configs, run_dirs, resuming))]
+        for k, m in enumerate(self.members):  # every member built (restored, checked): now write
+            m.summary["population"] = {"members": len(configs), "member": k, "devices": int(mesh.devices.size)}
+            m.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_files(m.run_dir, m.config, dataset, m.summary, m.rows, resume=resuming[k])
         self.programs = pop.build_population_programs(first, self.static, self.trainable, dataset, mesh, total,
                                                   mu_dtype=mu_dtype)
         states = [m.state for m in self.members]
@@ -199,8 +208,8 @@ class _Population:
             m.state = m.state.replace(params=None, opt_state=None)
         self.clock, self.iteration, self._ms, self._eval = hooks.Clock(), 0, None, None
 
-    def _member(self, k: int, c: Config, run_dir: Path, resuming: bool, dataset: Any, mu_dtype: Any, n: int) -> _Member:
-        """Member k built as `fit` builds a run: model, optimizer state, restored state, files."""
+    def _member(self, k: int, c: Config, run_dir: Path, resuming: bool, mu_dtype: Any) -> _Member:
+        """Member k built as `fit` builds a run: model, optimizer state, restored state, hooks."""
         root = jax.random.key(c.seed)
         model, _ = initial_model(c, jax.random.split(root, 4)[0])
         params, static = eqx.partition(model, eqx.is_array)
@@ -216,12 +225,9 @@ class _Population:
             state = TrainState.from_checkpoint(params, tree)
             if (run_dir / c.log_file).is_file():
                 rows = [r for r in read_log(run_dir / c.log_file) if r["step"] <= state.step]
-        one = Mesh(np.asarray(jax.devices()[:1]), (DATA,))
-        summary = Trainer._summary(c, model, state, one, None)
-        summary["population"] = {"members": n, "member": k, "devices": int(self.mesh.devices.size)}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(run_dir, c, dataset, summary, rows, resume=resuming)
-        member = _Member(c, run_dir, state, saved_at=state.step)
+        one = Mesh(np.asarray(jax.devices()[:1]), (DATA,))  # a member's arrays sit on one device
+        member = _Member(c, run_dir, state, saved_at=state.step, summary=Trainer._summary(c, model, state, one, None),
+                         rows=rows)
         member.checkpointer = hooks.Checkpointer(run_dir, self.mesh, self.total, self.data_path, primary=True,
                                                  keep=c.keep_checkpoints)
         schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, self.total, c.min_lr_ratio,
@@ -233,8 +239,7 @@ class _Population:
         member.hooks = [hooks.Evaluate(c, lambda params, step, k=k: self.evaluation(k), schedule, clock,
                                        member.checkpointer, rows, run_dir / c.log_file, primary=True,
                                        experts=experts,
-                                       bits_per_nat={"train": dataset.train.tokens_per_byte / math.log(2),
-                                                     "val": dataset.val.tokens_per_byte / math.log(2)}),
+                                       bits_per_nat=self.bits_per_nat),
                         hooks.Checkpoint(c.checkpoint_interval or c.eval_interval, member.checkpointer),
                         hooks.Report(member.display, [], clock)]
         if state.step >= self.total:
@@ -295,6 +300,7 @@ class _Population:
             for hook in m.hooks:
                 if hook.due(event):
                     if event.metrics is None:  # this member's arrays, only when a hook needs them
+                        jax.block_until_ready(metrics)  # the step timed to its end
                         self.ms_per_step()
                         m.state = self._with_arrays(k, m.state)
                         event.metrics = pop.take(metrics, k)
