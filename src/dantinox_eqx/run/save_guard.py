@@ -78,6 +78,9 @@ def quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 10.0) -> Iterator[Non
             if events[0] != seen:
                 seen, quiet_since = events[0], time.monotonic()
             time.sleep(0.05)
+        # The failed save's abandoned tasks may still be collected later (a loaded machine):
+        # asyncio's "Task exception was never retrieved" stays filtered for this process.
+        loggers.remove(logging.getLogger("asyncio"))
         raise
     finally:
         sys.unraisablehook = hook
