@@ -70,21 +70,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """Call `write(tmp)` to fill a temporary file beside `path` (it exists, empty, with the
     umask's mode), then fsync it and rename it onto `path`. On any error (a full disk included)
     the temporary file is removed and `path` is left as it was. Returns `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # name the file (disk full)
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -118,9 +106,11 @@ def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = TEMP_SUFFIX) -> Iterator[Path]:  # noqa: ARG001
-    """`atomic_write` as a block: yield the temporary path, published onto `path` when the block
-    ends without an exception (for writers that want a file name: savefig, safetensors)."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary file beside `path` (empty, with the umask's mode) for the block to
+    fill; when the block ends without an exception the file is fsynced and renamed onto `path`.
+    On any error (a full disk included) it is removed and `path` is left as it was; an OSError
+    without a file name gets `path` (the one line a user sees names it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path)
@@ -129,8 +119,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = TEMP_SUFFIX) -> Iterator[
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # name the file (disk full)
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 

@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,7 +75,7 @@ from tokenizers import Tokenizer, models
 
 from ..config import Config
 from ..data.tokenizer import TokenizerError, load_tokenizer, save_tokenizer
-from ..files import atomic_write_text
+from ..files import atomic_dir, atomic_write_text
 from ..model import Transformer
 from . import checkpoint
 from .export import parse_dtype, plain_model
@@ -287,16 +285,8 @@ def _new_dir(out: Path, field: str) -> Iterator[Path]:
     """A temporary directory beside `out`, renamed to `out` when the block succeeds (removed
     when it fails): nothing half-written. FileExistsError naming `field` when `out` is taken."""
     _check_new(out, field)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:  # the umask's mode, as every other folder a run writes
         yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def import_hf(path: str | os.PathLike, run_dir: str | os.PathLike, *, dtype: Any = "float32",

@@ -23,7 +23,7 @@ __all__ = ["save_figure", "plot_lr_finder", "plot_lr_schedule", "schedule_values
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save `fig` as PNG at `path` through a temporary file and `os.replace`; returns the path."""
     path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return path
 

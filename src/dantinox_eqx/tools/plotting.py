@@ -50,6 +50,6 @@ def plot_loss_curve(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
     fig.tight_layout()
 
     out = Path(out) if out is not None else run_dir / LOSS_CURVE_FILE
-    with atomic_path(out, suffix=".png") as tmp:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     return out

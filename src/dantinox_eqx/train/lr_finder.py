@@ -46,7 +46,7 @@ from .population import (
 )
 from .step import init_opt_state, make_train_step
 
-__all__ = ["find_lr", "find_lr_on_path", "exponential_ramp", "smooth_losses", "steepest_descent",
+__all__ = ["find_lr", "exponential_ramp", "smooth_losses", "steepest_descent",
            "prepare_config_data", "find_lr_population", "find_lr_population_on_path", "PopulationLR"]
 
 
@@ -184,17 +184,6 @@ def prepare_config_data(config: Config, data_path: str | os.PathLike) -> Dataset
     return prepare_data(data_path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
                         val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
                         bpe_vocab_size=config.bpe_vocab_size, tokenizer=tokenizer)
-
-
-def find_lr_on_path(config: Config, data_path: str | os.PathLike, min_lr: float = 1e-6, max_lr: float = 1e-2,
-                    num_steps: int = 100, *, smoothing: float = 0.98, diverge_factor: float = 4.0,
-                    model: Transformer | None = None, trainable: Any = None
-                    ) -> tuple[float, list[float], list[float]]:
-    """`find_lr` on the corpus at `data_path` (what `Trainer(config).find_lr(data_path, ...)` does)."""
-    _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor)
-    data = prepare_config_data(config, data_path)
-    return find_lr(config, data, min_lr, max_lr, num_steps, smoothing=smoothing, diverge_factor=diverge_factor,
-                   model=model, trainable=trainable)
 
 
 # ------------------------------------------------------------------------------------------ population
