@@ -23,7 +23,11 @@ EXE = Path(sys.executable).parent / "dantinox-eqx"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", compile_cache.ENV)}
+    # The CLI's own cache rules, not the test session's: nox sets JAX's cache folder and a 0.1 s
+    # minimum compile time, under which a program compiled fast in one run and slowly in the
+    # next would be cached only by the second.
+    drop = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", compile_cache.ENV)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu", **extra}
 
 
