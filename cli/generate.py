@@ -18,11 +18,14 @@ from .common import fail, handle_errors
               help="Nucleus sampling: the smallest set of tokens with this total probability.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed.")
+@click.option("--ignore_eot", is_flag=True,
+              help="Go on past the end-of-text token (<|endoftext|>, </s>, ...) instead of stopping there.")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--latest", is_flag=True, help="Use the latest checkpoint instead of the best one.")
 @handle_errors
 def generate(run_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-             top_p: float | None, seed: int, stop: tuple[str, ...], stream: bool, latest: bool) -> None:
+             top_p: float | None, seed: int, stop: tuple[str, ...], ignore_eot: bool, stream: bool,
+             latest: bool) -> None:
     """Continue PROMPT with the model of RUN_DIR and print the prompt and the new text."""
     from dantinox_eqx.infer.generate import Generator
 
@@ -30,7 +33,7 @@ def generate(run_dir: str, prompt: str, max_new_tokens: int, temperature: float,
         fail("--prompt: empty; give at least one character to continue")
     gen = Generator(run_dir, best=not latest)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, stop=list(stop))
+                   seed=seed, stop=list(stop), stop_at_eot=not ignore_eot)
     click.echo(prompt, nl=False)
     if stream:
         for piece in gen.stream(prompt, **options):

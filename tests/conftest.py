@@ -63,6 +63,13 @@ def poems_text() -> str:
     return corpus.join_texts((n, texts[n]) for n in POEMS)
 
 
+def plays_slice(path: Path, chars: int) -> Path:
+    """The first `chars` characters of the plays written to `path` (a corpus a test may write
+    beside: the token cache goes next to it); returns `path`."""
+    path.write_text(plays_text()[:chars], encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shakespeare(tmp_path_factory) -> Path:
     """The plays as one UTF-8 file (read-only use; copy slices into tmp_path to write beside it)."""
@@ -121,6 +128,4 @@ def tiny_config() -> Config:
 @pytest.fixture
 def small_corpus(tmp_path: Path) -> Path:
     """A 20 kB slice of the plays in a writable folder (for the token cache)."""
-    p = tmp_path / "corpus.txt"
-    p.write_text(plays_text()[:20_000], encoding="utf-8")
-    return p
+    return plays_slice(tmp_path / "corpus.txt", 20_000)

@@ -148,33 +148,59 @@ def test_a_batch_of_prompts_equals_each_prompt_alone():
 
 def test_seeds_streaming_and_batches_of_text():
     gen = Generator.from_model(_model(), TOK)
-    a = gen.generate("First", max_new_tokens=40, seed=0)
+    a = gen.generate("First", max_new_tokens=40, stop_at_eot=False, seed=0)
     # one char per ordinary token; <|endoftext|> and [UNK] (ids n, n + 1) decode to nothing
+    # (generation goes on past <|endoftext|> here: the next test has it end there)
     n = len(set(TEXT))
     ids, _ = generate_ids(gen.model, [TOK.encode(p).ids for p in ("First", "All:\nSpeak")], 40, seed=0)
     assert len(a) == (ids[0] < n).sum() > 30 and set(a) <= set(TEXT)
-    assert gen.generate("First", max_new_tokens=40, seed=0) == a
-    assert gen.generate("First", max_new_tokens=40, seed=1) != a
-    pieces = list(gen.stream("First", max_new_tokens=40, seed=0))
+    assert gen.generate("First", max_new_tokens=40, stop_at_eot=False, seed=0) == a
+    assert gen.generate("First", max_new_tokens=40, stop_at_eot=False, seed=1) != a
+    pieces = list(gen.stream("First", max_new_tokens=40, stop_at_eot=False, seed=0))
     assert len(pieces) == 3 and "".join(pieces) == a  # 16 + 16 + 8 tokens
-    both = gen.generate(["First", "All:\nSpeak"], max_new_tokens=40, seed=0)
+    both = gen.generate(["First", "All:\nSpeak"], max_new_tokens=40, stop_at_eot=False, seed=0)
     assert both[0] == a and len(both[1]) == (ids[1] < n).sum()
-    rows = list(gen.stream(["First", "All:\nSpeak"], max_new_tokens=40, seed=0))
+    rows = list(gen.stream(["First", "All:\nSpeak"], max_new_tokens=40, stop_at_eot=False, seed=0))
     assert ["".join(r[i] for r in rows) for i in range(2)] == both
     assert gen.generate("First", max_new_tokens=0) == ""
 
 
 def test_stop_strings_end_and_trim_the_text():
     gen = Generator.from_model(_model(), TOK)
-    full = gen.generate("First", max_new_tokens=60, seed=2)
+    full = gen.generate("First", max_new_tokens=60, stop_at_eot=False, seed=2)
     stop = full[20:23]
     cut = full[:full.index(stop)]
-    assert gen.generate("First", max_new_tokens=60, seed=2, stop=stop) == cut
-    assert "".join(gen.stream("First", max_new_tokens=60, seed=2, stop=[stop, "\x00"])) == cut
-    assert gen.generate("First", max_new_tokens=60, seed=2, stop="\x00") == full  # never occurs
-    other = gen.generate(["First", "All:"], max_new_tokens=60, seed=2)[1]
-    batch = gen.generate(["First", "All:"], max_new_tokens=60, seed=2, stop=stop)
+    assert gen.generate("First", max_new_tokens=60, stop_at_eot=False, seed=2, stop=stop) == cut
+    assert "".join(gen.stream("First", max_new_tokens=60, stop_at_eot=False, seed=2, stop=[stop, "\x00"])) == cut
+    assert gen.generate("First", max_new_tokens=60, stop_at_eot=False, seed=2, stop="\x00") == full  # never occurs
+    other = gen.generate(["First", "All:"], max_new_tokens=60, stop_at_eot=False, seed=2)[1]
+    batch = gen.generate(["First", "All:"], max_new_tokens=60, stop_at_eot=False, seed=2, stop=stop)
     assert batch[0] == cut and batch[1] == (other[:other.index(stop)] if stop in other else other)
+
+
+def test_generation_ends_at_the_end_of_text_token():
+    gen = Generator.from_model(_model(), TOK)
+    eot = TOK.token_to_id("<|endoftext|>")
+    prompt = TOK.encode("First").ids
+    # seeds whose 40 sampled tokens hold an end-of-text token after some text (an untrained
+    # model samples it about once in 30 tokens), found by the token-level sampler
+    found = {}
+    for seed in range(40):
+        ids = generate_ids(gen.model, [prompt], 40, seed=seed)[0][0].tolist()
+        if eot in ids[2:]:
+            found[seed] = ids
+    assert len(found) >= 3
+    for seed, ids in list(found.items())[:3]:
+        before = TOK.decode(ids[:ids.index(eot)])
+        assert before and gen.generate("First", max_new_tokens=40, seed=seed) == before
+        assert "".join(gen.stream("First", max_new_tokens=40, seed=seed, chunk=3)) == before
+        assert gen.generate(["First", "All:"], max_new_tokens=40, seed=seed)[0] == before  # per row
+        whole = gen.generate("First", max_new_tokens=40, seed=seed, stop_at_eot=False)
+        assert whole == TOK.decode(ids) and len(whole) > len(before)
+    # a stop string before the end-of-text token still cuts first
+    seed, ids = next(iter(found.items()))
+    before = TOK.decode(ids[:ids.index(eot)])
+    assert gen.generate("First", max_new_tokens=40, seed=seed, stop=before[-1]) == before[:before.index(before[-1])]
 
 
 def test_streaming_byte_level_bpe_never_splits_a_character():

@@ -34,7 +34,7 @@ from dantinox_eqx.train.optim import make_schedule
 from dantinox_eqx.train.population_fit import fit_population, train_population
 from dantinox_eqx.train.trainer import LOG_COLUMNS, Trainer, read_log
 
-from .conftest import TINY
+from .conftest import TINY, plays_slice
 from .procs import device_env
 
 HERE = Path(__file__).parent
@@ -51,10 +51,9 @@ MEMBERS = [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, shakespeare) -> dict:
+def setup(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("population")
-    corpus = d / "corpus.txt"
-    corpus.write_text(shakespeare.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    corpus = plays_slice(d / "corpus.txt", 30_000)
     base = Config(**BASE)
     base.to_yaml(d / "config.yaml")
     (d / "members.json").write_text(json.dumps(MEMBERS))

@@ -26,7 +26,7 @@ from dantinox_eqx.tools.population_sweep import run_population_sweep
 from dantinox_eqx.tools.sweep_config import parse_sweep_config
 from dantinox_eqx.train.trainer import LOG_COLUMNS, read_log
 
-from .conftest import TINY
+from .conftest import TINY, plays_slice
 
 EXE = Path(sys.executable).parent / "dantinox-eqx"
 TOL = 1e-5  # tests/test_population.py: member against separate run
@@ -47,10 +47,9 @@ def _log(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, shakespeare) -> dict:
+def setup(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("popsweep")
-    corpus = d / "corpus.txt"
-    corpus.write_text(shakespeare.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    corpus = plays_slice(d / "corpus.txt", 30_000)
     (d / "sweep.yaml").write_text(yaml.safe_dump(SPEC))
     Config(**BASE).to_yaml(d / "base.yaml")
     return {"dir": d, "corpus": corpus}

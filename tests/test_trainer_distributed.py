@@ -33,7 +33,7 @@ from dantinox_eqx.config import Config
 from dantinox_eqx.train.trainer import Trainer, read_log
 from dantinox_eqx.train.wandb_logger import METRICS_FILE, read_metrics_file, read_wandb_file
 
-from .conftest import TINY
+from .conftest import TINY, plays_slice
 from .procs import device_env, free_port
 
 HERE = Path(__file__).parent
@@ -51,10 +51,9 @@ RUN_FILES = {"config.yaml", "tokenizer.json", "model_summary.json", "training_lo
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, shakespeare) -> dict:
+def setup(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("dist")
-    corpus = d / "corpus.txt"
-    corpus.write_text(shakespeare.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    corpus = plays_slice(d / "corpus.txt", 30_000)
     config = Config(**CFG)
     config.to_yaml(d / "config.yaml")
     return {"dir": d, "corpus": corpus, "config": config, "config_file": d / "config.yaml"}

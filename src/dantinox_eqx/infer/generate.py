@@ -43,7 +43,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tokenizers import Tokenizer
 
 from ..config import Config, ConfigError
-from ..data.tokenizer import TokenizerError, encode, load_tokenizer
+from ..data.tokenizer import TokenizerError, encode, eot_id, load_tokenizer
 from ..model import Transformer
 from ..run.layout import TOKENIZER_FILE
 from ..run.pretrained import from_pretrained, load_config
@@ -277,10 +277,11 @@ def naive_generate(model: Transformer, prompt: Sequence[int], max_new_tokens: in
 
 # --------------------------------------------------------------------------- text
 class _TextStream:
-    """Turns one row's growing id list into text pieces, honouring stop strings."""
+    """Turns one row's growing id list into text pieces, honouring stop strings and the
+    end-of-text token (`end_id`, None: none): the text ends before it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], end_id: int | None = None):
+        self.tokenizer, self.stop, self.end_id = tokenizer, [s for s in stop if s], end_id
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # could be a stop's start
         self.ids: list[int] = []
         self.emitted = ""
@@ -290,11 +291,15 @@ class _TextStream:
         """Add ids; return the text that is now certain. `final` flushes everything."""
         if self.done:
             return ""
-        self.ids.extend(int(i) for i in ids)
+        ids = [int(i) for i in ids]
+        ended = self.end_id is not None and self.end_id in ids
+        self.ids.extend(ids[:ids.index(self.end_id)] if ended else ids)
         text = self.tokenizer.decode(self.ids)
         hits = [at for at in (text.find(s) for s in self.stop) if at >= 0]
         if hits:
             text, self.done = text[:min(hits)], True
+        elif ended:
+            self.done = True  # all text before the end-of-text token is final
         elif not final:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its bytes
             text = text[:len(text) - self.hold]  # it may be the start of a stop string
@@ -343,14 +348,15 @@ class Generator:
 
     def _pieces(self, prompt: str | Sequence[str], max_new_tokens: int, temperature: float,
                 top_k: int | None, top_p: float | None, seed: int, stop: str | Sequence[str] | None,
-                chunk: int | None) -> Iterator[list[str]]:
+                stop_at_eot: bool, chunk: int | None) -> Iterator[list[str]]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         sampling = Sampling.make(temperature, top_k, top_p, self.tokenizer.get_vocab_size())
         ids = [self.encode(p) for p in prompts]
-        if chunk is None:
-            chunk = STOP_CHUNK if stop else max(1, max_new_tokens)
-        rows = [_TextStream(self.tokenizer, stop) for _ in prompts]
+        end_id = eot_id(self.tokenizer) if stop_at_eot else None
+        if chunk is None:  # in pieces when generation may end early (the text is the same)
+            chunk = STOP_CHUNK if stop or end_id is not None else max(1, max_new_tokens)
+        rows = [_TextStream(self.tokenizer, stop, end_id) for _ in prompts]
         for tokens, _ in _chunks(self.model, ids, max_new_tokens, sampling, seed, chunk):
             yield [row.feed(t.tolist()) for row, t in zip(rows, tokens)]
             if all(row.done for row in rows):
@@ -359,26 +365,30 @@ class Generator:
 
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop: str | Sequence[str] | None = None) -> str | list[str]:
+                 stop: str | Sequence[str] | None = None, stop_at_eot: bool = True) -> str | list[str]:
         """The continuation of `prompt` (a list of prompts: a list of continuations).
 
         temperature 0 = greedy; top_k / top_p restrict sampling (None = off); the same seed
-        gives the same text. Generation ends after `max_new_tokens` tokens or at the first
-        stop string, which is cut off (with the text after it).
+        gives the same text. Generation ends after `max_new_tokens` tokens, at the first stop
+        string, which is cut off (with the text after it), or, with `stop_at_eot`, at the
+        tokenizer's end-of-text token (`<|endoftext|>`, Llama's `</s>`, ...: the end of a
+        document in the training data), which is not part of the text.
         """
         rows = ["" for _ in ([prompt] if isinstance(prompt, str) else prompt)]
-        for pieces in self._pieces(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, None):
+        for pieces in self._pieces(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eot,
+                                   None):
             rows = [r + p for r, p in zip(rows, pieces)]
         return rows[0] if isinstance(prompt, str) else rows
 
     def stream(self, prompt: str | Sequence[str], max_new_tokens: int = 256, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               stop: str | Sequence[str] | None = None, chunk: int = STREAM_CHUNK
+               stop: str | Sequence[str] | None = None, chunk: int = STREAM_CHUNK, stop_at_eot: bool = True
                ) -> Iterator[str] | Iterator[list[str]]:
         """Like `generate`, but yields text pieces as they are decoded (`chunk` tokens per
         device call): strings for one prompt, lists of strings (one per prompt) for a list.
         The pieces join to exactly `generate`'s text with the same arguments."""
-        for pieces in self._pieces(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chunk):
+        for pieces in self._pieces(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eot,
+                                   chunk):
             if isinstance(prompt, str):
                 if pieces[0]:
                     yield pieces[0]
