@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from click.testing import CliRunner
 from dantinox_eqx.config import SCHEDULES, Config, ConfigError
 from dantinox_eqx.model import Transformer
 from dantinox_eqx.run import checkpoint as ckpt
+from dantinox_eqx.run.runlock import LOCK_FILE, RunLock, RunLockedError
 from dantinox_eqx.train import population as pop
 from dantinox_eqx.train.hooks import Checkpointer
 from dantinox_eqx.train.optim import make_schedule
@@ -155,6 +157,24 @@ def test_population_resumes_exactly(setup, population, monkeypatch):
         assert _rows(d) == _rows(p)
         for x, y in zip(_params(d, ckpt.LATEST), _params(p, ckpt.LATEST)):
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_member_directory_in_use_is_refused_before_anything_is_written(tmp_path, small_corpus):
+    """One writer per run directory, for population members too (the Trainer's lock): a member
+    directory another process trains refuses the whole population, naming the holder, and
+    nothing is written; two members may not share a directory. (The resume test above shows the
+    locks are released: after a crash and after a finished population, the same directories are
+    trained again in this process, which flock would refuse otherwise.)"""
+    configs = [Config(**{**TINY, "vocab_size": None}, seed=s) for s in (1, 2)]
+    dirs = [tmp_path / "pop" / "member_0000", tmp_path / "pop" / "member_0001"]
+    dirs[1].mkdir(parents=True)
+    with RunLock(dirs[1]):  # another open file description: flock refuses it as another process
+        with pytest.raises(RunLockedError, match=rf"^run_dir: '{dirs[1]}' is in use by another training run "
+                                                 rf"\(process {os.getpid()} on host"):
+            fit_population(configs, small_corpus, dirs, progress=False)
+    assert not dirs[0].exists() and [p.name for p in dirs[1].iterdir()] == [LOCK_FILE]
+    with pytest.raises(ConfigError, match=r"^run_dirs: two members share a run directory"):
+        fit_population(configs, small_corpus, [dirs[0], dirs[0]], progress=False)
 
 
 # ---------------------------------------------------------------------------------------- fast

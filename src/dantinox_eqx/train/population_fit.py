@@ -25,6 +25,7 @@ member's batches and keys depend on its own step only, so the resume is exact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -45,6 +46,7 @@ from ..model import cast_floating
 from ..parallel import distributed
 from ..parallel.sharding import DATA
 from ..run import checkpoint as ckpt
+from ..run import runlock
 from ..run.layout import CONFIG_FILE, EXPERT_COUNTS_FILE, read_log
 from ..run.rundir import check_resumable, is_empty_dir
 from . import hooks
@@ -149,6 +151,8 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
       (in a new directory, or one a population wrote before its first checkpoint).
     - shared_batches: every member trains and evaluates on member 0's batches (default: each its
       own seed's, which makes member k a separate run of configs[k]).
+    Every member directory is locked (`run/runlock.py`) while the population writes it: one
+    that another process trains gets RunLockedError (a ConfigError) naming the holder.
     Raises ConfigError/DataError/FileExistsError/CheckpointError before writing anything
     (a population larger than the devices' memory names `memory_flag`), and TrainingInterrupted
     (every member's latest checkpoint saved) on SIGINT/SIGTERM.
@@ -160,6 +164,22 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
         raise ConfigError(f"run_dirs: {len(run_dirs)} directories for {len(configs)} members")
     if distributed.process_count() > 1:
         raise ConfigError("population: trains in one process (its members spread over that process's devices)")
+    if len({d.resolve() for d in run_dirs}) != len(run_dirs):
+        raise ConfigError("run_dirs: two members share a run directory; give each its own")
+    locks = [runlock.RunLock(d) for d in run_dirs]
+    with contextlib.ExitStack() as held:
+        for d, lock in zip(run_dirs, locks):
+            held.callback(lock.release)
+            if d.is_dir():  # an existing member directory is locked before it is read
+                lock.acquire()
+                if resume:
+                    ckpt.clean(d)  # what an interrupted writer left (as the Trainer's resume does)
+        return _fit_locked(configs, data_path, run_dirs, locks, resume, shared_batches, progress, memory_flag)
+
+
+def _fit_locked(configs: list[Config], data_path: str | os.PathLike | None, run_dirs: list[Path],
+                locks: list[runlock.RunLock], resume: bool, shared_batches: bool, progress: bool | None,
+                memory_flag: str) -> list[MemberResult]:
     resuming = [resume and ckpt.latest_step(d, ckpt.LATEST) is not None for d in run_dirs]
     for d, r in zip(run_dirs, resuming):
         _check_run_dir(d, r, resume)
@@ -174,14 +194,14 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
     total = configs[0].total_steps(len(dataset.train))
     mesh = pop.population_mesh(len(configs), configs[0].n_devices)
     population = _Population(configs, run_dirs, resuming, dataset, Path(data_path), total, mesh, memory_flag,
-                             shared_batches, progress)
+                             shared_batches, progress, locks)
     return population.run()
 
 
 class _Population:
     def __init__(self, configs: list[Config], run_dirs: list[Path], resuming: list[bool], dataset: Any,
                  data_path: Path, total: int, mesh: Mesh, memory_flag: str, shared_batches: bool,
-                 progress: bool | None):
+                 progress: bool | None, locks: list[runlock.RunLock]):
         self.total, self.mesh, self.data_path, self.show = total, mesh, data_path, progress
         # loss -> bits per byte, per split (as the Trainer's Evaluate hook reports them)
         self.bits_per_nat = {"train": dataset.train.tokens_per_byte / math.log(2),
@@ -195,6 +215,7 @@ class _Population:
         for k, m in enumerate(self.members):  # every member built (restored, checked): now write
             m.summary["population"] = {"members": len(configs), "member": k, "devices": int(mesh.devices.size)}
             m.run_dir.mkdir(parents=True, exist_ok=True)
+            locks[k].acquire()  # a new directory: locked once it exists (held already: a no-op)
             write_run_files(m.run_dir, m.config, dataset, m.summary, m.rows, resume=resuming[k])
         self.programs = pop.build_population_programs(first, self.static, self.trainable, dataset, mesh, total,
                                                   mu_dtype=mu_dtype)
