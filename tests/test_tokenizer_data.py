@@ -1,10 +1,12 @@
 import jax
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 from dantinox_eqx.data import sampling as data
 from dantinox_eqx.data import tokenizer
+
+from .conftest import plays_text
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -89,3 +91,36 @@ def test_no_cache_file_in_a_read_only_corpus_folder(small_corpus, tmp_path):
         assert len(list(cache.glob("*.tokens.npy"))) == 1
     finally:
         os.chmod(folder, stat.S_IRWXU)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_encode_text_gives_the_ids_of_the_whole_text_in_bounded_pieces(kind):
+    """`encode_text` (what a text corpus is encoded with: a lookup table, or byte-level BPE in
+    pieces cut where pre-tokens end) equals the library's encoding of the whole text, bitwise."""
+    text = plays_text()[:200_000] + "naïve café — 東京 🙂 \t tabs  and   spaces <a|b>\n\n\nend"
+    tok = tokenizer.build_tokenizer(kind, text, 400)
+    whole = np.asarray(tokenizer.encode(tok, text), np.int32)
+    pieces = list(tokenizer._pieces(text, 2000))
+    assert len(pieces) > 90 and "".join(pieces) == text  # about 100 cuts, nothing lost
+    np.testing.assert_array_equal(tokenizer.encode_text(tok, text, piece_chars=2000), whole)
+    # a special token's name in the text: the library matches it first; encoded whole, the same ids
+    special = text[:5000] + "<|endoftext|>" + text[5000:10000]
+    np.testing.assert_array_equal(tokenizer.encode_text(tok, special, piece_chars=2000),
+                                  tokenizer.encode(tok, special))
+    if kind == "char":  # characters outside the vocabulary: refused naming them, or dropped
+        small = tokenizer.build_tokenizer(kind, text[:1000])
+        with pytest.raises(tokenizer.TokenizerError, match="outside the char vocabulary"):
+            tokenizer.encode_text(small, text)
+        np.testing.assert_array_equal(tokenizer.encode_text(small, text, "drop"),
+                                      tokenizer.encode(small, text, "drop"))
+
+
+def test_only_tokenizers_that_split_exactly_are_encoded_in_pieces():
+    text = plays_text()[:20_000]
+    ours = tokenizer.build_tokenizer("bpe", text, 300)
+    assert tokenizer._splits_exactly(ours)
+    prefixed = Tokenizer.from_str(ours.to_str())
+    prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a space added per piece
+    assert not tokenizer._splits_exactly(prefixed)
+    np.testing.assert_array_equal(tokenizer.encode_text(prefixed, text, piece_chars=500),
+                                  tokenizer.encode(prefixed, text))  # encoded whole

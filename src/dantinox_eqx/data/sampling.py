@@ -83,11 +83,13 @@ def encode_corpus(corpus_path: str | os.PathLike, tok: Tokenizer,
         if (d / name).is_file():
             return np.load(d / name, mmap_mode="r")
     try:
-        ids = tk.encode(tok, text, unknown_chars)
+        ids = tk.encode_text(tok, text, unknown_chars)  # the ids of tk.encode, in bounded memory
     except tk.TokenizerError as e:
         raise DataError(f"data_path: {e}") from None
+    del text
     dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
-    arr = np.asarray(ids, dtype=dtype)
+    arr = ids.astype(dtype)
+    del ids
     target = next((d for d in candidates if _writable(d)), None)
     if target is None:  # nowhere to cache: keep it in memory
         return arr

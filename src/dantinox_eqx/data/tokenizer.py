@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -32,7 +33,8 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 __all__ = ["build_tokenizer", "char_tokenizer", "bpe_tokenizer", "train_bpe", "load_tokenizer",
-           "save_tokenizer", "encode", "drop_unknown_chars", "eot_id", "digest", "char_table", "batch_encoder",
+           "save_tokenizer", "encode", "encode_text", "drop_unknown_chars", "eot_id", "digest", "char_table",
+           "batch_encoder",
            "EOT", "UNK", "UNKNOWN_CHARS"]
 
 EOT = "<|endoftext|>"
@@ -231,3 +233,69 @@ def batch_encoder(tok: Tokenizer, unknown_chars: str = "error") -> Callable[[lis
         return [np.asarray(e.ids, np.int32) for e in fast(texts, add_special_tokens=False)]
 
     return encode_texts
+
+
+# A cut between a letter or digit and a space followed by one: a pre-token border for the GPT-2
+# byte-level regex (a letter/digit run ends there, and ` ?\p{L}+` / ` ?\p{N}+` starts at the
+# space), with ASCII classes so that no Unicode definition of a letter or a space can disagree.
+_SAFE_CUT = re.compile(r"[A-Za-z0-9] [A-Za-z0-9]")
+ENCODE_PIECE_CHARS, ENCODE_BATCH_PIECES = 1 << 20, 8
+
+
+def _splits_exactly(tok: Tokenizer) -> bool:
+    """Whether `tok` encodes a text cut at `_SAFE_CUT` borders piece by piece to exactly the
+    ids of the whole text: byte-level BPE with the GPT-2 regex, no prefix space, no normalizer,
+    and no post-processor adding tokens (ours, and GPT-2's own tokenizer.json)."""
+    spec = json.loads(tok.to_str())
+    pre, post = spec.get("pre_tokenizer") or {}, spec.get("post_processor")
+    return (spec.get("model", {}).get("type") == "BPE" and spec.get("normalizer") is None
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+            and (post is None or post.get("type") == "ByteLevel"))
+
+
+def _pieces(text: str, size: int) -> Iterable[str]:
+    """`text` in pieces of about `size` characters, each cut at a `_SAFE_CUT` border (the rest
+    of the text is one piece when none follows)."""
+    start = 0
+    while len(text) - start > size:
+        m = _SAFE_CUT.search(text, start + size)
+        if m is None:
+            break
+        yield text[start:m.start() + 1]
+        start = m.start() + 1
+    yield text[start:]
+
+
+def encode_text(tok: Tokenizer, text: str, unknown_chars: str = "error",
+                piece_chars: int = ENCODE_PIECE_CHARS) -> np.ndarray:
+    """`encode(tok, text, unknown_chars)` as an int32 array, with memory that does not grow
+    with the text (about 20 bytes per character of one piece, not the library's ~400 per
+    character of a whole-text `Encoding`): a plain char vocabulary is a code-point lookup in
+    numpy, byte-level BPE (`_splits_exactly`) is encoded in pieces of about `piece_chars` cut
+    where pre-tokens end anyway, so the ids are exactly the whole text's. A text that holds a
+    special token's name (the library matches those first) or any other tokenizer is encoded
+    whole. tests/test_tokenizer_data.py checks the equality."""
+    check_unknown_chars(unknown_chars)
+    specials = [t["content"] for t in json.loads(tok.to_str()).get("added_tokens", [])]
+    if any(name in text for name in specials):
+        return np.asarray(encode(tok, text, unknown_chars), np.int32)
+    table = char_table(tok)
+    if table is not None:
+        ids = np.empty(len(text), np.int32)  # one id per character
+        for i in range(0, len(text), piece_chars):
+            ids[i:i + piece_chars] = table[np.frombuffer(text[i:i + piece_chars].encode("utf-32-le"), np.uint32)]
+        if (ids < 0).any():
+            drop_unknown_chars(tok, text, unknown_chars)  # raises for "error", naming the characters
+            ids = ids[ids >= 0]
+        return ids
+    if not _splits_exactly(tok):
+        return np.asarray(encode(tok, text, unknown_chars), np.int32)
+    fast = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: less work, less memory
+    out, batch = [], []
+    for piece in _pieces(text, piece_chars):
+        batch.append(piece)
+        if len(batch) == ENCODE_BATCH_PIECES:  # a batch: the library encodes it on every core
+            out += [np.asarray(e.ids, np.int32) for e in fast(batch)]
+            batch = []
+    out += [np.asarray(e.ids, np.int32) for e in fast(batch)] if batch else []
+    return np.concatenate(out) if out else np.zeros(0, np.int32)

@@ -55,7 +55,9 @@ from jaxtyping import Int
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ..config import Config
+from ..files import cache_dir as default_cache_dir
 from . import tokenizer as tk
+from .cached import needs_prepare, prepared_source
 from .sampling import DataError, encode_corpus, prepare_data, read_corpus
 
 __all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
@@ -330,7 +332,8 @@ def _check_long_enough(splits: Splits, max_context: int, val_field: str) -> Spli
 
 def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokenizer | None = None,
                 tokenizer_source: str | None = None, cache_dir: str | os.PathLike | None = None) -> Splits:
-    """The train/val streams of `data_path` (a prepared directory or a text file) for `config`
+    """The train/val streams of `data_path` (a prepared directory or a text file; any other
+    source `prepare` takes is prepared into `cache_dir` first: data/cached.py) for `config`
     (max_context, val_fraction, max_train_tokens, val_path, and for text the tokenizer fields).
 
     `tokenizer`: the run's tokenizer when it is fixed (resume, fine-tune, tokenizer_path),
@@ -339,6 +342,10 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
     The training split is capped at `max_train_tokens` (its first tokens).
     """
     path = Path(data_path)
+    if needs_prepare(path):
+        path = prepared_source(path, cache_dir if cache_dir is not None else default_cache_dir(), tokenizer=tokenizer,
+                               tokenizer_type=config.tokenizer_type, bpe_vocab_size=config.bpe_vocab_size,
+                               text_field=config.dataset_text_field, unknown_chars=config.unknown_chars)
     prepared = path.is_dir()
     if prepared:
         stream, own = open_prepared(path)

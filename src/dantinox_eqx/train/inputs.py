@@ -11,8 +11,10 @@ import jax
 
 from ..config import Config, ConfigError
 from ..data import tokenizer as tk
+from ..data.cached import prepared_source
 from ..data.corpus import cache_dir, default_corpus_path
 from ..data.sampling import DataError
+from ..data.sources import HFDataset
 from ..data.tokens import Splits, open_splits
 from ..lora import has_lora, lora_trainable
 from ..model import Transformer
@@ -24,8 +26,10 @@ __all__ = ["training_data", "resolve_vocab", "initial_model", "trainable_mask"]
 
 def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
                   resume: bool) -> tuple[Path, Splits]:
-    """(the data path, its train/val `Splits`). `data_path`: a UTF-8 text file or a prepared
-    dataset directory (data/tokens.py); None = on resume the data recorded in the cursor, else
+    """(the data path, its train/val `Splits`). `data_path`: a UTF-8 text file, a prepared
+    dataset directory (data/tokens.py) or any source `prepare` takes (prepared into the cache on
+    first use: data/cached.py); None = on resume the data recorded in the cursor, else with
+    dataset_source hf the dataset_* fields' Hugging Face dataset (prepared into the cache), else
     the default corpus. The tokenizer is the run's own on resume, then `tokenizer_path`, then a
     fine-tune's base run's (a prepared dataset must have been made with it), else the prepared
     dataset's or one trained on the text."""
@@ -33,7 +37,8 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
         recorded = read_cursor(run_dir).get("data_path")
         if recorded and Path(recorded).exists():  # a text file or a prepared directory
             data_path = recorded
-    path = Path(data_path) if data_path is not None else default_corpus_path()
+    hf = data_path is None and config.dataset_source == "hf"  # DantinoX's dataset_* fields
+    path = Path(data_path) if data_path is not None else None if hf else default_corpus_path()
     tokenizer_file = None  # the file of a fixed tokenizer, named when a prepared dataset differs
     if resume and (run_dir / TOKENIZER_FILE).is_file():  # absent: stopped before saving it
         tokenizer_file = run_dir / TOKENIZER_FILE
@@ -49,6 +54,10 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
                           "base run directory (CLI: --init_from RUN_DIR), or with model= set tokenizer_path "
                           "to the model's tokenizer.json")
     tokenizer = tk.load_tokenizer(tokenizer_file) if tokenizer_file is not None else None
+    if hf:  # prepared into the cache (data/cached.py); that folder is the run's data_path
+        path = prepared_source(HFDataset.from_config(config), cache_dir(), tokenizer=tokenizer,
+                               tokenizer_type=config.tokenizer_type, bpe_vocab_size=config.bpe_vocab_size,
+                               text_field=config.dataset_text_field, unknown_chars=config.unknown_chars)
     try:
         dataset = open_splits(path, config, tokenizer, None if tokenizer_file is None else repr(str(tokenizer_file)),
                               cache_dir=cache_dir())

@@ -129,9 +129,10 @@ class Trainer:
             resume: bool = False) -> Path:
         """Train, writing the run directory; returns its path. See the module docstring.
 
-        - data_path: a UTF-8 text file or a prepared dataset directory (`dantinox-eqx prepare`);
-          None = the default Shakespeare corpus (`data/corpus.py`), or on resume the data the
-          run was trained on.
+        - data_path: a UTF-8 text file, a prepared dataset directory (`dantinox-eqx prepare`)
+          or any source prepare takes (prepared into the cache on first use: data/cached.py);
+          None = on resume the data the run was trained on, else with dataset_source hf the
+          dataset_* fields' dataset, else the default Shakespeare corpus (`data/corpus.py`).
         - run_dir: None = runs/run_YYYYMMDD_HHMMSS. A non-empty run_dir needs resume=True.
         - resume: continue from the latest checkpoint that passes its check (exactly: same rows
           as never stopping; a newer one that fails it is skipped with a warning), or from step 0
