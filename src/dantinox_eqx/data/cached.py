@@ -24,18 +24,23 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
+from ..config import Config
 from . import tokenizer as tk
-from .prepare import DEFAULT_BPE_SAMPLE_BYTES, INDEX_FILE, is_prepared, prepare_dataset
+from .prepare import DEFAULT_BPE_SAMPLE_BYTES, PROGRESS_FILE, is_prepared, prepare_dataset, read_index
 from .sampling import DataError
-from .sources import HFDataset, open_source
+from .sources import _MAGIC, HFDataset, open_source
 
 __all__ = ["RAW_TEXT_BYTES", "needs_prepare", "prepared_source"]
 
 RAW_TEXT_BYTES = 64 << 20  # a text file up to this size is encoded whole (sampling.encode_corpus)
-_MAGIC = "*?["
+
+
+def _is_glob(spec: str) -> bool:
+    return any(c in _MAGIC for c in spec)
 
 
 def needs_prepare(path: str | os.PathLike | HFDataset) -> bool:
@@ -46,21 +51,22 @@ def needs_prepare(path: str | os.PathLike | HFDataset) -> bool:
     p = Path(path).expanduser()
     if p.is_dir():
         # a prepared dataset, finished or being written by `prepare` (whose error says to finish it)
-        return not (is_prepared(p) or (p / ".progress.json").is_file())
+        return not (is_prepared(p) or (p / PROGRESS_FILE).is_file())
     if p.is_file():
         return p.name.lower().endswith((".jsonl", ".parquet")) or p.stat().st_size > RAW_TEXT_BYTES
-    return any(c in os.fspath(path) for c in _MAGIC)  # a glob (a missing path: the caller's error)
+    return _is_glob(os.fspath(path))  # a missing path: the caller's error
 
 
-def prepared_source(source: str | os.PathLike | HFDataset, cache_root: str | os.PathLike, *,
-                    tokenizer: Tokenizer | None = None, tokenizer_type: str = "char", bpe_vocab_size: int = 2048,
-                    text_field: str = "text", unknown_chars: str = "error", progress: bool | None = None) -> Path:
+def prepared_source(source: str | os.PathLike | HFDataset, cache_root: str | os.PathLike, config: Config,
+                    tokenizer: Tokenizer | None = None, progress: bool | None = None) -> Path:
     """The prepared dataset of `source` in `cache_root/prepared` (prepared now if needed; see
-    the module docstring). DataError naming `data_path` for a source `prepare` refuses, before
-    anything is written."""
+    the module docstring), with `config`'s tokenizer_type, bpe_vocab_size, dataset_text_field and
+    unknown_chars, or the fixed `tokenizer`. DataError naming `data_path` for a source `prepare`
+    refuses, before anything is written."""
+    options = dict(tokenizer=tokenizer, tokenizer_type=config.tokenizer_type, bpe_vocab_size=config.bpe_vocab_size,
+                   text_field=config.dataset_text_field, unknown_chars=config.unknown_chars, progress=progress)
     try:
-        return _prepared(source, Path(cache_root), tokenizer, tokenizer_type, bpe_vocab_size, text_field,
-                         unknown_chars, progress)
+        return _prepared(source, Path(cache_root), options)
     except DataError as e:  # prepare names its input "source"; here it is train's data_path
         message = str(e)
         if message.startswith("source:"):
@@ -68,24 +74,21 @@ def prepared_source(source: str | os.PathLike | HFDataset, cache_root: str | os.
         raise
 
 
-def _prepared(source: str | os.PathLike | HFDataset, cache_root: Path, tokenizer: Tokenizer | None,
-              tokenizer_type: str, bpe_vocab_size: int, text_field: str, unknown_chars: str,
-              progress: bool | None) -> Path:
+def _prepared(source: str | os.PathLike | HFDataset, cache_root: Path, options: dict[str, Any]) -> Path:
+    text_field = options["text_field"]
     if isinstance(source, HFDataset):
         spec, name = json.dumps([source.name, source.config, source.split, source.text_field]), source.name
     else:
         open_source(source, text_field=text_field)  # a missing path, an empty folder, ...: refused here
         spec = str(Path(source).expanduser().absolute())
-        name = Path(spec).name if not any(c in spec for c in _MAGIC) else "glob"
+        name = "glob" if _is_glob(spec) else Path(spec).name
     key = hashlib.sha256(json.dumps([spec, text_field]).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     folder = cache_root / "prepared" / f"{safe}.{key}"
-    options = dict(tokenizer=tokenizer, tokenizer_type=tokenizer_type, bpe_vocab_size=bpe_vocab_size,
-                   text_field=text_field, unknown_chars=unknown_chars, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
     lock_file = folder.with_name(folder.name + ".lock")
     try:
-        return _prepared_locked(source, folder, lock_file, tokenizer, tokenizer_type, bpe_vocab_size, options)
+        return _prepared_locked(source, folder, lock_file, options)
     except (DataError, tk.TokenizerError):  # bad input (prepare wrote nothing): leave no trace in the cache
         if not any(folder.iterdir()):
             folder.rmdir()
@@ -96,37 +99,33 @@ def _prepared(source: str | os.PathLike | HFDataset, cache_root: Path, tokenizer
 
 
 def _prepared_locked(source: str | os.PathLike | HFDataset, folder: Path, lock_file: Path,
-                     tokenizer: Tokenizer | None, tokenizer_type: str, bpe_vocab_size: int, options: dict) -> Path:
+                     options: dict[str, Any]) -> Path:
     with open(lock_file, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        tokenizer = options["tokenizer"]
         if tokenizer is not None:
             digest = tk.digest(tokenizer)
             for done in sorted(folder.iterdir()):  # this source prepared with this tokenizer already?
-                index = _index(done)
-                if is_prepared(done) and index.get("tokenizer_sha256") == digest:
+                if not is_prepared(done):
+                    continue
+                index = read_index(done)
+                if index.get("tokenizer_sha256") == digest:
                     # checked (and kept) with the settings it was prepared with: a tokenizer it
                     # trained itself is not "given" to it (other settings would prepare it again)
                     recorded = index.get("prepare", {}).get("settings", {})
                     if recorded.get("tokenizer") in ("char", "bpe"):
                         options = {**options, "tokenizer": None, "tokenizer_type": recorded["tokenizer"],
-                                   "bpe_vocab_size": recorded.get("bpe_vocab_size", bpe_vocab_size)}
+                                   "bpe_vocab_size": recorded.get("bpe_vocab_size", options["bpe_vocab_size"])}
                     return _prepare(source, done, options)
             out = folder / f"given-{digest[:16]}"
-        elif tokenizer_type == "bpe":
-            out = folder / f"bpe-{bpe_vocab_size}-{DEFAULT_BPE_SAMPLE_BYTES}"
+        elif options["tokenizer_type"] == "bpe":
+            out = folder / f"bpe-{options['bpe_vocab_size']}-{DEFAULT_BPE_SAMPLE_BYTES}"
         else:
-            out = folder / tokenizer_type
+            out = folder / options["tokenizer_type"]
         return _prepare(source, out, options)
 
 
-def _index(path: Path) -> dict:
-    try:
-        return json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _prepare(source: str | os.PathLike | HFDataset, out: Path, options: dict) -> Path:
+def _prepare(source: str | os.PathLike | HFDataset, out: Path, options: dict[str, Any]) -> Path:
     """`prepare_dataset` into `out` (a no-op when it is prepared and the source unchanged); a
     source that changed since (prepare refuses to mix two sources in one folder) is prepared
     again from scratch: the cache is ours to replace."""

@@ -343,9 +343,7 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
     """
     path = Path(data_path)
     if needs_prepare(path):
-        path = prepared_source(path, cache_dir if cache_dir is not None else default_cache_dir(), tokenizer=tokenizer,
-                               tokenizer_type=config.tokenizer_type, bpe_vocab_size=config.bpe_vocab_size,
-                               text_field=config.dataset_text_field, unknown_chars=config.unknown_chars)
+        path = prepared_source(path, cache_dir if cache_dir is not None else default_cache_dir(), config, tokenizer)
     prepared = path.is_dir()
     if prepared:
         stream, own = open_prepared(path)

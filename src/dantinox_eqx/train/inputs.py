@@ -55,9 +55,7 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
                           "to the model's tokenizer.json")
     tokenizer = tk.load_tokenizer(tokenizer_file) if tokenizer_file is not None else None
     if hf:  # prepared into the cache (data/cached.py); that folder is the run's data_path
-        path = prepared_source(HFDataset.from_config(config), cache_dir(), tokenizer=tokenizer,
-                               tokenizer_type=config.tokenizer_type, bpe_vocab_size=config.bpe_vocab_size,
-                               text_field=config.dataset_text_field, unknown_chars=config.unknown_chars)
+        path = prepared_source(HFDataset.from_config(config), cache_dir(), config, tokenizer)
     try:
         dataset = open_splits(path, config, tokenizer, None if tokenizer_file is None else repr(str(tokenizer_file)),
                               cache_dir=cache_dir())
