@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import subprocess
 import sys
@@ -44,6 +45,13 @@ def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
+def _contents(root: Path) -> dict[str, tuple[int, str | None]]:
+    """Every path under `root`: (mtime in ns, sha256 of a file's bytes; None for a folder)."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+            for p in root.rglob("*")}
+
+
 def test_help_is_complete():
     top = cli("--help")
     assert top.returncode == 0 and "train" in top.stdout and "plot" in top.stdout
@@ -74,6 +82,14 @@ def test_overrides_reach_config_yaml_and_resume_keeps_them(tmp_path: Path, corpu
     saved = Config.from_yaml(run / "config.yaml")
     assert (saved.lr, saved.use_bf16, saved.max_steps) == (2e-3, True, 6)
     assert [r["step"] for r in read_log(run / "training_log.csv")] == [2, 4, 6]
+
+    # A refused resume (another model shape, found after the run is locked) leaves the run
+    # directory byte-identical: run.lock still names the process that trained it.
+    before = _contents(run)
+    refused = cli("train", "--run_dir", run, "--resume", "--dim", "64", "--head_size", "16")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("Error: dim: the run in ") and "keeps the model's shape" in refused.stderr
+    assert _contents(run) == before
 
     plotted = cli("plot", run)
     assert plotted.returncode == 0, plotted.stderr

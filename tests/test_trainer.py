@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from dantinox_eqx.data.sampling import prepare_data, sample_batch
 from dantinox_eqx.data.tokenizer import load_tokenizer
 from dantinox_eqx.model import Transformer
 from dantinox_eqx.run import checkpoint as ckpt
+from dantinox_eqx.run import runlock
 from dantinox_eqx.train.step import make_eval_step
 from dantinox_eqx.train.trainer import CURSOR_FILE, LOG_COLUMNS, Trainer, TrainingDiverged, read_log
 
@@ -237,6 +239,26 @@ def test_run_dir_guards(tmp_path: Path, corpus: Path):
     with pytest.raises(ConfigError, match="use_lora"):
         Trainer(tiny(use_lora=True)).fit(corpus, run_dir=tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_a_lock_taken_before_the_run_is_accepted_leaves_run_lock_as_it_was(tmp_path: Path):
+    """`acquire(record=False)` (a resume checking its inputs) writes nothing; a second writer
+    is told the holder is starting up, not the dead pid the file still names; `record()` then
+    names this process."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid of this host that no longer runs: the earlier writer
+    earlier = json.dumps({"pid": gone.pid, "host": socket.gethostname()}) + "\n"
+    (tmp_path / runlock.LOCK_FILE).write_text(earlier)
+    lock = runlock.RunLock(tmp_path).acquire(record=False)
+    try:
+        assert (tmp_path / runlock.LOCK_FILE).read_text() == earlier
+        with pytest.raises(runlock.RunLockedError, match=r"in use by another training run \(a process still "
+                                                         r"starting up, not yet recorded in run.lock\)"):
+            runlock.RunLock(tmp_path).acquire()
+        lock.record()
+        assert runlock.holder(tmp_path) == {"pid": os.getpid(), "host": socket.gethostname()}
+    finally:
+        lock.release()
 
 
 def test_default_run_dir_is_timestamped_and_never_shared(tmp_path: Path, monkeypatch):

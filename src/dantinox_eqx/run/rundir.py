@@ -61,12 +61,13 @@ def resolve_run_dir(run_dir: str | os.PathLike | None, resume: bool) -> Path:
 
 
 def take_lock(lock: runlock.RunLock | None, run_dir: Path) -> None:
-    """Process 0 takes the run directory's lock (`lock`; None in other processes); every
-    process raises if it could not (RunLockedError names the holder)."""
+    """Process 0 takes the run directory's lock (`lock`; None in other processes) without
+    recording itself in run.lock yet (the run is not accepted until its inputs are checked:
+    `RunLock.record`); every process raises if it could not (RunLockedError names the holder)."""
     failure = None
     if lock is not None:
         try:
-            lock.acquire()
+            lock.acquire(record=False)
         except ConfigError as e:
             failure = e
     if distributed.any_process(failure is not None):

@@ -6,9 +6,15 @@
 The lock is `fcntl.flock` on the open file `run.lock`: the kernel drops it when the process
 ends, however it ends (a kill -9 included), so a dead holder never leaves the run locked and
 the next writer simply takes it over. The file holds the holder's pid and host (JSON), only to
-name it in the refusal, and is rewritten only when they change (a refused resume in the same
-process leaves the run directory untouched); it is never deleted (deleting a lock file races
-with a process that has just opened it). Under multi-process JAX only process 0 locks.
+name it in the refusal; it is never deleted (deleting a lock file races with a process that has
+just opened it). Under multi-process JAX only process 0 locks.
+
+Taking the lock and recording the holder are two steps: `acquire(record=False)` takes the lock
+without writing the file, and `record()` writes the pid and host once the run is accepted (its
+inputs checked), so a command refused after locking (e.g. a resume with another model shape)
+leaves the run directory byte-identical. `acquire()` does both. A process refused while the
+holder is still starting (locked, not yet recorded) is told so rather than given the previous,
+dead holder's pid.
 
 flock works between the processes of one machine and, on Linux, over NFS too (the client
 emulates it with byte-range locks on the whole file, see flock(2)); other network file systems
@@ -46,6 +52,21 @@ def holder(run_dir: str | os.PathLike) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _describe(who: dict[str, Any]) -> str:
+    """The refusal's words for the holder `who` (`holder`): its pid and host, unless the file
+    names a process of this host that is gone: then the holder locked without recording itself
+    yet (a run still checking its inputs), and the file names an earlier writer."""
+    pid, host = who.get("pid"), who.get("host")
+    if host == socket.gethostname() and isinstance(pid, int) and pid > 0 and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "a process still starting up, not yet recorded in run.lock"
+        except PermissionError:
+            pass  # alive, another user's
+    return f"process {pid if pid is not None else '?'} on host {host if host is not None else '?'}"
+
+
 class RunLock:
     """An exclusive lock on `run_dir` (which must exist) for this process; see the module doc."""
 
@@ -58,9 +79,12 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> RunLock:
-        """Take the lock (a no-op if this object holds it); RunLockedError if another holds it."""
+    def acquire(self, *, record: bool = True) -> RunLock:
+        """Take the lock (a no-op if this object holds it); RunLockedError if another holds it.
+        `record`: also write this process's pid and host into the file (`record()`)."""
         if self._fd is not None:
+            if record:
+                self.record()
             return self
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -73,16 +97,23 @@ class RunLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(f"run_dir: cannot lock {str(self.path)!r} ({e.strerror}); the file "
                                   "system must support file locks") from None
-            who = holder(self.run_dir)
-            raise RunLockedError(f"run_dir: {str(self.run_dir)!r} is in use by another training run (process "
-                                 f"{who.get('pid', '?')} on host {who.get('host', '?')}); wait for it to finish "
-                                 "or stop it, or choose another --run_dir") from None
-        record = (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode()
-        if os.pread(fd, len(record) + 1, 0) != record:  # unchanged when this process held it before
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, record, 0)
+            raise RunLockedError(f"run_dir: {str(self.run_dir)!r} is in use by another training run "
+                                 f"({_describe(holder(self.run_dir))}); wait for it to finish or stop it, "
+                                 "or choose another --run_dir") from None
         self._fd = fd
+        if record:
+            self.record()
         return self
+
+    def record(self) -> None:
+        """Write this process's pid and host into the held lock's file (left as it is when it
+        says so already: a resume by the process that wrote it changes nothing)."""
+        if self._fd is None:
+            raise RuntimeError("RunLock.record: the lock is not held")
+        data = (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode()
+        if os.pread(self._fd, len(data) + 1, 0) != data:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
 
     def release(self) -> None:
         """Drop the lock (closing the file releases it); the file stays."""

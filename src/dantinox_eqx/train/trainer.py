@@ -308,10 +308,12 @@ class Trainer:
             claimed = resume or lock is None  # a resumed run was locked by open_for_resume
             try:
                 if not claimed:  # a new run: locked once its directory exists,
-                    lock.acquire()
+                    lock.acquire(record=False)
                     if not is_empty_dir(run_dir):  # and still empty (another run may have begun)
                         raise not_empty(run_dir)
                     claimed = True
+                if lock is not None:  # accepted: only now does run.lock name this process
+                    lock.record()
                 wandb_logger = make_wandb_logger(config, run_dir)
                 for logger in [*self.loggers, *([wandb_logger] if wandb_logger is not None else [])]:
                     if hasattr(logger, "start"):
