@@ -23,7 +23,7 @@ import yaml
 
 from .files import atomic_write_text
 
-__all__ = ["Config", "ConfigError", "SECTIONS", "IGNORED_FIELDS", "MODEL_SHAPE_FIELDS"]
+__all__ = ["Config", "ConfigError", "SECTIONS", "IGNORED_FIELDS", "MODEL_SHAPE_FIELDS", "closest", "as_number"]
 
 
 class ConfigError(ValueError):
@@ -352,6 +352,25 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def closest(word: Any, options: Any) -> str | None:
+    """The option most like `word` (for a "did you mean" hint), or None when none is close."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return close[0] if close else None
+
+
+def as_number(value: Any) -> int | float | None:
+    """`value` as a number (an int stays an int), or None when it is not one. A string is
+    parsed as a float: YAML 1.1 reads "3e-4" (no dot) as a string. Booleans are not numbers."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _check_type(name: str, value: Any, hint: Any) -> Any:
     base, optional = _unwrap_optional(hint)
     if value is None:
@@ -367,13 +386,9 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = as_number(value)
+        if number is not None:
+            return float(number)
     elif base is str:
         if isinstance(value, str):
             return value
@@ -384,8 +399,8 @@ def _check_names(data: dict[str, Any]) -> None:
     names = _field_names()
     for key in data:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see Config's fields"
+            close = closest(key, names)
+            hint = f"; did you mean {close!r}?" if close else "; see Config's fields"
             raise ConfigError(f"unknown config field {key!r}{hint}")
 
 
@@ -432,8 +447,8 @@ def _non_negative(cfg: Config, *names: str) -> None:
 def _choice(cfg: Config, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(value, allowed)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise ConfigError(f"{name}: unknown value {value!r}{hint}; choose one of {', '.join(allowed)}")
 
 

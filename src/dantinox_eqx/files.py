@@ -11,25 +11,38 @@ Permissions: the temporary file is created by `os.open(..., 0o666)`, so it gets 
 a plain `open(path, "w")` would give under the process's umask (0644 under umask 022, like
 orbax's checkpoint files), and the rename keeps it. (`tempfile.mkstemp` creates 0600 files,
 which a colleague on a shared machine could not read.) `make_dir` does the same for folders.
+
+`sha256_file(path)`: the digest of a file's bytes, read in chunks (the one file hasher the
+package uses: checkpoints' digests, prepared datasets' tokenizer.json, the token cache's name).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_path", "atomic_dir", "make_temp_dir",
-           "fsync_dir", "remove_temp_files", "cache_dir", "TEMP_SUFFIX"]
+           "fsync_dir", "remove_temp_files", "cache_dir", "sha256_file", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
 # `.NAME.XXXXXXXX.tmp`: ours (8 hex digits) and tempfile.mkstemp's (8 characters), which older
 # versions used.
 _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def sha256_file(path: str | os.PathLike, into: Any = None) -> str:
+    """The sha256 (hex) of the bytes of the file `path`; `into`: a `hashlib.sha256()` object to
+    feed them into (to hash more after them; it is updated), a new one by default. Reads in
+    chunks, the GIL released while hashing them (hashlib.file_digest)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, (lambda: into) if into is not None else "sha256").hexdigest()
 
 
 def _temp_name(path: Path) -> Path:

@@ -3,20 +3,7 @@ token shards, streamed with bounded memory, atomic per shard and resumable.
 
     prepare_dataset("corpus/", "data/corpus.tokens", tokenizer_type="bpe", bpe_vocab_size=8192)
 
-The directory (the format both `prepare` and the training loader follow):
-
-    index.json        written last, atomically: the dataset exists once it does (see below)
-    tokenizer.json    the tokenizer the ids come from (Hugging Face `tokenizers` format)
-    shard_00000.bin   raw little-endian token ids, uint16 when vocab_size <= 65535 else uint32,
-    shard_00001.bin   no header (`np.memmap(path, dtype)`); the token stream is the shards in order
-    .progress.json    only while a prepare is unfinished: its resume point
-
-index.json: {"format": "dantinox-eqx-tokens", "version": 1, "dtype", "vocab_size", "eot_id",
-"tokenizer_sha256" (of tokenizer.json's bytes), "source": {"kind", "spec", "text_field",
-"sha256"}, "shards": [{"file", "tokens", "documents", "bytes"}], "total_tokens",
-"total_documents", "total_bytes", "prepare": {the settings used, `source_stat`}}. `bytes`
-counts the UTF-8 bytes of the text encoded into a shard (bits per byte need them);
-`documents` the documents that end in it.
+The directory's format (file names, index.json): data/index.py.
 
 How it runs, in two passes over the source (`sources.py` streams it in pieces of <= 64 KiB):
 1. scan: validates everything (binary files, malformed JSONL lines, missing fields or
@@ -68,37 +55,18 @@ from tokenizers import Tokenizer
 from ..files import atomic_write_text
 from . import sources
 from . import tokenizer as tk
+from .index import FORMAT, INDEX_FILE, PROGRESS_FILE, TOKENIZER_FILE, VERSION, dtype_name, is_prepared, read_index
 from .sampling import DataError
 
 __all__ = ["FORMAT", "INDEX_FILE", "TOKENIZER_FILE", "DEFAULT_SHARD_TOKENS", "DEFAULT_BPE_SAMPLE_BYTES",
            "prepare_dataset", "read_index", "is_prepared"]
 
-FORMAT, VERSION = "dantinox-eqx-tokens", 1
-INDEX_FILE, TOKENIZER_FILE, PROGRESS_FILE = "index.json", "tokenizer.json", ".progress.json"
 DEFAULT_SHARD_TOKENS = 2 ** 27
 DEFAULT_BPE_SAMPLE_BYTES = 64_000_000
 BATCH_BYTES = 2 << 20  # text encoded per batch: bounds the ids and the library's Encoding objects
 # Test-only seam: SIGKILL this process once this many shards are closed and the next one's
 # temporary file holds data (a real kill -9 at a reproducible point; tests/test_prepare.py).
 _KILL_ENV = "DANTINOX_EQX_PREPARE_KILL_AFTER_SHARDS"
-
-
-def is_prepared(path: str | os.PathLike) -> bool:
-    """Whether `path` is a finished prepared dataset (a folder with index.json)."""
-    return (Path(path) / INDEX_FILE).is_file()
-
-
-def read_index(path: str | os.PathLike) -> dict[str, Any]:
-    """The index.json of the prepared dataset `path` (DataError when missing or not ours)."""
-    file = Path(path) / INDEX_FILE
-    try:
-        index = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"data_path: {str(path)!r} is not a prepared dataset ({INDEX_FILE}: {e}); run "
-                        "dantinox-eqx prepare SOURCE DIR first") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise DataError(f"data_path: {str(file)!r} is not a {FORMAT} index; prepare the data again")
-    return index
 
 
 # ------------------------------------------------------------------------------ progress
@@ -402,7 +370,7 @@ def prepare_dataset(source: str | os.PathLike | sources.HFDataset, out_dir: str 
         tk.save_tokenizer(tok, out / TOKENIZER_FILE)
         vocab = tok.get_vocab_size()
         state = {"format": FORMAT, "version": VERSION,
-                 "dtype": "uint16" if vocab <= np.iinfo(np.uint16).max else "uint32",
+                 "dtype": dtype_name(vocab),
                  "vocab_size": vocab, "eot_id": tk.eot_id(tok), "tokenizer_sha256": tk.digest(tok),
                  "source": {"kind": src.kind, "spec": src.spec, "text_field": src.text_field,
                             "sha256": scan.digest},

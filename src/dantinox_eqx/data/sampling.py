@@ -19,7 +19,7 @@ import numpy as np
 from jaxtyping import Array, Int, Integer, PRNGKeyArray
 from tokenizers import Tokenizer
 
-from ..files import atomic_path
+from ..files import atomic_path, sha256_file
 from . import tokenizer as tk
 
 __all__ = ["DataError", "Dataset", "read_corpus", "encode_corpus", "split", "sample_batch",
@@ -49,9 +49,7 @@ def read_corpus(path: str | os.PathLike) -> str:
 
 def _cache_name(corpus_path: Path, tok: Tokenizer, unknown_chars: str = "error") -> str:
     h = hashlib.sha256()
-    with open(corpus_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    sha256_file(corpus_path, into=h)
     h.update(tok.to_str().encode())
     if unknown_chars != "error":  # "drop" may give other ids; "error" keeps the names of old caches
         h.update(unknown_chars.encode())

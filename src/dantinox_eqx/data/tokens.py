@@ -1,18 +1,11 @@
 """Token streams for training: prepared datasets (shards of token ids) and the batch feeds.
 
-A prepared dataset is a directory written by `dantinox-eqx prepare`:
-
-    DIR/index.json       {"format": "dantinox-eqx-tokens", "version": 1, "dtype": "uint16" | "uint32",
-                          "vocab_size", "eot_id", "tokenizer_sha256", "source": {...},
-                          "shards": [{"file", "tokens", "documents", "bytes"}, ...],
-                          "total_tokens", "total_documents", "total_bytes"}
-    DIR/tokenizer.json   the tokenizer that made the ids
-    DIR/shard_NNNNN.bin  raw little-endian ids of `dtype`, no header (np.memmap-able)
-
-The token stream is the shards concatenated in order. `open_splits` opens them read-only and
-splits the stream (nothing is read until a window is): validation is its last `val_fraction`
-(global token index), or a separate `val_path` (a prepared directory or a text file). A raw
-text file keeps `data.prepare_data`'s path (a cached `.tokens.npy`), wrapped in the same `Splits`.
+A prepared dataset is a directory written by `dantinox-eqx prepare` (its format: data/index.py,
+whose `read_index` checks it). The token stream is the shards concatenated in order.
+`open_splits` opens them read-only and splits the stream (nothing is read until a window is):
+validation is its last `val_fraction` (global token index), or a separate `val_path` (a
+prepared directory or a text file). A raw text file keeps `data.prepare_data`'s path (a
+cached `.tokens.npy`), wrapped in the same `Splits`.
 
 Two feeds turn a split into the batches of step s (`feeds.make_feed`; `feeds.choose_feed` picks one):
 
@@ -41,8 +34,6 @@ split's bytes are counted exactly, token by token (`token_byte_lengths`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -58,16 +49,13 @@ from ..config import Config
 from ..files import cache_dir as default_cache_dir
 from . import tokenizer as tk
 from .cached import needs_prepare, prepared_source
+from .index import DTYPES, FORMAT, INDEX_FILE, TOKENIZER_FILE, VERSION, read_index
 from .sampling import DataError, encode_corpus, prepare_data, read_corpus
 
-__all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
+__all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "VERSION", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
            "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes",
            "TRAIN_STREAM", "EVAL_TRAIN_STREAM", "EVAL_VAL_STREAM"]
 
-INDEX_FILE = "index.json"
-TOKENIZER_FILE = "tokenizer.json"
-FORMAT, VERSION = "dantinox-eqx-tokens", 1
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # Token arrays (train + val) up to this size use the fused feed, larger ones the host feed.
 # Measured (benchmarks/loader.py, benchmarks/README.md): on the baby shape the two feeds are
 # level (host / fused 0.93-0.97 wall, 1.00-1.03 CPU); on sub-millisecond steps the host feed's ~0.1 ms
@@ -219,54 +207,6 @@ def _ratio(a: float, b: int) -> float | None:
 
 
 # --------------------------------------------------------------------------- prepared directories
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_index(path: str | os.PathLike, field: str = "data_path") -> dict[str, Any]:
-    """The validated index.json of the prepared dataset `path`. Checks the format, that every
-    shard file exists with exactly `tokens * itemsize` bytes (a stat, nothing is read) and
-    that tokenizer.json matches `tokenizer_sha256`; DataError naming the file otherwise."""
-    path = Path(path)
-    index_file = path / INDEX_FILE
-    again = "prepare the dataset again (dantinox-eqx prepare)"
-    if not index_file.is_file():
-        unfinished = (path / ".progress.json").is_file()
-        why = "an unfinished prepare (no index.json yet): run the same prepare again to finish it" if unfinished \
-            else "a folder without index.json, not a prepared dataset: prepare it first (dantinox-eqx prepare)"
-        raise DataError(f"{field}: {str(path)!r} is {why}")
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        shards = index["shards"]
-        dtype = np.dtype(DTYPES[index["dtype"]])
-        if index["format"] != FORMAT or index["version"] != VERSION:
-            raise ValueError(f"format {index['format']!r} version {index['version']!r}")
-        if not shards or sum(int(s["tokens"]) for s in shards) != int(index["total_tokens"]):
-            raise ValueError("its shards' tokens do not add up to total_tokens")
-        digest = str(index["tokenizer_sha256"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{field}: {str(index_file)!r} is not a {FORMAT} v{VERSION} index ({e}); {again}") from None
-    for s in shards:
-        shard = path / s["file"]
-        if Path(s["file"]).name != s["file"]:
-            raise DataError(f"{field}: {str(index_file)!r} names shard {s['file']!r} outside its folder; {again}")
-        if not shard.is_file():
-            raise DataError(f"{field}: shard {str(shard)!r} listed in index.json is missing; {again}")
-        want = int(s["tokens"]) * dtype.itemsize
-        if shard.stat().st_size != want:
-            raise DataError(f"{field}: shard {str(shard)!r} has {shard.stat().st_size} bytes, index.json says "
-                            f"{s['tokens']} tokens = {want} bytes; {again}")
-    tok_file = path / TOKENIZER_FILE
-    if not tok_file.is_file() or _sha256_file(tok_file) != digest:
-        what = "is missing" if not tok_file.is_file() else "does not match tokenizer_sha256 in index.json"
-        raise DataError(f"{field}: {str(tok_file)!r} {what}; {again}")
-    return index
-
-
 def open_prepared(path: str | os.PathLike, field: str = "data_path") -> tuple[TokenStream, Tokenizer]:
     """The whole token stream of a prepared dataset (shard files opened read-only) and its tokenizer."""
     path = Path(path)
@@ -278,14 +218,10 @@ def open_prepared(path: str | os.PathLike, field: str = "data_path") -> tuple[To
     return stream, tk.load_tokenizer(path / TOKENIZER_FILE)
 
 
-def _tokenizer_digest(tok: Tokenizer) -> str:
-    return hashlib.sha256(tok.to_str(pretty=False).encode()).hexdigest()
-
-
 def _check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, source: str, field: str) -> None:
     # Compared in the library's canonical serialisation: a run's tokenizer.json (written by
     # save_tokenizer) and a prepared one copied from elsewhere may differ in whitespace only.
-    if _tokenizer_digest(prepared) != _tokenizer_digest(tokenizer):
+    if tk.digest(prepared) != tk.digest(tokenizer):
         raise DataError(f"{field}: the prepared dataset {str(path)!r} was tokenized with {str(path / TOKENIZER_FILE)!r}"
                         f", not with {source}; prepare it again with --tokenizer_path {source}")
 

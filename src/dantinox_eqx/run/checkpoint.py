@@ -35,7 +35,6 @@ renames, prunes and checks, and tells the others which step it chose.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
-from ..files import atomic_write_text, fsync_dir, remove_temp_files
+from ..files import atomic_write_text, fsync_dir, remove_temp_files, sha256_file
 from ..parallel import distributed
 from .layout import CHECKPOINTS_DIR
 from .save_guard import FAULT_ENV  # noqa: F401
@@ -152,18 +151,13 @@ def _files(step_dir: Path) -> list[str]:
                   if p.is_file() and p.name != DIGEST_FILE)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _sha256_all(step_dir: Path, names: list[str]) -> list[str | None]:
     """The sha256 of each file (None: unreadable), hashed on a few threads: hashlib releases
     the GIL, and a big checkpoint is many array files, so this runs at disk speed."""
 
     def one(name: str) -> str | None:
         try:
-            return _sha256(step_dir / name)
+            return sha256_file(step_dir / name)
         except OSError:
             return None
 

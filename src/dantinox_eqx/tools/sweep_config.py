@@ -20,7 +20,6 @@ ConfigError of the trial's Config skips the trial (`build_trial_config` returns 
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Config, ConfigError, read_yaml_mapping
+from ..config import Config, ConfigError, as_number, closest, read_yaml_mapping
 
 __all__ = ["SweepConfig", "Param", "load_sweep_config", "parse_sweep_config", "build_trial_config",
            "METHODS", "GOALS", "DISTRIBUTIONS", "METRICS"]
@@ -48,8 +47,8 @@ CONTINUOUS = ("uniform", "log_uniform", "log_uniform_values", "normal")
 
 
 def _did_you_mean(name: str, options: Any) -> str:
-    close = difflib.get_close_matches(str(name), list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest(name, options)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def _config_fields() -> dict[str, Any]:
@@ -189,13 +188,9 @@ def parse_sweep_config(data: Mapping[str, Any]) -> SweepConfig:
 
 
 def _number(name: str, key: str, value: Any) -> int | float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    number = as_number(value)
+    if number is not None:
+        return number
     raise ConfigError(f"sweep parameter {name}: {key} must be a number, got {value!r}")
 
 
