@@ -303,7 +303,7 @@ def save(run_dir: str | os.PathLike, which: str, step: int, params: PyTree,
             d.mkdir(parents=True, exist_ok=True)
             _rmtree(tmp)  # left by an interrupted attempt at this step
         distributed.barrier(f"checkpoint_{which}_{step}_start")
-        with _quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        with _quiet_orbax(tmp), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             checkpointer.save(tmp.absolute(), args=ocp.args.Composite(**items))
         _fault(which, step, "written", tmp)
         if primary:

@@ -46,25 +46,61 @@ def fault(which: str, step: int, phase: str, path: Path) -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
+def _texts(error: BaseException | None) -> Iterator[str]:
+    """The messages of `error` and of every exception in its cause/context chain."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield str(error)
+        error = error.__cause__ or error.__context__
+
+
+def _loop_closed(error: BaseException | None, tb: Any) -> bool:
+    """tensorstore's late callback into the failed save's closed event loop: a RuntimeError
+    "Event loop is closed" raised by asyncio itself (its traceback ends in asyncio)."""
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "asyncio" in Path(tb.tb_frame.f_code.co_filename).parts
+
+
 @contextlib.contextmanager
-def quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 10.0) -> Iterator[None]:
-    """Keep orbax's own error reports off stderr while it saves: when a write fails (a full
-    disk), its writer threads log each failure with a traceback (absl), its abandoned asyncio
-    tasks are logged when collected, and tensorstore's late callbacks raise "Event loop is
-    closed" into sys.unraisablehook: hundreds of lines for one error, which `save` reports in
-    one line (`cause`). After a failure this waits until those reports stop coming (none for
-    `settle_s`, at most `max_wait_s`) before handing stderr back."""
-    events = [0]
+def quiet_orbax(path: str | os.PathLike, settle_s: float = 0.5, max_wait_s: float = 10.0) -> Iterator[None]:
+    """Keep orbax's own reports of a failing save of `path` off stderr while it saves: when a
+    write fails (a full disk), its writer threads log each failure with a traceback (absl), its
+    abandoned asyncio tasks are logged when collected, and tensorstore's late callbacks raise
+    "Event loop is closed" into sys.unraisablehook: many lines for one error, which `save`
+    reports in one line (`cause`).
+
+    Only those reports are held back: an absl or asyncio record whose message or exception
+    (cause chain included) names `path` (every file orbax writes for this save is under it,
+    its temporary names start with it), and an unraisable exception that names it or is
+    asyncio's "Event loop is closed". Everything else (other threads' unraisable exceptions,
+    the data prefetch thread's included; other absl records) reaches the hook and the handlers
+    it would have reached. After a failure this waits until the held-back reports stop coming
+    (none for `settle_s`, at most `max_wait_s`); on exit the loggers' filters and the
+    unraisable hook are as they were before."""
+    marker, events = str(Path(path).absolute()), [0]
+
+    def about_this_save(*texts: str) -> bool:
+        return any(marker in text for text in texts)
 
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            events[0] += 1
-            return False
+            error = record.exc_info[1] if record.exc_info else None
+            if about_this_save(record.getMessage(), *_texts(error)):
+                events[0] += 1
+                return False
+            return True
 
     loggers, drop, hook = [logging.getLogger("absl"), logging.getLogger("asyncio")], _Drop(), sys.unraisablehook
 
     def unraisable(info: Any) -> None:
-        events[0] += 1
+        if about_this_save(*_texts(info.exc_value)) or _loop_closed(info.exc_value, info.exc_traceback):
+            events[0] += 1
+        else:
+            hook(info)
 
     for logger in loggers:
         logger.addFilter(drop)
@@ -78,12 +114,10 @@ def quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 10.0) -> Iterator[Non
             if events[0] != seen:
                 seen, quiet_since = events[0], time.monotonic()
             time.sleep(0.05)
-        # The failed save's abandoned tasks may still be collected later (a loaded machine):
-        # asyncio's "Task exception was never retrieved" stays filtered for this process.
-        loggers.remove(logging.getLogger("asyncio"))
         raise
     finally:
-        sys.unraisablehook = hook
+        if sys.unraisablehook is unraisable:  # not if someone else replaced it meanwhile
+            sys.unraisablehook = hook
         for logger in loggers:
             logger.removeFilter(drop)
 
