@@ -1,4 +1,5 @@
-"""run/save_guard.quiet_orbax holds back orbax's reports of the failing save only (issue 24)."""
+"""A failing checkpoint save: run/save_guard.quiet_orbax holds back orbax's reports of that
+save only, and `checkpoint.save` turns only write errors into CheckpointWriteError (issue 24)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import sys
 import threading
 from pathlib import Path
 
+import jax.numpy as jnp
+import pytest
+
+from dantinox_eqx.run import checkpoint as ckpt
 from dantinox_eqx.run.save_guard import quiet_orbax
 
 # A real failing save (tensorstore's writes fail with EFBIG under a 4 KiB file-size limit, the
@@ -94,3 +99,41 @@ def test_records_and_unraisables_not_about_the_save_pass_through(tmp_path: Path,
         assert reached == ["elsewhere"]
     finally:
         sys.unraisablehook = original
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (OSError(28, "No space left on device"), "[Errno 28] No space left on device"),
+    # tensorstore's wrapping of a failed write (orbax re-raises it as a ValueError)
+    (ValueError("OUT_OF_RANGE: Error writing ... [os_error_code='27'] [source locations=...]"),
+     "[Errno 27] File too large"),
+    (TypeError("a bug in the save path"), None),
+])
+def test_only_write_errors_become_checkpoint_write_errors(tmp_path: Path, monkeypatch, raised, expected):
+    """A write error (an OSError, or one in the cause chain / tensorstore's text) is the
+    CheckpointWriteError the trainer turns into "free space, then resume"; any other error is
+    a bug and propagates as it is. Either way the save leaves nothing behind."""
+
+    def fail(step_dir, step):
+        raise raised
+
+    monkeypatch.setattr(ckpt, "_write_digests", fail)
+    with pytest.raises(ckpt.CheckpointWriteError if expected else type(raised)) as info:
+        ckpt.save(tmp_path, ckpt.LATEST, 5, {"w": jnp.arange(8.0)})
+    if expected:
+        final = ckpt.checkpoint_dir(tmp_path, ckpt.LATEST) / "5"
+        assert str(info.value) == f"could not save the latest checkpoint of step 5 to {str(final)!r}: {expected}"
+        assert info.value.__cause__ is raised
+    else:
+        assert info.value is raised
+    assert list(ckpt.checkpoint_dir(tmp_path, ckpt.LATEST).iterdir()) == []
+
+
+def test_an_os_error_wrapped_by_another_error_is_a_write_error():
+    try:
+        try:
+            raise OSError(13, "Permission denied")
+        except OSError as e:
+            raise RuntimeError("orbax: commit failed") from e
+    except RuntimeError as wrapped:
+        assert ckpt._is_write_error(wrapped)
+    assert not ckpt._is_write_error(KeyError("params"))

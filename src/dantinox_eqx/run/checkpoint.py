@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -66,6 +67,7 @@ DIGEST_FILE = "digests.json"
 # Suffixes of a step's folder while it is written, replaced, or pruned (never loaded).
 WRITING, OLD, DELETING = ".writing", ".old", ".deleting"
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax's own temporary names (`<name>.orbax-checkpoint-tmp-<t>`)
+_OS_ERROR_CODE = re.compile(r"os_error_code='?\d+")  # tensorstore's report of a failed OS call
 
 
 class CheckpointError(ValueError):
@@ -289,7 +291,9 @@ def save(run_dir: str | os.PathLike, which: str, step: int, params: PyTree,
     folder. Saving a step that exists replaces it atomically.
 
     Collective under multi-process JAX: every process calls it. Raises CheckpointWriteError
-    (an OSError) when anything fails while writing: nothing of this save is left published.
+    (an OSError) when the file system refuses a write (`_is_write_error`: a full disk, ...);
+    any other error (a bug) propagates unchanged. Either way nothing of this save is left
+    published.
     """
     d = checkpoint_dir(run_dir, which)
     final, tmp = d / str(step), d / f"{step}{WRITING}"
@@ -315,12 +319,27 @@ def save(run_dir: str | os.PathLike, which: str, step: int, params: PyTree,
             _fault(which, step, "pruned", final)
         distributed.barrier(f"checkpoint_{which}_{step}_done")
     except Exception as e:
-        if primary:
+        if primary:  # whatever failed: nothing of this save stays
             for leftover in [tmp, *d.glob(f"{tmp.name}{ORBAX_TMP}*")]:
                 _rmtree(leftover)
+        if not _is_write_error(e):  # a bug: propagates as it is, with its traceback
+            raise
         raise CheckpointWriteError(f"could not save the {which} checkpoint of step {step} to "
                                    f"{str(final)!r}: {_cause(e)}", which, step, final) from e
     return final
+
+
+def _is_write_error(error: BaseException) -> bool:
+    """Whether `error` is the file system refusing a write (a full disk, permissions, a file
+    size limit): an OSError, or orbax's wrapping of one, in its cause/context chain (tensorstore
+    raises a ValueError whose text carries the OS error as `[os_error_code=N]`)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) or _OS_ERROR_CODE.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def clean(run_dir: str | os.PathLike) -> list[Path]:
