@@ -42,6 +42,7 @@ def sweep(sweep_config: str, data_path: str, config_path: str | None, wandb_proj
     spec = sw.load_sweep_config(sweep_config)  # every check before anything runs
     base = load_config(config_path, fields)
     folder = Path(sweep_dir) if sweep_dir else Path("runs") / f"sweep_{datetime.now():%Y%m%d_%H%M%S}"
+    earlier = {r["trial"] for r in sw.read_records(folder)}  # a continued sweep's trials: not this run's
     click.echo(f"Sweep directory: {folder}")
     if population is not None and backend != "population":
         fail("--population: only --backend population trains trials together; drop it or use that backend")
@@ -58,10 +59,16 @@ def sweep(sweep_config: str, data_path: str, config_path: str | None, wandb_proj
                                      project=wandb_project, entity=entity, sweep_id=sweep_id, log=click.echo)
     done = [r for r in records if r["status"] == "complete"]
     click.echo(f"Results: {folder / 'sweep_results.csv'} ({len(done)} of {len(records)} trials complete)")
+    if done:
+        best = done[0]
+        click.echo(f"Best: trial {best['trial']} {spec.metric}={best['metric']:.6g} ({folder / best['run_dir']})")
+    failed = sw.failed_trials(records, since=earlier)
+    if failed:  # exit 1: a failure is a bug or a broken setup to look at, even when other trials completed
+        where = ", ".join(str(folder / r["error_file"]) for r in failed if r.get("error_file"))
+        numbers = ", ".join(str(r["trial"]) for r in failed)
+        raise click.ClickException(f"{len(failed)} trial(s) failed (trial {numbers}); their tracebacks: {where}")
     if not done:
         raise click.ClickException("no trial completed; see the reasons in sweep_results.csv")
-    best = done[0]
-    click.echo(f"Best: trial {best['trial']} {spec.metric}={best['metric']:.6g} ({folder / best['run_dir']})")
 
 
 COMMANDS = [sweep]

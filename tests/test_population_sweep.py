@@ -158,3 +158,33 @@ def test_cli_refuses_bad_populations(extra, message, small_corpus, tmp_path):
     lines = [line for line in out.output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and lines[0].startswith(message), out.output
     assert "Traceback" not in out.output and not (tmp_path / "sw").exists()
+
+
+# ---------------------------------------------------------------------------------------- failures
+def test_a_failing_population_keeps_each_members_traceback_and_the_cli_exits_1(small_corpus, tmp_path,
+                                                                              monkeypatch):
+    """A population that raises marks its trials failed (the sweep goes on), with the whole
+    traceback in each member's folder, and `sweep` exits 1 naming them."""
+    from dantinox_eqx.tools import population_sweep
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the population")
+
+    monkeypatch.setattr(population_sweep, "fit_population", broken)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "parameters": {"lr": {"values": [1e-3, 3e-3]}}}))
+    Config(**BASE).to_yaml(tmp_path / "base.yaml")
+    out = CliRunner().invoke(app, ["sweep", "--sweep_config", str(spec), "--data_path", str(small_corpus),
+                                   "--config", str(tmp_path / "base.yaml"), "--backend", "population",
+                                   "--sweep_dir", str(tmp_path / "sw"), "--count", "2"])
+    assert out.exit_code == 1, out.output
+    records = sw.read_records(tmp_path / "sw")
+    assert [(r["status"], r["reason"]) for r in records] == [("failed", "RuntimeError: a bug in the population")] * 2
+    files = [tmp_path / "sw" / r["error_file"] for r in records]
+    assert files == [tmp_path / "sw" / "trials" / f"trial_{t:04d}" / sw.ERROR_FILE for t in (0, 1)]
+    for file in files:
+        lines = file.read_text().splitlines()
+        assert lines[0] == "Traceback (most recent call last):" and "fit_population(" in file.read_text()
+        assert lines[-1] == "RuntimeError: a bug in the population"
+    assert out.output.strip().splitlines()[-1] == (
+        f"Error: 2 trial(s) failed (trial 0, 1); their tracebacks: {files[0]}, {files[1]}")

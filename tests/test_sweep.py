@@ -289,6 +289,45 @@ def test_failed_and_interrupted_trials_do_not_stop_the_sweep(small_corpus, tmp_p
     assert status == {0: "complete", 1: "failed", 2: "complete", 3: "interrupted", 4: "complete", 5: "complete"}
     failed = next(r for r in _rows(tmp_path / "f") if r["status"] == "failed")
     assert failed["reason"] == "RuntimeError: out of memory"
+    # the whole traceback, down to the raising line, is in the trial's folder
+    record = next(r for r in sw.read_records(tmp_path / "f") if r["status"] == "failed")
+    assert record["error_file"] == "trials/trial_0001/error.txt"
+    lines = (tmp_path / "f" / record["error_file"]).read_text().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: out of memory"
+    assert 'raise RuntimeError("out of memory")' in lines[-2]
+
+
+def test_cli_exits_1_naming_the_failed_trials_and_their_tracebacks(small_corpus, tmp_path, monkeypatch):
+    """A trial that raises does not stop the sweep, but the command exits 1 saying how many
+    failed and where their tracebacks are, even though another trial completed; continuing the
+    sweep with trials that all complete exits 0 (the earlier failure was reported then)."""
+    from cli.main import app
+    from click.testing import CliRunner
+
+    calls = []
+
+    def first_fails(config, data_path, run_dir):
+        calls.append(run_dir.name)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the training")
+        return fake_train(config, data_path, run_dir)
+
+    monkeypatch.setattr(sw, "trainer_train_fn", first_fails)
+    spec_path, base_path = tmp_path / "sweep.yaml", tmp_path / "base.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec()))
+    Config(**BASE).to_yaml(base_path)
+    args = ["sweep", "--sweep_config", str(spec_path), "--data_path", str(small_corpus), "--config", str(base_path),
+            "--backend", "local", "--sweep_dir", str(tmp_path / "sw")]
+    out = CliRunner().invoke(app, [*args, "--count", "2"])
+    error_file = tmp_path / "sw" / "trials" / "trial_0000" / sw.ERROR_FILE
+    assert out.exit_code == 1, out.output
+    assert "Best: trial 1 val_loss=" in out.output
+    assert out.output.strip().splitlines()[-1] == (
+        f"Error: 1 trial(s) failed (trial 0); their tracebacks: {error_file}")
+    assert error_file.read_text().strip().endswith("RuntimeError: a bug in the training")
+    again = CliRunner().invoke(app, [*args, "--count", "1"])
+    assert again.exit_code == 0, again.output
+    assert calls == ["trial_0000", "trial_0001", "trial_0002"]
 
 
 def test_resume_refuses_a_different_sweep(small_corpus, tmp_path):

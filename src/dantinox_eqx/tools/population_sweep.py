@@ -165,11 +165,14 @@ def _train(trials: list[tuple[dict[str, Any], Config]], sweep: SweepConfig, data
         except ConfigError as e:  # this population's config or size was refused
             outcomes = [("skipped", str(e).splitlines()[0])] * len(chunk)
         except Exception as e:  # one bad population must not end the sweep; the records keep why
-            outcomes = [("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")] * len(chunk)
+            outcomes = [("failed", e)] * len(chunk)  # each member's folder gets the traceback
         seconds = round(time.perf_counter() - t0, 3)
         for (record, config), run_dir, (status, reason) in zip(chunk, dirs, outcomes):
-            record.update(status=status, reason=reason, seconds=seconds,
-                          population={"index": i, "trials": numbers},
+            if isinstance(reason, BaseException):
+                record.update(sw.record_failure(reason, run_dir, sweep_dir))
+            else:
+                record.update(status=status, reason=reason)
+            record.update(seconds=seconds, population={"index": i, "trials": numbers},
                           run_dir=str(run_dir.relative_to(sweep_dir)) if run_dir.is_dir() else "")
             if status == "complete":
                 try:
@@ -177,12 +180,13 @@ def _train(trials: list[tuple[dict[str, Any], Config]], sweep: SweepConfig, data
                     metric, metrics = sw._extract_metric(found, sweep.metric)
                     record.update(metric=metric, metrics=metrics)
                 except (OSError, ValueError, KeyError, FloatingPointError) as e:
-                    record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+                    record.update(sw.record_failure(e, run_dir, sweep_dir))
             _write(sweep_dir, record)
             if record["status"] == "complete":
                 study.tell(record["trial"], record["metric"])
                 log(f"trial {record['trial']}: {sweep.metric} = {record['metric']:.6g}")
             else:
                 study.tell(record["trial"], state=TrialState.FAIL)
-                log(f"trial {record['trial']}: {record['status']}: {record['reason']}")
+                where = f" (traceback: {sweep_dir / record['error_file']})" if record.get("error_file") else ""
+                log(f"trial {record['trial']}: {record['status']}: {record['reason']}{where}")
         sw.write_results(sweep_dir, sweep)

@@ -14,13 +14,15 @@ run_dir) -> metric` (a number, or a mapping holding the metric), and record the 
 
 A trial whose Config is invalid (after the GQA rule) is skipped with the reason logged and
 recorded (status "skipped"); a trial whose training raises is recorded as "failed" with the
-error. Either way the sweep goes on: it never crashes on one trial.
+error's first line, its whole traceback in `trials/trial_NNNN/error.txt` (`record_failure`).
+Either way the sweep goes on: it never crashes on one trial (`dantinox-eqx sweep` then exits
+1, naming the failed trials).
 
 Sweep directory (one process at a time: `.lock` holds its pid):
   sweep.yaml, base_config.yaml, sweep_state.json   what was asked (a resume must match them)
   optuna.journal                                   optuna's storage (local backend)
   records/trial_NNNN.json                          our per-trial record (params, metrics, status)
-  trials/trial_NNNN/                               each trial's run directory
+  trials/trial_NNNN/                               each trial's run directory (+ error.txt: a failure's traceback)
   sweep_results.csv                                every trial, best first (goal-aware)
   sweep.png                                        the metric per trial and the best so far
 """
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,9 +50,10 @@ from .sweep_config import SweepConfig, build_trial_config, load_sweep_config, pa
 
 __all__ = ["SweepConfig", "load_sweep_config", "parse_sweep_config", "build_trial_config", "run_trial",
            "run_local_sweep", "run_wandb_sweep", "write_results", "read_records", "metrics_from_run_dir",
-           "trainer_train_fn"]
+           "trainer_train_fn", "record_failure", "failed_trials", "ERROR_FILE"]
 
 STUDY_NAME = "sweep"
+ERROR_FILE = "error.txt"  # in a failed trial's folder: the whole traceback
 
 TrainFn = Callable[[Config, str, Path], Any]
 Log = Callable[[str], None]
@@ -117,8 +121,8 @@ def run_trial(number: int, values: Mapping[str, Any], *, sweep: SweepConfig, bas
             record.update(status="skipped", reason=str(e).splitlines()[0])
             log(f"trial {number}: skipped: {record['reason']}")
         except Exception as e:  # one bad trial must not end the sweep; the record keeps why
-            record.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            log(f"trial {number}: failed: {record['reason']}")
+            record.update(record_failure(e, run_dir, sweep_dir))
+            log(f"trial {number}: failed: {record['reason']} (traceback: {sweep_dir / record['error_file']})")
         record["seconds"] = round(time.perf_counter() - t0, 3)
         if run_dir.is_dir():
             record["run_dir"] = str(run_dir.relative_to(sweep_dir))
@@ -129,6 +133,22 @@ def run_trial(number: int, values: Mapping[str, Any], *, sweep: SweepConfig, bas
     if record["status"] == "complete":
         log(f"trial {number}: {sweep.metric} = {record['metric']:.6g}")
     return record
+
+
+def record_failure(error: BaseException, run_dir: Path, sweep_dir: Path) -> dict[str, Any]:
+    """A failed trial: its whole traceback written to `run_dir/error.txt` (the folder created if
+    the trial never got to), and the record's fields: status "failed", the reason (the error's
+    first line) and `error_file` (that file, relative to `sweep_dir`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / ERROR_FILE, "".join(traceback.format_exception(error)))
+    first = str(error).splitlines()[0] if str(error) else ""
+    return {"status": "failed", "reason": f"{type(error).__name__}: {first}",
+            "error_file": str((run_dir / ERROR_FILE).relative_to(sweep_dir))}
+
+
+def failed_trials(records: list[dict[str, Any]], since: set[int] | None = None) -> list[dict[str, Any]]:
+    """The records of failed trials (those not numbered in `since`: trials run before)."""
+    return [r for r in records if r["status"] == "failed" and r["trial"] not in (since or set())]
 
 
 def _extract_metric(result: Any, metric: str) -> tuple[float, dict[str, float]]:
