@@ -27,6 +27,19 @@ Python classes. Restoring needs a `like` tree (e.g. a freshly built model's arra
 `jax.ShapeDtypeStruct`s) that gives the structure, dtypes and, optionally, target shardings:
 a checkpoint written on 4 devices restores on 1 and vice versa.
 
+Why not orbax's `CheckpointManager` (read in orbax-checkpoint 0.12.8) for rotation, best
+tracking and temp-dir cleanup: its save renames its temporary folder to the final step folder
+itself (`_finalize`), leaving no point between "every array file written" and "published" at
+which `digests.json` could go in, so a published step could lack its digests; it refuses a step
+it already holds (`StepAlreadyExistsError`) and `should_save` is False for any step <= its
+latest, so neither the redo of an interrupted save at the same step (replaced atomically via
+`<S>.old`) nor a run replaying from an older checkpoint (pruning the steps above it) fits;
+its `latest_step` / `restore` take the newest step whatever its state, where ours skip one that
+fails its digests for the newest that passes; and its `best_fn` ranks the same checkpoints it
+keeps, where our `best/` is a separate params-only folder. The crash protocol above (temporary
+name, digests, publish by rename, prune last, `clean`) is what tests/test_resume_faults.py kills
+at every phase; orbax's `Checkpointer` (one folder, its own temp-and-rename) is used below it.
+
 Multi-process JAX: `save` and `restore` are collective (every process calls them; orbax writes
 each array's shards from the process holding them); process 0 alone writes the digests,
 renames, prunes and checks, and tells the others which step it chose.
