@@ -395,3 +395,19 @@ def test_unknown_chars_reach_training_data_and_eval(tmp_path):
         evaluate(model, tok, extra + text[:300], batch_size=4)
     assert evaluate(model, tok, extra + text[:300], batch_size=4, unknown_chars="drop") == \
         evaluate(model, tok, text[:300], batch_size=4)
+
+
+def test_prepare_and_the_loader_read_the_index_one_way(tmp_path):
+    """One reader of index.json (data/index.py): what `prepare` reports is checked as the
+    loader checks it, so a dataset with a missing shard is refused by both."""
+    from dantinox_eqx.data import index, prepare, tokens
+
+    assert prepare.read_index is tokens.read_index is index.read_index
+    out = prepare_dataset(docs_folder(tmp_path / "src", [make_text(100, seed) for seed in range(4)]),
+                          tmp_path / "out", shard_tokens=1000, progress=False)
+    shards = read_index(out)["shards"]
+    assert len(shards) > 1
+    (out / shards[1]["file"]).unlink()
+    with pytest.raises(DataError, match=rf"^data_path: shard '{out / shards[1]['file']}' listed in index.json "
+                                        r"is missing; prepare the dataset again"):
+        read_index(out)
