@@ -54,9 +54,11 @@ def holder(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _describe(who: dict[str, Any]) -> str:
     """The refusal's words for the holder `who` (`holder`): its pid and host, unless the file
-    names a process of this host that is gone: then the holder locked without recording itself
-    yet (a run still checking its inputs), and the file names an earlier writer."""
+    names nobody, or a process of this host that is gone: then the holder locked without
+    recording itself yet (a run still checking its inputs), and the file names an earlier writer."""
     pid, host = who.get("pid"), who.get("host")
+    if not who:  # a new run's lock file, not written yet
+        return "a process still starting up, not yet recorded in run.lock"
     if host == socket.gethostname() and isinstance(pid, int) and pid > 0 and pid != os.getpid():
         try:
             os.kill(pid, 0)
