@@ -2,7 +2,7 @@
 package has an API reference entry, and every example in the guides runs (or is marked as an
 illustration that needs a GPU, a hub download, another machine or hours, with the reason).
 
-Examples: each fenced ```python / ```bash block of docs/index.md and docs/guides/*.md runs, in
+Examples: each fenced ```python / ```bash block of README.md, docs/index.md and docs/guides/*.md runs, in
 order, in one temporary folder per page (so a later block sees the runs an earlier one wrote),
 which holds `corpus.txt` and `new.txt` (text from the installed corpus).
 A block right after a line `<!-- not run: REASON -->` is an illustration and is skipped; a
@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-GUIDES = [DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
+GUIDES = [ROOT / "README.md", DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
 FENCE = re.compile(r"^```(\w+)?[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->\s*$")
 
