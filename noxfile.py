@@ -118,3 +118,11 @@ def _reference_venv(session: nox.Session, name: str, exe: str, *pip_args: str) -
         session.run(os.path.join(ref, "bin", "pip"), "install", "-q", *pip_args, external=True)
         open(os.path.join(ref, ".installed"), "w").close()
     return path
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs-material + mkdocstrings) built into site/ in strict mode: a
+    broken link, a missing page or a reference mkdocstrings cannot resolve fails the build."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})

@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("nn",),
     ("model",),
     ("lora",),
-    ("data", "run"),
+    ("data",),
+    ("run",),  # a run directory holds a tokenizer: run/ reads data/, never the reverse
     ("train",),
     ("infer",),
     ("tools",),
