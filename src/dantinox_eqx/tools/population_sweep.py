@@ -58,7 +58,7 @@ def run_population_sweep(sweep: SweepConfig, base_config: Config, data_path: str
     sweep_dir, data_path = Path(sweep_dir), str(data_path)
     _, dataset = training_data(base_config, data_path, None, resume=False)
     check_population_memory(resolve_vocab(base_config, dataset.vocab_size), min(count, population or count),
-                            what=FLAG)
+                            dataset, what=FLAG)
     sw._prepare_sweep_dir(sweep_dir, sweep, base_config, data_path, "population")
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
