@@ -231,7 +231,7 @@ class MemberBatches:
         self._next = 0
 
     def _stack(self, stream: TokenStream, keys: list[np.ndarray], steps: np.ndarray, stream_id: int,
-               n: int) -> Int[np.ndarray, "members n batch window"]:
+               n: int) -> Any:  # placed: Int[Array, "members n batch window"]
         c = self.config
         return self.place(np.stack([read_batch(stream, key, int(s), stream_id, (n, c.batch_size), c.max_context)
                                     for key, s in zip(keys, steps)]).astype(np.int32))
