@@ -27,6 +27,7 @@ from jaxtyping import Array, Bool, Float, Int
 from tokenizers import Tokenizer
 
 from ..config import Config
+from ..data import tokenizer as tk
 from ..data.cached import needs_prepare
 from ..data.sampling import DataError, read_corpus, sample_batch
 from ..data.tokenizer import drop_unknown_chars, encode
@@ -76,11 +77,12 @@ def _nll_sum(model: Transformer, windows: Int[Array, "B W"], mask: Bool[Array, "
 
 
 def evaluate_ids(model: Transformer, ids: np.ndarray, *, batch_size: int = 8, seq_len: int | None = None,
-                 n_batches: int | None = None, seed: int = 0) -> tuple[float, int, int, int]:
+                 n_batches: int | None = None, seed: int = 0, skip: int | None = None) -> tuple[float, int, int, int]:
     """(summed nats, scored tokens, windows, seq_len) of `model` on token ids `ids`.
 
     `n_batches=None` scores every token once (see the module docstring); otherwise
-    `n_batches` batches of random windows drawn with `seed`.
+    `n_batches` batches of random windows drawn with `seed`. Targets equal to `skip` (a
+    prepared dataset's end-of-text id) are context only, never scored.
     """
     ids = np.asarray(ids)
     if len(ids) < 2:
@@ -100,6 +102,8 @@ def evaluate_ids(model: Transformer, ids: np.ndarray, *, batch_size: int = 8, se
         batches = np.asarray(sample_batch(tokens, jax.random.key(seed), batch_size, seq_len, n_batches))
         masks = np.ones((n_batches, batch_size, seq_len), bool)
         n_windows = n_batches * batch_size
+    if skip is not None:
+        masks = masks & (np.asarray(batches)[..., 1:] != skip)
     total = 0.0
     for w, m in zip(batches, masks):
         total += float(_nll_sum(model, jnp.asarray(w), jnp.asarray(m)))
@@ -129,12 +133,17 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, text: str, *, batch_size:
 
 def evaluate_tokens(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, *, batch_size: int = 8,
                     seq_len: int | None = None, n_batches: int | None = None, seed: int = 0) -> EvalResult:
-    """`evaluate` on token ids (a prepared dataset's: documents joined by their end-of-text
-    tokens, which are scored too). Characters and bytes are counted from the ids
-    (tokens.token_char_lengths / token_byte_lengths: the text's own counts, exactly)."""
-    ids = np.asarray(ids)
+    """`evaluate` on token ids (a prepared dataset's: documents joined by the tokenizer's
+    end-of-text token). The separators are the documents' boundaries, not text: they stay in
+    the windows as context (as in training) but are never scored, and a last one (the end of
+    the last document) is left out, so one document scores exactly as its text does. Characters
+    and bytes are counted from the ids (tokens.token_char_lengths / token_byte_lengths: the
+    text's own counts, exactly)."""
+    ids, eot = np.asarray(ids), tk.eot_id(tokenizer)
+    if eot is not None and len(ids) and ids[-1] == eot:
+        ids = ids[:-1]
     nats, n_tokens, n_windows, seq_len = evaluate_ids(model, ids, batch_size=batch_size, seq_len=seq_len,
-                                                      n_batches=n_batches, seed=seed)
+                                                      n_batches=n_batches, seed=seed, skip=eot)
     char_len, byte_len = token_char_lengths(tokenizer), token_byte_lengths(tokenizer)
     total_chars, total_bytes = count_bytes(ids, char_len), count_bytes(ids, byte_len)
     if n_batches is None:  # the characters (bytes) after the first token, as evaluate counts them

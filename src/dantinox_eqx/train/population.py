@@ -321,8 +321,10 @@ def check_population_memory(config: Config, n_members: int, dataset: Dataset | S
     from shapes alone: nothing is allocated."""
     bf16_moments = mu_dtype(config)
 
-    def one_member() -> tuple[Any, Any]:
-        params = eqx.filter(initial_model(config, jax.random.key(0))[0], eqx.is_array)
+    fresh = config.replace(init_from="")  # a fine-tune's base has this shape (finetune.load_base checks it)
+
+    def one_member() -> tuple[Any, Any]:  # shapes only: a base run's checkpoint is not read under eval_shape
+        params = eqx.filter(initial_model(fresh, jax.random.key(0))[0], eqx.is_array)
         params = params if bf16_moments is None else cast_floating(params, jnp.bfloat16)
         return params, init_opt_state(make_optimizer(config, 1, mu_dtype=bf16_moments), params)
 
