@@ -14,7 +14,7 @@ import pytest
 from cli.main import app
 from click.testing import CliRunner
 
-from dantinox_eqx.config import Config
+from dantinox_eqx.config import Config, ConfigError
 from dantinox_eqx.data import feeds, tokens
 from dantinox_eqx.train import population as pop
 from dantinox_eqx.train import population_fit
@@ -109,3 +109,22 @@ def test_member_on_prepared_data_is_its_separate_run_and_resumes(prepared, tmp_p
     assert result.exit_code == 0, result.output
     assert json.loads((cut[1] / "training_cursor.json").read_text())["step"] == 10
     _assert_rows_close(cut[1], separate[1])
+
+
+def test_memory_check_counts_the_data_as_placed(prepared, tmp_path):
+    """The host feed: each member's batches (one in use, two read ahead, the eval batches); the
+    fused feed: the bytes FusedFeed places on every device; a population whose token arrays
+    alone exceed the memory is refused, naming them."""
+    config = Config(**BASE).replace(vocab_size=100)
+    host = tokens.open_splits(prepared, config)
+    window = config.batch_size * (config.max_context + 1) * 4  # int32 ids
+    assert pop.data_bytes(config, host) == ((3 * config.grad_accum + 2 * config.eval_iters) * window, 0)
+    text = plays_slice(tmp_path / "corpus.txt", 20_000)
+    fused = tokens.open_splits(text, config)
+    mesh = pop.population_mesh(1)
+    placed = feeds.FusedFeed(fused, config, mesh, jax.random.key(0), jax.random.key(1))
+    assert pop.data_bytes(config, fused) == (0, placed.train_tokens.nbytes + placed.val_tokens.nbytes)
+    limit, _ = pop.device_memory(mesh.devices.flat[0])
+    pop.check_memory(1, 0, mesh, per_device=limit)  # fits
+    with pytest.raises(ConfigError, match=rf"\+ {limit + 1:,} of token arrays"):
+        pop.check_memory(1, 0, mesh, per_device=limit + 1)
