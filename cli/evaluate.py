@@ -1,4 +1,4 @@
-"""`dantinox-eqx eval RUN_DIR --data_path FILE`: loss, perplexity, bits per character and per byte."""
+"""`dantinox-eqx eval RUN_DIR --data_path PATH`: loss, perplexity, bits per character and per byte."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from .common import handle_errors
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--data_path", required=True, type=click.Path(dir_okay=False), help="A UTF-8 text file.")
+@click.option("--data_path", required=True,
+              help="The data: any source `train` takes (a UTF-8 text file, a prepared dataset directory made "
+                   "with the run's tokenizer, a folder, glob, .jsonl or .parquet file).")
 @click.option("--batches", type=click.IntRange(min=1), default=None,
               help="Score this many batches of random windows (fixed --seed) instead of the whole text.")
 @click.option("--batch_size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -24,17 +26,19 @@ from .common import handle_errors
 @handle_errors
 def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: int, seed: int,
                  latest: bool, unknown_chars: str, as_json: bool) -> None:
-    """Evaluate the model of RUN_DIR on the text in --data_path (one it was not trained on)."""
-    from dantinox_eqx.data.sampling import read_corpus
+    """Evaluate the model of RUN_DIR on the data at --data_path (one it was not trained on)."""
+    from dantinox_eqx.config import Config
     from dantinox_eqx.data.tokenizer import load_tokenizer
-    from dantinox_eqx.infer.evaluate import evaluate
-    from dantinox_eqx.run.layout import TOKENIZER_FILE
+    from dantinox_eqx.infer.evaluate import evaluate_source
+    from dantinox_eqx.run.layout import CONFIG_FILE, TOKENIZER_FILE
     from dantinox_eqx.run.pretrained import from_pretrained
 
     model = from_pretrained(run_dir, best=not latest)
-    tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
-    result = evaluate(model, tokenizer, read_corpus(data_path), batch_size=batch_size, n_batches=batches,
-                      seed=seed, unknown_chars=unknown_chars)
+    tokenizer_file = Path(run_dir) / TOKENIZER_FILE
+    tokenizer = load_tokenizer(tokenizer_file)
+    result = evaluate_source(model, tokenizer, data_path, Config.from_yaml(Path(run_dir) / CONFIG_FILE),
+                             tokenizer_source=str(tokenizer_file), batch_size=batch_size, n_batches=batches,
+                             seed=seed, unknown_chars=unknown_chars)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -28,7 +28,8 @@ def _new_dir(parent: Path, prefix: str) -> Path:
 
 @click.command("find-lr")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True, help="Config YAML.")
-@click.option("--data_path", required=True, help="Training corpus (UTF-8 text).")
+@click.option("--data_path", required=True,
+              help="Training data: any source `train` takes (text, prepared directory, folder, glob, .jsonl).")
 @click.option("--min_lr", type=float, default=1e-6, show_default=True, help="LR of the first step.")
 @click.option("--max_lr", type=float, default=1e-2, show_default=True, help="LR of the last step.")
 @click.option("--num_steps", type=int, default=None,

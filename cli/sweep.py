@@ -13,7 +13,8 @@ from cli.overrides import field_options, load_config
 
 @click.command("sweep")
 @click.option("--sweep_config", required=True, type=click.Path(dir_okay=False), help="W&B-format sweep YAML.")
-@click.option("--data_path", required=True, help="Training corpus (UTF-8 text).")
+@click.option("--data_path", required=True,
+              help="Training data: any source `train` takes (text, prepared directory, folder, glob, .jsonl).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Base config YAML the trials' values override [default: the library defaults].")
 @click.option("--wandb_project", default="dantinox-eqx", show_default=True, help="W&B project (wandb backend).")

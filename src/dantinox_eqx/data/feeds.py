@@ -23,8 +23,8 @@ from ..parallel import distributed, sharding
 from .sampling import sample_batch
 from .tokens import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, FUSED_MAX_BYTES, TRAIN_STREAM, Splits, TokenStream
 
-__all__ = ["philox_key", "draw_starts", "read_batch", "global_windows", "Prefetcher", "FusedFeed", "HostFeed",
-           "choose_feed", "make_feed"]
+__all__ = ["philox_key", "draw_starts", "read_batch", "global_windows", "Prefetcher", "fused_train_batch",
+           "fused_eval_batches", "FusedFeed", "HostFeed", "MemberBatches", "choose_feed", "make_feed"]
 
 
 # --------------------------------------------------------------------------- host-side batches
@@ -117,6 +117,21 @@ class Prefetcher:
 
 
 # --------------------------------------------------------------------------- feeds
+def fused_train_batch(tokens: Any, data_key: PRNGKeyArray, step: Any, config: Config) -> Any:
+    """The fused feed's training batch of `step` (traced): windows sampled from the whole split
+    `tokens` with `fold_in(data_key, step)`, (grad_accum, batch_size, max_context + 1)."""
+    c = config
+    return sample_batch(tokens, jax.random.fold_in(data_key, step), c.batch_size, c.max_context, accum=c.grad_accum)
+
+
+def fused_eval_batches(args: tuple[Any, Any], eval_key: PRNGKeyArray, step: Any, config: Config) -> list[Any]:
+    """The fused feed's evaluation batches after `step` updates (traced): eval_iters batches of
+    each split (train, val) from `split(fold_in(eval_key, step))`."""
+    c = config
+    keys = jax.random.split(jax.random.fold_in(eval_key, step))
+    return [sample_batch(t, k, c.batch_size, c.max_context, accum=c.eval_iters) for t, k in zip(args, keys)]
+
+
 class FusedFeed:
     """Every device holds the whole split; the compiled step samples its own windows (keys
     `fold_in(data_key, s)`; evaluation: `split(fold_in(eval_key, s))`)."""
@@ -142,14 +157,10 @@ class FusedFeed:
         return self.train_tokens, self.val_tokens
 
     def train_batch(self, tokens: Any, step: Any) -> Any:  # traced inside the step
-        c = self.config
-        return sample_batch(tokens, jax.random.fold_in(self.data_key, step), c.batch_size, c.max_context,
-                            accum=c.grad_accum)
+        return fused_train_batch(tokens, self.data_key, step, self.config)
 
     def eval_batches(self, args: tuple[Any, Any], step: Any) -> list[Any]:  # traced
-        c = self.config
-        keys = jax.random.split(jax.random.fold_in(self.eval_key, step))
-        return [sample_batch(t, k, c.batch_size, c.max_context, accum=c.eval_iters) for t, k in zip(args, keys)]
+        return fused_eval_batches(args, self.eval_key, step, self.config)
 
 
 class HostFeed:
@@ -198,6 +209,65 @@ class HostFeed:
 
     def eval_batches(self, args: tuple[Any, Any], step: Any) -> list[Any]:
         return list(args)
+
+
+class MemberBatches:
+    """The host feed of a population (train/population.py): member k's windows are exactly those
+    `HostFeed(splits, config, mesh, data_keys[k], eval_keys[k])` makes for its step (the same
+    `draw_starts` counters and keys), read whole in this process and stacked on a leading member
+    axis, (N, n, batch, max_context + 1) int32, then `place`d (on the members' devices). Training
+    batches are read and placed ahead by a `Prefetcher` over the population's iterations i:
+    member k at step starts[k] + i."""
+
+    kind = "host"
+
+    def __init__(self, splits: Splits, config: Config, data_keys: list[PRNGKeyArray], eval_keys: list[PRNGKeyArray],
+                 place: Callable[[np.ndarray], Any] = lambda x: x, depth: int = 2):
+        self.splits, self.config, self.depth, self.place = splits, config, depth, place
+        self.data_keys = [philox_key(k) for k in data_keys]
+        self.eval_keys = [philox_key(k) for k in eval_keys]
+        self._prefetch: Prefetcher | None = None
+        self._starts: np.ndarray | None = None
+        self._next = 0
+
+    def _stack(self, stream: TokenStream, keys: list[np.ndarray], steps: np.ndarray, stream_id: int,
+               n: int) -> Any:  # placed: Int[Array, "members n batch window"]
+        c = self.config
+        return self.place(np.stack([read_batch(stream, key, int(s), stream_id, (n, c.batch_size), c.max_context)
+                                    for key, s in zip(keys, steps)]).astype(np.int32))
+
+    def train_batches(self, steps: np.ndarray) -> Any:
+        """Each member's training batch of its step `steps[k]`, placed."""
+        return self._stack(self.splits.train, self.data_keys, steps, TRAIN_STREAM, self.config.grad_accum)
+
+    def eval_batches(self, steps: np.ndarray) -> tuple[Any, Any]:
+        """Each member's evaluation batches (train, val) after `steps[k]` updates, placed."""
+        n = self.config.eval_iters
+        return (self._stack(self.splits.train, self.eval_keys, steps, EVAL_TRAIN_STREAM, n),
+                self._stack(self.splits.val, self.eval_keys, steps, EVAL_VAL_STREAM, n))
+
+    def start(self, steps: np.ndarray, total: int) -> None:
+        """Read ahead from the members' `steps`, for as many iterations as the furthest behind needs."""
+        self.close()
+        self._starts, self._next = np.asarray(steps, np.int64), 0
+        self._prefetch = Prefetcher(lambda i: self.train_batches(self._starts + i), 0,
+                                    max(0, total - int(self._starts.min())), self.depth)
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def train_arg(self, steps: np.ndarray, active: np.ndarray) -> Any:
+        """The batches of `steps` (inactive members' rows unused): read ahead when the active
+        members are where `start` foresaw them, else read now."""
+        if self._prefetch is not None and self._next < self._prefetch.stop:
+            batches = self._prefetch.get(self._next)
+            self._next += 1
+            if np.array_equal((self._starts + self._next - 1)[active], np.asarray(steps)[active]):
+                return batches
+            self.close()
+        return self.train_batches(np.asarray(steps))
 
 
 def choose_feed(splits: Splits) -> str:

@@ -53,7 +53,8 @@ from .index import DTYPES, FORMAT, INDEX_FILE, TOKENIZER_FILE, VERSION, read_ind
 from .sampling import DataError, encode_corpus, prepare_data, read_corpus
 
 __all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "VERSION", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
-           "read_index", "open_prepared", "open_splits", "token_byte_lengths", "count_bytes",
+           "read_index", "open_prepared", "open_splits", "open_tokens", "check_same_tokenizer", "token_byte_lengths",
+           "token_char_lengths", "count_bytes",
            "TRAIN_STREAM", "EVAL_TRAIN_STREAM", "EVAL_VAL_STREAM"]
 
 # Token arrays (train + val) up to this size use the fused feed, larger ones the host feed.
@@ -218,7 +219,7 @@ def open_prepared(path: str | os.PathLike, field: str = "data_path") -> tuple[To
     return stream, tk.load_tokenizer(path / TOKENIZER_FILE)
 
 
-def _check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, source: str, field: str) -> None:
+def check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, source: str, field: str) -> None:
     # Compared in the library's canonical serialisation: a run's tokenizer.json (written by
     # save_tokenizer) and a prepared one copied from elsewhere may differ in whitespace only.
     if tk.digest(prepared) != tk.digest(tokenizer):
@@ -242,6 +243,40 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
             out[i] = len(piece)
         else:
             out[i] = len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte, inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_char_lengths(tok: Tokenizer) -> np.ndarray:
+    """Characters each token id stands for, shape (vocab,), float64, counted at their first
+    UTF-8 byte: a byte-level BPE token counts its bytes that begin a character (so a
+    character split over two tokens counts once, in the token that holds its lead byte); other
+    tokens their decoded text's characters; special tokens 0. Summed over a text's ids: its
+    characters, exactly."""
+    to_byte = _bytes_to_unicode()
+    byte_level = isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(tok.get_vocab_size(), np.float64)
+    for piece, i in tok.get_vocab().items():
+        if piece in special:
+            continue
+        if byte_level and set(piece) <= to_byte.keys():
+            out[i] = sum(1 for c in piece if to_byte[c] & 0xC0 != 0x80)
+        else:
+            out[i] = len(tok.decode([i]))
     return out
 
 
@@ -284,7 +319,7 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
     if prepared:
         stream, own = open_prepared(path)
         if tokenizer is not None:
-            _check_same_tokenizer(path, own, tokenizer, tokenizer_source or "the run's tokenizer", "data_path")
+            check_same_tokenizer(path, own, tokenizer, tokenizer_source or "the run's tokenizer", "data_path")
         tokenizer = tokenizer or own
     elif config.val_path is None:  # today's path, unchanged: a cached token array beside the text
         ds = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
@@ -309,12 +344,30 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
                               "data_path" if config.val_path is None else "val_path")
 
 
+def open_tokens(data_path: str | os.PathLike, config: Config, tokenizer: Tokenizer, tokenizer_source: str,
+                cache_dir: str | os.PathLike | None = None) -> TokenStream:
+    """The whole token stream of a source that is not a text file of at most RAW_TEXT_BYTES (a
+    prepared directory, or any source `prepare` takes, prepared into `cache_dir` with
+    `tokenizer` as training prepares it: data/cached.py), read with the fixed `tokenizer`
+    (named `tokenizer_source` in errors): a prepared dataset made with another one is refused
+    (DataError naming data_path). `config` gives dataset_text_field and unknown_chars."""
+    path = Path(data_path).expanduser()
+    if needs_prepare(path):
+        path = prepared_source(path, cache_dir if cache_dir is not None else default_cache_dir(), config, tokenizer)
+    if not path.is_dir():
+        raise DataError(f"data_path: {str(data_path)!r} does not exist; pass a text file, a prepared dataset "
+                        "directory or another source `prepare` takes")
+    stream, own = open_prepared(path)
+    check_same_tokenizer(path, own, tokenizer, tokenizer_source, "data_path")
+    return stream
+
+
 def _open_val(path: Path, tokenizer: Tokenizer, source: str | None, cache_dir: Any,
               unknown_chars: str = "error") -> TokenStream:
     """The separate validation stream: a prepared directory (same tokenizer) or a text file."""
     if path.is_dir():
         stream, own = open_prepared(path, "val_path")
-        _check_same_tokenizer(path, own, tokenizer, source or "the training data's tokenizer", "val_path")
+        check_same_tokenizer(path, own, tokenizer, source or "the training data's tokenizer", "val_path")
         return stream
     if not path.is_file():
         raise DataError(f"val_path: {str(path)!r} does not exist; pass a text file or a prepared dataset directory")

@@ -14,7 +14,9 @@ tokens), as in training. Losses are float32 per token and summed in float64 on t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -24,11 +26,15 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 from tokenizers import Tokenizer
 
-from ..data.sampling import DataError, sample_batch
+from ..config import Config
+from ..data import tokenizer as tk
+from ..data.cached import needs_prepare
+from ..data.sampling import DataError, read_corpus, sample_batch
 from ..data.tokenizer import drop_unknown_chars, encode
+from ..data.tokens import count_bytes, open_tokens, token_byte_lengths, token_char_lengths
 from ..model import Transformer
 
-__all__ = ["EvalResult", "evaluate", "evaluate_ids", "covering_windows"]
+__all__ = ["EvalResult", "evaluate", "evaluate_tokens", "evaluate_source", "evaluate_ids", "covering_windows"]
 
 
 @dataclass(frozen=True)
@@ -71,11 +77,12 @@ def _nll_sum(model: Transformer, windows: Int[Array, "B W"], mask: Bool[Array, "
 
 
 def evaluate_ids(model: Transformer, ids: np.ndarray, *, batch_size: int = 8, seq_len: int | None = None,
-                 n_batches: int | None = None, seed: int = 0) -> tuple[float, int, int, int]:
+                 n_batches: int | None = None, seed: int = 0, skip: int | None = None) -> tuple[float, int, int, int]:
     """(summed nats, scored tokens, windows, seq_len) of `model` on token ids `ids`.
 
     `n_batches=None` scores every token once (see the module docstring); otherwise
-    `n_batches` batches of random windows drawn with `seed`.
+    `n_batches` batches of random windows drawn with `seed`. Targets equal to `skip` (a
+    prepared dataset's end-of-text id) are context only, never scored.
     """
     ids = np.asarray(ids)
     if len(ids) < 2:
@@ -95,6 +102,8 @@ def evaluate_ids(model: Transformer, ids: np.ndarray, *, batch_size: int = 8, se
         batches = np.asarray(sample_batch(tokens, jax.random.key(seed), batch_size, seq_len, n_batches))
         masks = np.ones((n_batches, batch_size, seq_len), bool)
         n_windows = n_batches * batch_size
+    if skip is not None:
+        masks = masks & (np.asarray(batches)[..., 1:] != skip)
     total = 0.0
     for w, m in zip(batches, masks):
         total += float(_nll_sum(model, jnp.asarray(w), jnp.asarray(m)))
@@ -119,6 +128,51 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, text: str, *, batch_size:
     else:
         n_chars = n_tokens * len(text) / len(ids)
         n_bytes = n_tokens * total_bytes / len(ids)
+    return _result(nats, n_tokens, n_windows, seq_len, n_batches, n_chars, n_bytes)
+
+
+def evaluate_tokens(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, *, batch_size: int = 8,
+                    seq_len: int | None = None, n_batches: int | None = None, seed: int = 0) -> EvalResult:
+    """`evaluate` on token ids (a prepared dataset's: documents joined by the tokenizer's
+    end-of-text token). The separators are the documents' boundaries, not text: they stay in
+    the windows as context (as in training) but are never scored, and a last one (the end of
+    the last document) is left out, so one document scores exactly as its text does. Characters
+    and bytes are counted from the ids (tokens.token_char_lengths / token_byte_lengths: the
+    text's own counts, exactly)."""
+    ids, eot = np.asarray(ids), tk.eot_id(tokenizer)
+    if eot is not None and len(ids) and ids[-1] == eot:
+        ids = ids[:-1]
+    nats, n_tokens, n_windows, seq_len = evaluate_ids(model, ids, batch_size=batch_size, seq_len=seq_len,
+                                                      n_batches=n_batches, seed=seed, skip=eot)
+    char_len, byte_len = token_char_lengths(tokenizer), token_byte_lengths(tokenizer)
+    total_chars, total_bytes = count_bytes(ids, char_len), count_bytes(ids, byte_len)
+    if n_batches is None:  # the characters (bytes) after the first token, as evaluate counts them
+        n_chars, n_bytes = total_chars - char_len[ids[0]], total_bytes - byte_len[ids[0]]
+    else:
+        n_chars, n_bytes = n_tokens * total_chars / len(ids), n_tokens * total_bytes / len(ids)
+    return _result(nats, n_tokens, n_windows, seq_len, n_batches, float(n_chars), float(n_bytes))
+
+
+def evaluate_source(model: Transformer, tokenizer: Tokenizer, data_path: str | os.PathLike, config: Config, *,
+                    tokenizer_source: str, batch_size: int = 8, seq_len: int | None = None,
+                    n_batches: int | None = None, seed: int = 0, unknown_chars: str = "error") -> EvalResult:
+    """`evaluate` on `data_path`, any source `train` takes: a text file (of at most
+    RAW_TEXT_BYTES: its text), a prepared dataset directory made with `tokenizer`, or a folder,
+    glob, .jsonl, .parquet or larger text file (prepared into the cache with `tokenizer`, as
+    training prepares it: data/cached.py). `config` (the run's) gives dataset_text_field;
+    `tokenizer_source` names the tokenizer in errors. DataError naming data_path for a source
+    training would refuse or a prepared dataset tokenized otherwise."""
+    path = Path(data_path).expanduser()
+    if path.is_file() and not needs_prepare(path):
+        return evaluate(model, tokenizer, read_corpus(path), batch_size=batch_size, seq_len=seq_len,
+                        n_batches=n_batches, seed=seed, unknown_chars=unknown_chars)
+    stream = open_tokens(path, config.replace(unknown_chars=unknown_chars), tokenizer, tokenizer_source)
+    return evaluate_tokens(model, tokenizer, stream.array(), batch_size=batch_size, seq_len=seq_len,
+                           n_batches=n_batches, seed=seed)
+
+
+def _result(nats: float, n_tokens: int, n_windows: int, seq_len: int, n_batches: int | None, n_chars: float,
+            n_bytes: float) -> EvalResult:
     loss = nats / n_tokens
     bits = nats / math.log(2)
     return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_token=bits / n_tokens,

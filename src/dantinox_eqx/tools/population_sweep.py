@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config import Config, ConfigError
 from ..files import atomic_write_text
-from ..train.inputs import resolve_vocab, training_data
+from ..train.inputs import resolve_vocab
 from ..train.population import check_population_memory, structure_key
 from ..train.population_fit import fit_population
 from ..train.progress import TrainingInterrupted
@@ -56,9 +56,9 @@ def run_population_sweep(sweep: SweepConfig, base_config: Config, data_path: str
     if population is not None and population < 1:
         raise ConfigError(f"{FLAG}: members trained at once must be at least 1, got {population}")
     sweep_dir, data_path = Path(sweep_dir), str(data_path)
-    _, dataset = training_data(base_config, data_path, None, resume=False)
+    dataset = sw.read_data(base_config, data_path)
     check_population_memory(resolve_vocab(base_config, dataset.vocab_size), min(count, population or count),
-                            what=FLAG)
+                            dataset, what=FLAG)
     sw._prepare_sweep_dir(sweep_dir, sweep, base_config, data_path, "population")
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

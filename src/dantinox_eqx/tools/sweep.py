@@ -49,7 +49,7 @@ from ..train.wandb_logger import WandbError
 from .sweep_config import SweepConfig, build_trial_config, load_sweep_config, parse_sweep_config
 
 __all__ = ["SweepConfig", "load_sweep_config", "parse_sweep_config", "build_trial_config", "run_trial",
-           "run_local_sweep", "run_wandb_sweep", "write_results", "read_records", "metrics_from_run_dir",
+           "run_local_sweep", "run_wandb_sweep", "read_data", "write_results", "read_records", "metrics_from_run_dir",
            "trainer_train_fn", "record_failure", "failed_trials", "ERROR_FILE"]
 
 STUDY_NAME = "sweep"
@@ -211,13 +211,20 @@ def write_results(sweep_dir: str | os.PathLike, sweep: SweepConfig) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------
+def read_data(base: Config, data_path: str) -> Any:
+    """The base config's train/val `Splits` of `data_path`, read as `train` reads it
+    (train/inputs.training_data: a text file, a prepared directory, a folder, a glob, a .jsonl
+    or .parquet file, prepared into the cache on first use, which the trials then reuse).
+    DataError naming data_path for a source training refuses, before the sweep writes anything."""
+    from ..train.inputs import training_data
+
+    return training_data(base, data_path, None, resume=False)[1]
+
+
 def _prepare_sweep_dir(sweep_dir: Path, sweep: SweepConfig, base: Config, data_path: str, backend: str,
                        state: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Create the sweep directory, or check that an existing one holds this same sweep."""
-    if not Path(data_path).is_file():
-        from ..data.sampling import DataError
-
-        raise DataError(f"data_path: {str(data_path)!r} does not exist or is not a file")
+    """Create the sweep directory, or check that an existing one holds this same sweep (the
+    data checked before: `read_data`)."""
     wanted = {"backend": backend, "data_path": str(Path(data_path).resolve()), **(state or {})}
     state_path = sweep_dir / "sweep_state.json"
     if state_path.is_file():
@@ -340,6 +347,7 @@ def run_local_sweep(sweep: SweepConfig, base_config: Config, data_path: str | os
     if count < 1:
         raise ConfigError(f"count: must be positive, got {count}")
     sweep_dir, data_path = Path(sweep_dir), str(data_path)
+    read_data(base_config, data_path)
     _prepare_sweep_dir(sweep_dir, sweep, base_config, data_path, "local")
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what each trial did
@@ -393,6 +401,7 @@ def run_wandb_sweep(sweep: SweepConfig, base_config: Config, data_path: str | os
     if count < 1:
         raise ConfigError(f"count: must be positive, got {count}")
     sweep_dir, data_path = Path(sweep_dir), str(data_path)
+    read_data(base_config, data_path)
     state = _prepare_sweep_dir(sweep_dir, sweep, base_config, data_path, "wandb")
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         raise WandbError(f"backend wandb: WANDB_MODE={os.environ['WANDB_MODE']} has no W&B server to run a "

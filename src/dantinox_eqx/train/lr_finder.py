@@ -32,7 +32,7 @@ from ..data.feeds import choose_feed, philox_key, read_batch
 from ..data.sampling import Dataset, prepare_data, sample_batch
 from ..data.tokens import TRAIN_STREAM, Splits
 from ..model import Transformer, cast_floating
-from .inputs import initial_model, trainable_mask
+from .inputs import initial_model, resolve_vocab, trainable_mask, training_data
 from .optim import make_optimizer
 from .population import (
     build_population_programs,
@@ -44,6 +44,7 @@ from .population import (
     population_mesh,
     stack,
 )
+from .programs import run_keys
 from .step import init_opt_state, make_train_step
 
 __all__ = ["find_lr", "exponential_ramp", "smooth_losses", "steepest_descent",
@@ -200,7 +201,7 @@ class PopulationLR:
     best_lr: float
 
 
-def find_lr_population(config: Config, data: Dataset, min_lr: float = 1e-5, max_lr: float = 1e-2,
+def find_lr_population(config: Config, data: Dataset | Splits, min_lr: float = 1e-5, max_lr: float = 1e-2,
                        population: int = 8, num_steps: int = 300, *, smoothing: float = 0.98,
                        model: Transformer | None = None) -> PopulationLR:
     """Train `population` copies of the model `fit` would start from side by side, one jitted
@@ -219,11 +220,11 @@ def find_lr_population(config: Config, data: Dataset, min_lr: float = 1e-5, max_
     configs = [config.replace(lr=lr, max_steps=num_steps, warmup_steps=min(config.warmup_steps, num_steps // 10))
                for lr in lrs]
     check_members(configs)
-    check_population_memory(configs[0], population)
+    check_population_memory(configs[0], population, data)
     mesh = population_mesh(population, config.n_devices)
     root = jax.random.key(config.seed)
     if model is None:  # what fit starts from: fresh from the seed's init key, or init_from's weights
-        model = initial_model(config, jax.random.split(root, 4)[0])[0]
+        model = initial_model(config, run_keys(root)[0])[0]
     params, static = eqx.partition(model, eqx.is_array)
     moments = mu_dtype(config)
     if moments is not None:  # use_bf16 without master weights: bfloat16 params, as fit trains them
@@ -233,15 +234,19 @@ def find_lr_population(config: Config, data: Dataset, min_lr: float = 1e-5, max_
     opt_state = stack([init_opt_state(optimizer, jax.tree.map(lambda x: x[0], params))] * population, mesh)
     values, roots = place(member_values(configs), mesh), stack([root] * population, mesh)
     programs = build_population_programs(configs[0], static, trainable_mask(model), data, mesh, num_steps,
-                                         mu_dtype=moments)
+                                         [root] * population, mu_dtype=moments)
     active = np.ones(population, bool)
     losses = []
-    for s in range(num_steps):
-        params, opt_state, metrics = programs.step(params, opt_state, values, roots, roots,
-                                                   np.full(population, s, np.int32), active)
-        losses.append(metrics["loss"])  # fetched once at the end: the loop never waits
+    programs.start(np.zeros(population, np.int32), num_steps)
+    try:
+        for s in range(num_steps):
+            params, opt_state, metrics = programs.step(params, opt_state, values, roots,
+                                                       np.full(population, s, np.int32), active)
+            losses.append(metrics["loss"])  # fetched once at the end: the loop never waits
+    finally:
+        programs.close()
     losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)  # (num_steps, population)
-    _, val, finite, _ = jax.device_get(programs.evaluate(params, roots, np.full(population, num_steps, np.int32)))
+    _, val, finite, _ = jax.device_get(programs.evaluate(params, np.full(population, num_steps, np.int32)))
     val_loss = [float(v) if ok and math.isfinite(v) else math.inf for v, ok in zip(val["loss"], finite)]
     curves = [smooth_losses(losses[:, k], smoothing).tolist() for k in range(population)]
     best = int(np.argmin(val_loss))
@@ -253,8 +258,11 @@ def find_lr_population(config: Config, data: Dataset, min_lr: float = 1e-5, max_
 def find_lr_population_on_path(config: Config, data_path: str | os.PathLike, min_lr: float = 1e-5,
                                max_lr: float = 1e-2, population: int = 8, num_steps: int = 300, *,
                                smoothing: float = 0.98) -> PopulationLR:
-    """`find_lr_population` on the corpus at `data_path` (its tokenizer and split as training's)."""
+    """`find_lr_population` on `data_path` read as training reads it (train/inputs.training_data:
+    a text file, a prepared directory or any source `prepare` takes; the tokenizer_path's or an
+    init_from base run's tokenizer when set), each member fed as `fit` would feed it."""
     if population < 1:  # before preparing the data
         raise ConfigError(f"--population: the number of learning rates must be at least 1, got {population}")
-    return find_lr_population(config, prepare_config_data(config, data_path), min_lr, max_lr, population, num_steps,
+    _, data = training_data(config, data_path, None, resume=False)
+    return find_lr_population(resolve_vocab(config, data.vocab_size), data, min_lr, max_lr, population, num_steps,
                               smoothing=smoothing)

@@ -2,9 +2,10 @@
 
     check_members(configs)                       # one shape and program, or ConfigError
     values = member_values(configs)              # {name: (N,) array} of POPULATION_FIELDS
-    programs = build_population_programs(configs[0], static, trainable, dataset, mesh, total)
-    params, opt_state, metrics = programs.step(params, opt_state, values, roots, data_roots, steps, active)
-    train, val, finite, counts = programs.evaluate(params, data_roots, steps)
+    programs = build_population_programs(configs[0], static, trainable, dataset, mesh, total, data_roots)
+    programs.start(steps, total)                 # the host feed reads ahead (fused: nothing to do)
+    params, opt_state, metrics = programs.step(params, opt_state, values, roots, steps, active)
+    train, val, finite, counts = programs.evaluate(params, steps)
 
 Every array of a population has a leading member axis of length N: the parameters and optimizer
 states (each member's, stacked), the values of POPULATION_FIELDS, the root keys `key(seed)`, the
@@ -19,10 +20,16 @@ has, so each member checkpoints in the ordinary format); its dropout keeps units
 probability (`nn.functional.keep_probability`); its root key gives its batches, dropout and
 evaluation batches exactly as a run of its seed derives them:
 
-    init, data, dropout, eval = split(key(seed), 4)
-    batch of update s    = sample_batch(train, fold_in(data, s), ...)      (data from data_roots)
+    init, data, dropout, eval = run_keys(key(seed))                     (train/programs.py)
+    batch of update s    = the feed's windows for (data, s)                 (data from data_roots)
     dropout of update s  = fold_in(dropout, s)
-    eval after s updates = eval_iters batches of each split from fold_in(eval, s)  (data_roots)
+    eval after s updates = eval_iters batches of each split for (eval, s)  (data_roots)
+
+The feed is the one `fit` picks for the data (data/feeds.choose_feed): "fused" samples inside
+the step from each split placed whole on every device (data/feeds.fused_train_batch, as
+FusedFeed); "host" (a prepared dataset, or token arrays over FUSED_MAX_BYTES) reads member k's
+windows on the host exactly as its run's HostFeed does and places the stacked (N, ...) batches
+with the members, read ahead of the step (data/feeds.MemberBatches): device memory O(batch).
 
 By default `data_roots` are the members' own roots, so member k sees exactly the batches it would
 see alone: that is what makes member k a separate run of its config, comparable with any other
@@ -53,7 +60,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import Config, ConfigError
-from ..data.sampling import Dataset, sample_batch
+from ..data.feeds import MemberBatches, choose_feed, fused_eval_batches, fused_train_batch
+from ..data.sampling import Dataset
 from ..data.tokens import Splits, TokenStream
 from ..model import cast_floating
 from ..nn.functional import keep_probability
@@ -63,11 +71,12 @@ from .expert_log import make_counts_fn
 from .hooks import all_finite
 from .inputs import initial_model
 from .optim import HYPERPARAMETERS, make_optimizer
+from .programs import run_keys
 from .step import init_opt_state, make_eval_step, make_train_step
 
 __all__ = ["POPULATION_FIELDS", "HOST_FIELDS", "check_members", "structure_key", "member_values",
            "PopulationPrograms", "build_population_programs", "population_mesh", "stack", "place", "take",
-           "member_bytes", "check_memory", "check_population_memory", "mu_dtype"]
+           "member_bytes", "check_memory", "data_bytes", "check_population_memory", "mu_dtype"]
 
 # The fields the members of one population may set each to its own value: numbers the step
 # reads (as arrays), and the seed (each member's root key).
@@ -163,8 +172,18 @@ def take(tree: Any, k: int) -> Any:
 # ------------------------------------------------------------------------------------------ programs
 @dataclasses.dataclass(frozen=True)
 class PopulationPrograms:
-    step: Callable  # (params, opt_state, values, roots, data_roots, steps, active) -> (params, opt_state, metrics)
-    evaluate: Callable  # (params, data_roots, steps) -> (train, val, finite, counts), each (N, ...)
+    """The population's step and evaluation, fed as a separate run of each member is fed.
+
+    step(params, opt_state, values, roots, steps, active) -> (params, opt_state, metrics)
+    evaluate(params, steps) -> (train, val, finite, counts), each (N, ...)
+    start(steps, total) / close(): the host feed reads ahead from `steps` (a no-op when fused).
+    feed: "fused" or "host" (data/feeds.choose_feed of the data, as `fit` chooses it)."""
+
+    step: Callable
+    evaluate: Callable
+    start: Callable
+    close: Callable
+    feed: str
 
 
 def _ids(split: Any) -> Any:
@@ -172,32 +191,35 @@ def _ids(split: Any) -> Any:
 
 
 def build_population_programs(config: Config, static: Any, trainable: Any, dataset: Dataset | Splits, mesh: Mesh,
-                              total: int, *, mu_dtype: Any = None) -> PopulationPrograms:
+                              total: int, data_roots: Sequence[Any], *, mu_dtype: Any = None) -> PopulationPrograms:
     """The population's jitted step and evaluation (see the module docstring). `config` is any
-    member's (they share everything but their values); `static` the model's non-array part."""
+    member's (they share everything but their values); `static` the model's non-array part;
+    `data_roots[k]` the root key whose data and eval keys (`run_keys`) feed member k. The feed
+    is `fit`'s for the data (data/feeds.choose_feed; a prepare_data Dataset is fused): "fused"
+    places each split whole on every device and samples in the step; "host" reads member k's
+    windows as a separate run's HostFeed would (data/feeds.MemberBatches) and places the
+    stacked batches with the members (device memory O(batch) per member)."""
     c = config
-    B, T = c.batch_size, c.max_context
     compute = jnp.bfloat16 if c.use_bf16 and c.master_weights else None
     eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
     counts_fn = make_counts_fn(static) if c.use_moe else None
     members, rep = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
-    # The fused sampler: the split's ids whole on every device (a TokenStream's array, or a
-    # prepare_data Dataset's ids).
-    train_tokens = jax.device_put(np.asarray(_ids(dataset.train)), rep)
-    val_tokens = jax.device_put(np.asarray(_ids(dataset.val)), rep)
+    feed = choose_feed(dataset) if isinstance(dataset, Splits) else "fused"
+    keys = [run_keys(r) for r in data_roots]
+    data_keys = place(jnp.stack([k[1] for k in keys]), mesh)
+    eval_keys = place(jnp.stack([k[3] for k in keys]), mesh)
 
-    def member_step(params, opt_state, values, root, data_root, step, tokens):
+    def member_step(params, opt_state, values, root, data_key, step, data):
         optimizer = make_optimizer(c, total, mu_dtype=mu_dtype, values={k: values[k] for k in HYPERPARAMETERS})
         step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
                                   donate=False, compute_dtype=compute)
-        data_key, dropout_key = jax.random.split(data_root, 4)[1], jax.random.split(root, 4)[2]
-        batch = sample_batch(tokens, jax.random.fold_in(data_key, step), B, T, accum=c.grad_accum)
+        batch = fused_train_batch(data, data_key, step, c) if feed == "fused" else data
         with keep_probability(values["keep"]):
-            return step_fn(params, opt_state, batch, jax.random.fold_in(dropout_key, step))
+            return step_fn(params, opt_state, batch, jax.random.fold_in(run_keys(root)[2], step))
 
-    def step(params, opt_state, values, roots, data_roots, steps, active, tokens):
-        new_p, new_o, metrics = jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, 0, None))(
-            params, opt_state, values, roots, data_roots, steps, tokens)
+    def step(params, opt_state, values, roots, data_keys, steps, active, data):
+        new_p, new_o, metrics = jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, 0, None if feed == "fused" else 0))(
+            params, opt_state, values, roots, data_keys, steps, data)
 
         def keep(new, old):  # inactive members unchanged; dtypes as they were (see member_values)
             where = active.reshape(active.shape + (1,) * (old.ndim - 1))
@@ -205,22 +227,37 @@ def build_population_programs(config: Config, static: Any, trainable: Any, datas
 
         return jax.tree.map(keep, new_p, params), jax.tree.map(keep, new_o, opt_state), metrics
 
-    def member_eval(params, data_root, step, train, val):
-        eval_key = jax.random.split(data_root, 4)[3]
-        k_train, k_val = jax.random.split(jax.random.fold_in(eval_key, step))
-        batches = [sample_batch(tokens, k, B, T, accum=c.eval_iters) for tokens, k in ((train, k_train), (val, k_val))]
+    def member_eval(params, eval_key, step, train, val):
+        batches = fused_eval_batches((train, val), eval_key, step, c) if feed == "fused" else [train, val]
         counts = None if counts_fn is None else counts_fn(params, batches[1])
         return eval_fn(params, batches[0]), eval_fn(params, batches[1]), all_finite(params), counts
 
-    def evaluate(params, data_roots, steps, train, val):
-        return jax.vmap(member_eval, in_axes=(0, 0, 0, None, None))(params, data_roots, steps, train, val)
+    def evaluate(params, eval_keys, steps, train, val):
+        axis = None if feed == "fused" else 0
+        return jax.vmap(member_eval, in_axes=(0, 0, 0, axis, axis))(params, eval_keys, steps, train, val)
 
-    step_jit = jax.jit(step, in_shardings=(members,) * 7 + (rep,), out_shardings=(members, members, members),
+    data_sharding = rep if feed == "fused" else members
+    step_jit = jax.jit(step, in_shardings=(members,) * 7 + (data_sharding,), out_shardings=(members,) * 3,
                        donate_argnums=(0, 1))
-    eval_jit = jax.jit(evaluate, in_shardings=(members,) * 3 + (rep, rep), out_shardings=members)
-    return PopulationPrograms(
-        step=lambda p, o, v, r, d, s, a: step_jit(p, o, v, r, d, s, a, train_tokens),
-        evaluate=lambda p, d, s: eval_jit(p, d, s, train_tokens, val_tokens))
+    eval_jit = jax.jit(evaluate, in_shardings=(members,) * 3 + (data_sharding,) * 2, out_shardings=members)
+    if feed == "fused":  # each split whole on every device (a TokenStream's array or a Dataset's ids)
+        train_tokens = jax.device_put(np.asarray(_ids(dataset.train)), rep)
+        val_tokens = jax.device_put(np.asarray(_ids(dataset.val)), rep)
+        return PopulationPrograms(
+            step=lambda p, o, v, r, s, a: step_jit(p, o, v, r, data_keys, s, a, train_tokens),
+            evaluate=lambda p, s: eval_jit(p, eval_keys, s, train_tokens, val_tokens),
+            start=lambda steps, total: None, close=lambda: None, feed=feed)
+    batches = MemberBatches(dataset, c, [k[1] for k in keys], [k[3] for k in keys],
+                            place=lambda x: jax.device_put(x, members))
+
+    def host_step(p, o, v, r, s, a):
+        return step_jit(p, o, v, r, data_keys, s, a, batches.train_arg(np.asarray(s), np.asarray(a)))
+
+    def host_evaluate(p, s):
+        return eval_jit(p, eval_keys, s, *batches.eval_batches(np.asarray(s)))
+
+    return PopulationPrograms(step=host_step, evaluate=host_evaluate, start=batches.start, close=batches.close,
+                              feed=feed)
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -240,18 +277,35 @@ def device_memory(device: Any) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
 
 
-def check_memory(n_members: int, per_member: int, mesh: Mesh, *, what: str = "--population") -> None:
+def check_memory(n_members: int, per_member: int, mesh: Mesh, *, what: str = "--population",
+                 per_device: int = 0) -> None:
     """Refuse (ConfigError naming `what`) a population whose estimate exceeds the memory of the
-    devices that would hold it: ceil(N / devices) members per accelerator, N on CPU."""
+    devices that would hold it: ceil(N / devices) members per accelerator plus `per_device`
+    bytes every device holds once (the fused feed's token arrays); on CPU all of it, N members
+    and a copy of `per_device` per device, in the one host memory."""
     device = mesh.devices.flat[0]
     limit, where = device_memory(device)
     shared = device.platform == "cpu"
     on_one = n_members if shared else math.ceil(n_members / mesh.devices.size)
-    need = on_one * per_member
+    data = per_device * (mesh.devices.size if shared else 1)
+    need = on_one * per_member + data
     if need > limit:
+        tokens = f" + {data:,} of token arrays" if data else ""  # the batches count with each member
         raise ConfigError(f"{what}: {n_members} members need about {need:,} bytes ({on_one} x {per_member:,}: "
-                          f"parameters + optimizer state + activations) but {where} holds {limit:,}; "
+                          f"parameters + optimizer state + activations){tokens} but {where} holds {limit:,}; "
                           f"train fewer members at once (lower {what}) or a smaller model")
+
+
+def data_bytes(config: Config, dataset: Dataset | Splits) -> tuple[int, int]:
+    """(bytes per member, bytes per device) the population's data takes on the devices: with the
+    host feed each member's batches (a training batch in use and two read ahead, plus the
+    evaluation batches), with the fused feed each split's ids whole on every device."""
+    c = config
+    if isinstance(dataset, Splits) and choose_feed(dataset) == "host":
+        windows = (3 * c.grad_accum + 2 * c.eval_iters) * c.batch_size * (c.max_context + 1)
+        return windows * np.dtype(np.int32).itemsize, 0
+    return 0, sum(np.asarray(_ids(split)).nbytes if not isinstance(split, TokenStream) else split.nbytes
+                  for split in (dataset.train, dataset.val))
 
 
 def mu_dtype(config: Config) -> Any:
@@ -259,16 +313,21 @@ def mu_dtype(config: Config) -> Any:
     return jnp.bfloat16 if config.use_bf16 and not config.master_weights else None  # as fit decides
 
 
-def check_population_memory(config: Config, n_members: int, *, what: str = "--population") -> None:
+def check_population_memory(config: Config, n_members: int, dataset: Dataset | Splits | None = None, *,
+                            what: str = "--population") -> None:
     """Refuse (ConfigError naming `what`) `n_members` members of `config` (its vocab_size
-    resolved) that would not fit the devices holding them (check_memory), estimated
+    resolved) that would not fit the devices holding them (check_memory) with `dataset`'s
+    arrays as the population places them (`data_bytes`; None: the model alone), estimated
     from shapes alone: nothing is allocated."""
     bf16_moments = mu_dtype(config)
 
-    def one_member() -> tuple[Any, Any]:
-        params = eqx.filter(initial_model(config, jax.random.key(0))[0], eqx.is_array)
+    fresh = config.replace(init_from="")  # a fine-tune's base has this shape (finetune.load_base checks it)
+
+    def one_member() -> tuple[Any, Any]:  # shapes only: a base run's checkpoint is not read under eval_shape
+        params = eqx.filter(initial_model(fresh, jax.random.key(0))[0], eqx.is_array)
         params = params if bf16_moments is None else cast_floating(params, jnp.bfloat16)
         return params, init_opt_state(make_optimizer(config, 1, mu_dtype=bf16_moments), params)
 
-    per = member_bytes(config, *jax.eval_shape(one_member))
-    check_memory(n_members, per, population_mesh(n_members, config.n_devices), what=what)
+    per_member, per_device = (0, 0) if dataset is None else data_bytes(config, dataset)
+    per = member_bytes(config, *jax.eval_shape(one_member)) + per_member
+    check_memory(n_members, per, population_mesh(n_members, config.n_devices), what=what, per_device=per_device)

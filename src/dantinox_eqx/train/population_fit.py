@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..config import Config, ConfigError
+from ..data.feeds import choose_feed
 from ..hostmem import keep_freed_memory
 from ..model import cast_floating
 from ..parallel import distributed
@@ -54,6 +55,7 @@ from . import population as pop
 from .expert_log import ExpertCountsLog
 from .inputs import initial_model, resolve_vocab, trainable_mask, training_data
 from .optim import make_optimizer, make_schedule
+from .programs import run_keys
 from .progress import Progress, StopFlag, TrainingDiverged, TrainingInterrupted
 from .state import TrainState
 from .step import init_opt_state
@@ -208,23 +210,25 @@ class _Population:
                              "val": dataset.val.tokens_per_byte / math.log(2)}
         first = configs[0]
         mu_dtype = pop.mu_dtype(first)
-        pop.check_population_memory(first, len(configs), what=memory_flag)  # before N models exist
+        pop.check_population_memory(first, len(configs), dataset, what=memory_flag)  # before N models exist
+        feed = choose_feed(dataset)  # the feed a separate run of each member uses (fit's choice)
         self.progress_start = total
         self.members = [self._member(k, c, d, r, mu_dtype)
                         for k, (c, d, r) in enumerate(zip(configs, run_dirs, resuming))]
         for k, m in enumerate(self.members):  # every member built (restored, checked): now write
+            m.summary["data"] = dataset.describe(feed)
             m.summary["population"] = {"members": len(configs), "member": k, "devices": int(mesh.devices.size)}
             m.run_dir.mkdir(parents=True, exist_ok=True)
             locks[k].acquire()  # a new directory: locked once it exists (held already: a no-op)
             write_run_files(m.run_dir, m.config, dataset, m.summary, m.rows, resume=resuming[k])
-        self.programs = pop.build_population_programs(first, self.static, self.trainable, dataset, mesh, total,
-                                                  mu_dtype=mu_dtype)
         states = [m.state for m in self.members]
+        data_roots = [states[0].key if shared_batches else s.key for s in states]
+        self.programs = pop.build_population_programs(first, self.static, self.trainable, dataset, mesh, total,
+                                                      data_roots, mu_dtype=mu_dtype)
         self.params = pop.stack([s.params for s in states], mesh)
         self.opt_state = pop.stack([s.opt_state for s in states], mesh)
         self.values = pop.place(pop.member_values(configs), mesh)
         self.roots = pop.stack([s.key for s in states], mesh)
-        self.data_roots = pop.stack([states[0].key if shared_batches else s.key for s in states], mesh)
         for m in self.members:
             m.state = m.state.replace(params=None, opt_state=None)
         self.clock, self.iteration, self._ms, self._eval = hooks.Clock(), 0, None, None
@@ -232,7 +236,7 @@ class _Population:
     def _member(self, k: int, c: Config, run_dir: Path, resuming: bool, mu_dtype: Any) -> _Member:
         """Member k built as `fit` builds a run: model, optimizer state, restored state, hooks."""
         root = jax.random.key(c.seed)
-        model, _ = initial_model(c, jax.random.split(root, 4)[0])
+        model, _ = initial_model(c, run_keys(root)[0])
         params, static = eqx.partition(model, eqx.is_array)
         if k == 0:  # the program's: members differ only in their dropout rates' values (population.py)
             self.static, self.trainable = static, trainable_mask(model)
@@ -277,7 +281,7 @@ class _Population:
         """Member k's (train, val, finite, counts) from one evaluation of the whole population."""
         if self._eval is None:
             steps = np.asarray([m.state.step for m in self.members], np.int32)
-            self._eval = jax.device_get(self.programs.evaluate(self.params, self.data_roots, steps))
+            self._eval = jax.device_get(self.programs.evaluate(self.params, steps))
         return jax.tree.map(lambda x: x[k], self._eval)
 
     # -- the loop
@@ -285,6 +289,7 @@ class _Population:
         progress = Progress(self.total, self.progress_start, self.show)
         for m in self.members:
             m.display.progress = progress
+        self.programs.start(np.asarray([m.state.step for m in self.members]), self.total)  # host feed: read ahead
         try:
             with StopFlag() as stop:
                 while any(m.active for m in self.members):
@@ -292,6 +297,7 @@ class _Population:
                     if stop.signum is not None:
                         self._interrupt(stop.signum)
         finally:
+            self.programs.close()
             progress.close()
         return [m.result for m in self.members]
 
@@ -299,7 +305,7 @@ class _Population:
         steps = np.asarray([m.state.step for m in self.members], np.int32)
         active = np.asarray([m.active for m in self.members])
         self.params, self.opt_state, metrics = self.programs.step(
-            self.params, self.opt_state, self.values, self.roots, self.data_roots, steps, active)
+            self.params, self.opt_state, self.values, self.roots, steps, active)
         self.iteration += 1
         if self.clock.started is None:  # the first step's compilation is not timed
             jax.block_until_ready(metrics)

@@ -5,7 +5,7 @@
 
 Everything random is a pure function of the root key and the step number s:
 
-    init, data, dropout, eval = split(root, 4)
+    init, data, dropout, eval = run_keys(root) = split(root, 4)
     batch of update s    = the feed's windows for (data, s) (fused: sample_batch(train, fold_in(data, s)))
     dropout of update s  = fold_in(dropout, s)
     eval after s updates = eval_iters batches of each split from fold_in(eval, s)
@@ -35,7 +35,14 @@ from .expert_log import make_counts_fn
 from .hooks import all_finite
 from .step import make_eval_step, make_train_step
 
-__all__ = ["build_programs"]
+__all__ = ["run_keys", "build_programs"]
+
+
+def run_keys(root: Any) -> tuple[Any, Any, Any, Any]:
+    """(init, data, dropout, eval): the keys a run of root key `root` (= key(seed)) derives,
+    the one protocol of `fit`, a population member (train/population.py) and the LR finder."""
+    init, data, dropout, evaluation = jax.random.split(root, 4)
+    return init, data, dropout, evaluation
 
 
 def build_programs(config: Config, static: Any, optimizer: Any, trainable: Any, dataset: Splits, feed_kind: str,
@@ -46,7 +53,7 @@ def build_programs(config: Config, static: Any, optimizer: Any, trainable: Any, 
     donate nothing, keep params and optimizer state in their placement and run with the mesh
     in context."""
     c = config
-    _, data_key, dropout_key, eval_key = jax.random.split(root, 4)
+    _, data_key, dropout_key, eval_key = run_keys(root)
     feed = make_feed(feed_kind, dataset, c, mesh, data_key, eval_key)
     batch_sharding = sharding.batch_sharding(mesh, 1)  # (accum, batch, seq+1) split on the batch
     # use_bf16 + master_weights: float32 params, bfloat16 compute (see make_train_step).

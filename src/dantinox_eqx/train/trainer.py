@@ -59,7 +59,7 @@ from .loop import train_loop
 from .lr_finder import _check_args, find_lr
 from .muon import param_groups
 from .optim import make_optimizer, make_schedule
-from .programs import build_programs
+from .programs import build_programs, run_keys
 from .progress import Progress, StopFlag, TrainingDiverged, TrainingInterrupted, TrainingWriteError
 from .state import TrainState
 from .step import init_opt_state
@@ -174,7 +174,7 @@ class Trainer:
         mesh = sharding.make_mesh(config.n_devices, batch_size=config.batch_size)
 
         root = jax.random.key(config.seed)
-        model, base = initial_model(config, jax.random.split(root, 4)[0], self.model)
+        model, base = initial_model(config, run_keys(root)[0], self.model)
         trainable = trainable_mask(model)
         params, static = eqx.partition(model, eqx.is_array)
         mu_dtype = None
@@ -348,7 +348,7 @@ class Trainer:
         _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor)  # before preparing the data
         _, dataset = training_data(self.config, data_path, None, resume=False)
         config = resolve_vocab(self.config, dataset.vocab_size)
-        model, _ = initial_model(config, jax.random.split(jax.random.key(config.seed), 4)[0], self.model)
+        model, _ = initial_model(config, run_keys(jax.random.key(config.seed))[0], self.model)
         trainable = trainable_mask(model)
         if config.use_bf16:
             model = cast_floating(model, jnp.bfloat16)
