@@ -172,8 +172,8 @@ def fit_population(configs: Sequence[Config], data_path: str | os.PathLike | Non
     with contextlib.ExitStack() as held:
         for d, lock in zip(run_dirs, locks):
             held.callback(lock.release)
-            if d.is_dir():  # an existing member directory is locked before it is read
-                lock.acquire()
+            if d.is_dir():  # an existing member directory is locked before it is read, and its
+                lock.acquire(record=False)  # run.lock rewritten only once the population is accepted
                 if resume:
                     ckpt.clean(d)  # what an interrupted writer left (as the Trainer's resume does)
         return _fit_locked(configs, data_path, run_dirs, locks, resume, shared_batches, progress, memory_flag)
@@ -219,7 +219,7 @@ class _Population:
             m.summary["data"] = dataset.describe(feed)
             m.summary["population"] = {"members": len(configs), "member": k, "devices": int(mesh.devices.size)}
             m.run_dir.mkdir(parents=True, exist_ok=True)
-            locks[k].acquire()  # a new directory: locked once it exists (held already: a no-op)
+            locks[k].acquire()  # locked once it exists (held already: only records pid and host)
             write_run_files(m.run_dir, m.config, dataset, m.summary, m.rows, resume=resuming[k])
         states = [m.state for m in self.members]
         data_roots = [states[0].key if shared_batches else s.key for s in states]
