@@ -222,3 +222,51 @@ def test_import_writes_a_run_with_special_tokens_and_chat_template(tmp_path, bpe
 
     toks = tokens(bpe.get_vocab_size(), t=16)
     assert _diff(logits(from_pretrained(imported), toks), logits(model, toks)) <= F32_TOL
+
+
+# --------------------------------------------------------------------------- transformers reads our files
+# transformers' GGUF loader is an independent reader of our exports. It has two limits of its own,
+# so these shapes avoid them: it keeps no llama biases (attention_bias / mlp_bias are not GGUF keys:
+# llama.cpp reads the tensors, transformers drops them) and builds GPT-2 with n_positions 1024 and
+# n_inner 4 * n_embd whatever the file says.
+HF_CASES = {"llama_gqa_untied_rope_scaled": ("llama_untied_gqa_biased", {"mlp_hidden": 64, "qkv_bias": False,
+                                                                         "o_bias": False, "mlp_bias": False}),
+            "qwen2_qkv_bias": ("qwen2", {}),
+            "gpt2": ("gpt2_untied_biased", {"activation": "gelu", "max_context": 1024, "expansion": 4})}
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_transformers_reads_our_exports(tmp_path, bpe, case):
+    transformers = pytest.importorskip("transformers", reason="needs the test-only transformers: `nox -s hf`")
+    torch = pytest.importorskip("torch")
+    from dantinox_eqx.infer.generate import Generator
+
+    family, overrides = HF_CASES[case]
+    run, model = family_run(tmp_path / "run", family, bpe, **overrides)
+    toks = tokens(bpe.get_vocab_size(), t=16)
+    ours = np.asarray(logits(model, toks))
+    scale = float(np.abs(ours).max())
+    for dtype in ("f32", "f16"):
+        export_gguf(run, tmp_path / f"{dtype}.gguf", dtype=dtype)
+        theirs_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"{dtype}.gguf",
+                                                                         dtype=torch.float32).eval()
+        with torch.no_grad():
+            theirs = theirs_model(torch.tensor(np.asarray(toks))).logits.numpy()
+        # ours of the same file: both sides compute with the same float32 weights (test_hf's bound)
+        same_file = _diff(theirs, logits(from_gguf(tmp_path / f"{dtype}.gguf").model, toks))
+        to_original = _diff(theirs, ours)
+        print(f"\n{case} {dtype}: max|logit diff| theirs vs ours (same file) {same_file:.2e}, "
+              f"vs our run {to_original:.2e} (max|logit| {scale:.2f})")
+        assert same_file <= F32_TOL
+        assert to_original <= (F32_TOL if dtype == "f32" else REL_TOL[dtype] * scale)
+        their_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=f"{dtype}.gguf")
+        for text in ("the quick brown fox", "THE FIVE BOXING 0123!?", " two  spaces\nand a line"):
+            assert their_tok(text).input_ids == bpe.encode(text).ids, text
+        gen = Generator(import_gguf(tmp_path / f"{dtype}.gguf", tmp_path / f"run_{dtype}"))
+        theirs_model.generation_config.eos_token_id = None  # compare all 12 tokens
+        for prompt in ("the quick", "THE FIVE"):
+            ids = their_tok(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = theirs_model.generate(ids, max_new_tokens=12, do_sample=False)
+            assert their_tok.decode(out[0, ids.shape[1]:]) == gen.generate(prompt, 12, temperature=0.0), prompt
