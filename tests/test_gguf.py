@@ -270,3 +270,36 @@ def test_transformers_reads_our_exports(tmp_path, bpe, case):
             with torch.no_grad():
                 out = theirs_model.generate(ids, max_new_tokens=12, do_sample=False)
             assert their_tok.decode(out[0, ids.shape[1]:]) == gen.generate(prompt, 12, temperature=0.0), prompt
+
+
+def test_lora_merged_and_chat_template_inherited(tmp_path, bpe):
+    """to_gguf merges adapters (logits of the file = the merged model's); a fine-tune without a
+    template of its own exports its init_from base run's chat_template.jinja."""
+    import jax
+
+    from dantinox_eqx.lora import apply_lora, merge_lora
+    from dantinox_eqx.run.gguf import to_gguf
+
+    from .hf_runs import family_model
+    from .runs import write_run
+
+    cfg, base_model = family_model("qwen2", bpe)
+    lora = apply_lora(base_model, "all", rank=4, key=jax.random.key(1))
+    is_lora = lambda x: hasattr(x, "lora_b")  # noqa: E731
+    mods = [x for x in jax.tree.leaves(lora, is_leaf=is_lora) if is_lora(x)]
+    where = lambda m: [x.lora_b for x in jax.tree.leaves(m, is_leaf=is_lora) if is_lora(x)]  # noqa: E731
+    lora = eqx.tree_at(where, lora, [0.1 * jax.random.normal(jax.random.key(i), m.lora_b.shape)
+                                     for i, m in enumerate(mods)])
+    toks = tokens(bpe.get_vocab_size(), t=16)
+    merged = np.asarray(logits(merge_lora(lora), toks))
+    assert _diff(merged, logits(base_model, toks)) > 0.01  # the adapters change the output
+    back = from_gguf(to_gguf(lora, cfg.replace(use_lora=True, lora_rank=4), bpe, tmp_path / "lora.gguf"))
+    assert _diff(logits(back.model, toks), merged) <= F32_TOL
+
+    base = write_run(tmp_path / "base", cfg, bpe, eqx.filter(base_model, eqx.is_array), 1)
+    (base / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tuned = write_run(tmp_path / "tuned", cfg.replace(init_from=str(base)), bpe,
+                      eqx.filter(base_model, eqx.is_array), 2)
+    out = export_gguf(tuned, tmp_path / "tuned.gguf")
+    field = gguf.GGUFReader(out).fields["tokenizer.chat_template"]
+    assert field.contents() == (base / "chat_template.jinja").read_text()
