@@ -11,8 +11,9 @@ test-only torch + transformers (+ gguf, accelerate). Steps, all float32:
    the same text;
 2. the imported run exported with `export_gguf` as f16 and q8_0, each file read back by
    transformers: max |logit difference| to our float32 import and greedy text equality;
-3. our tokenizer ids vs transformers' GGUF tokenizer on a few strings (a file whose `pre`
-   isolates digits, e.g. smollm, differs where transformers does not: it lists no split for it).
+3. our tokenizer ids vs transformers' GGUF tokenizer on a few strings (transformers lists no
+   split for some `pre` types, e.g. smollm's digit isolation; where the merges never join digits,
+   as in SmolLM2's, the ids agree anyway).
 
 Prints the numbers and writes benchmarks/results/gguf_check.json.
 """
