@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import socket
 import sys
 import tempfile
@@ -68,6 +69,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gguf_check.json")
     args = parser.parse_args()
 
+    import transformers  # noqa: PLC0415
+
+    transformers.logging.set_verbosity_error()
+    src = args.file.resolve()
+    work = Path(tempfile.mkdtemp(prefix="gguf_check_"))
+    try:
+        _check(args, src, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the run and two exports: ~1 GB
+
+
+def _check(args: argparse.Namespace, src: Path, work: Path) -> None:
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
@@ -76,9 +89,6 @@ def main() -> None:
     from dantinox_eqx.run.gguf import export_gguf, import_gguf  # noqa: PLC0415
     from dantinox_eqx.run.pretrained import from_pretrained  # noqa: PLC0415
 
-    transformers.logging.set_verbosity_error()
-    src = args.file.resolve()
-    work = Path(tempfile.mkdtemp(prefix="gguf_check_"))
     t0 = time.perf_counter()
     # max_context only sizes the KV cache and the training window of a RoPE model: logits are the same
     run = import_gguf(src, work / "run", max_context=2048)
