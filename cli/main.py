@@ -32,7 +32,8 @@ from dantinox_eqx.hostmem import keep_freed_memory
 # issue 16: command name -> its module in cli/, imported only when the command is looked up
 # (run, or listed by --help); every cli module imports JAX (and the rest) inside its command.
 LAZY_COMMANDS = {"train": "train", "prepare": "prepare", "generate": "generate", "eval": "evaluate",
-                 "export": "export", "import-hf": "import_hf", "find-lr": "find_lr", "plot-lr-schedule": "find_lr",
+                 "export": "export", "import-hf": "import_hf", "import-gguf": "import_gguf", "find-lr": "find_lr",
+                 "plot-lr-schedule": "find_lr",
                  "sweep": "sweep", "plot": "plot"}
 
 

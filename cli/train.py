@@ -59,7 +59,7 @@ def build_config(config_path: str | None, run_dir: str | None, resume: bool,
                                              "exactly (without --config: with the run's config.yaml).")
 @click.option("--coordinator", type=str, default=None, metavar="HOST:PORT",
               help="Multi-host: process 0's address (or JAX_COORDINATOR_ADDRESS). Every process runs "
-                   "the same command with its own --process_id; see docs/multihost.md.")
+                   "the same command with its own --process_id; see docs/guides/multi-device.md.")
 @click.option("--num_processes", type=int, default=None, metavar="N",
               help="Multi-host: the number of processes (or JAX_NUM_PROCESSES).")
 @click.option("--process_id", type=int, default=None, metavar="I",

@@ -1,4 +1,4 @@
-"""The package's imports run one way, from low layers to high (docs/architecture.md).
+"""The package's imports run one way, from low layers to high (docs/guides/architecture.md).
 
 Every module's imports are parsed (`ast`, deferred ones inside functions included) and checked
 against `LAYERS`: a module may import its own layer (without a cycle) and the layers below it,

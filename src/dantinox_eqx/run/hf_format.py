@@ -1,7 +1,7 @@
 """The Hugging Face format as data: families, tensor names and layouts, config.json <-> Config.
 
 `run/hf.py` reads and writes folders with it; the layouts are drawn in its module docstring and
-in docs/huggingface.md.
+in docs/guides/models.md.
 """
 
 from __future__ import annotations

@@ -46,6 +46,6 @@ def _from_pretrained(cls: type, run_dir: str | os.PathLike, best: bool = True, *
 
 
 # `Transformer.from_pretrained`: the loading layer registers itself on the model class, so the
-# model never imports upwards (docs/architecture.md). `dantinox_eqx.Transformer` (the front
+# model never imports upwards (docs/guides/architecture.md). `dantinox_eqx.Transformer` (the front
 # door) imports this module with the model.
 Transformer.from_pretrained = classmethod(_from_pretrained)
