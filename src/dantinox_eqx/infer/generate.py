@@ -384,7 +384,11 @@ class Generator:
         end_ids = [i for i in (None if end is None else self.tokenizer.token_to_id(end),
                                self.tokenizer.token_to_id(self.special_tokens.get("eos_token") or ""),
                                eot_id(self.tokenizer)) if i is not None]
-        ids = self.tokenizer.encode(drop_unknown_chars(self.tokenizer, text, "error"), add_special_tokens=False).ids
+        plain = text  # a char vocabulary must hold every character outside the special tokens
+        for token in sorted(specials, key=len, reverse=True):
+            plain = plain.replace(token, "")
+        drop_unknown_chars(self.tokenizer, plain, "error")
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ids, list(dict.fromkeys(end_ids))
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
