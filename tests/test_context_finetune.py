@@ -144,3 +144,23 @@ def test_resume_keeps_its_window(rope_base):
     check_resumable(saved, saved, rope_base)  # the same window resumes
     with pytest.raises(ConfigError, match="^max_context: the run in .* was trained with max_context=64"):
         check_resumable(saved, saved.replace(max_context=SHORT), rope_base)
+
+
+@pytest.mark.hf
+def test_gpt2_import_at_a_shorter_context_keeps_their_logits(tmp_path):
+    """import-hf --max_context 8 of a GPT-2 with 16 positions: the table's first 8 rows, and
+    transformers' logits on 8 tokens (float32; test_hf.py's tolerance); 17 is refused."""
+    pytest.importorskip("transformers", reason="needs the test-only transformers and torch: run `nox -s hf`")
+    from dantinox_eqx.run.hf import HFFormatError, from_hf
+
+    from .hf_runs import special_tokenizer, tokens
+    from .test_hf import F32_TOL, HF_CASES, _diff, _hf_folder, _theirs
+
+    kind, kw = HF_CASES["gpt2_tied"]
+    theirs = _hf_folder(tmp_path / "hf", kind, kw, special_tokenizer())
+    model, cfg, _ = from_hf(tmp_path / "hf", max_context=8)
+    assert cfg.max_context == model.max_context == 8 and model.pos_embedding.shape[0] == 8
+    x = tokens(cfg.vocab_size, t=8)
+    assert _diff(logits(model, x), _theirs(theirs, x)) < F32_TOL
+    with pytest.raises(HFFormatError, match="^max_context: a gpt2 model's learned position table has n_positions=16"):
+        from_hf(tmp_path / "hf", max_context=17)

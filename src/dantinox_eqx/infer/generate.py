@@ -43,13 +43,13 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tokenizers import Tokenizer
 
 from ..config import Config, ConfigError
-from ..data.chat import ChatTemplateError, end_of_turn, render_chat
-from ..data.tokenizer import TokenizerError, drop_unknown_chars, encode, eot_id, load_tokenizer
+from ..data.tokenizer import TokenizerError, encode, eot_id, load_tokenizer
 from ..model import Transformer
 from ..run.chat_template import chat_template_file
 from ..run.hf import guess_special_tokens, run_special_tokens
 from ..run.layout import TOKENIZER_FILE
 from ..run.pretrained import from_pretrained, load_config
+from .chat import chat_ids
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
            "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
@@ -368,28 +368,8 @@ class Generator:
 
     # -- chat
     def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-        """(the prompt ids of `messages` rendered with add_generation_prompt, the ids that end
-        the answer). The ids are the rendered text's without the tokenizer's own BOS (as
-        transformers' apply_chat_template(tokenize=True) encodes): a template that writes
-        bos_token has it once. The answer ends at the end-of-turn token (`end_of_turn`: the
-        special token the template writes after an assistant message) and at end-of-text."""
-        if self.chat_template is None:
-            raise ChatTemplateError("chat_template: this run has no chat template (no chat_template.jinja in it "
-                                    "or its base runs); pass one with --chat_template FILE "
-                                    "(Generator(..., chat_template=text))")
-        text = render_chat(self.chat_template, messages, add_generation_prompt=True, source=self.template_source,
-                           **self.special_tokens)
-        specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
-        end = end_of_turn(self.chat_template, specials, source=self.template_source, **self.special_tokens)
-        end_ids = [i for i in (None if end is None else self.tokenizer.token_to_id(end),
-                               self.tokenizer.token_to_id(self.special_tokens.get("eos_token") or ""),
-                               eot_id(self.tokenizer)) if i is not None]
-        plain = text  # a char vocabulary must hold every character outside the special tokens
-        for token in sorted(specials, key=len, reverse=True):
-            plain = plain.replace(token, "")
-        drop_unknown_chars(self.tokenizer, plain, "error")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ids, list(dict.fromkeys(end_ids))
+        """(prompt ids, ids that end the answer) of `messages` with this run's template (`chat_ids`)."""
+        return chat_ids(self.tokenizer, self.chat_template, messages, self.special_tokens, self.template_source)
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,

@@ -79,7 +79,7 @@ from tokenizers import Tokenizer, models
 from ..config import Config
 from ..data.tokenizer import TokenizerError, load_tokenizer, save_tokenizer
 from ..files import atomic_dir, atomic_write_text
-from ..model import Transformer
+from ..model import Transformer, with_max_context
 from . import checkpoint
 from .chat_template import CHAT_TEMPLATE_FILE, read_chat_template, read_template_file, write_chat_template
 from .export import parse_dtype, plain_model
@@ -270,6 +270,8 @@ def _load(folder: str | os.PathLike, dtype: Any, max_context: int | None
         cfg = cfg.replace(**keep)
     like, static = shapes_of(cfg)
     model = eqx.combine(checkpoint.unflatten(ours, like), static)
+    if max_context is not None and max_context < cfg.max_context:  # gpt2: the table's first rows
+        model, cfg = with_max_context(model, max_context), cfg.replace(max_context=max_context)
     record = {"source": str(folder.resolve()), "model_type": family,
               "special_tokens": _folder_special_tokens(folder, hf, tok)}
     return model, cfg, tok, record
