@@ -16,11 +16,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, 
 
 def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     """USER_ERRORS plus the library's own ValueError subclasses for bad input."""
+    from dantinox_eqx.data.chat import ChatError
     from dantinox_eqx.data.sampling import DataError
     from dantinox_eqx.data.tokenizer import TokenizerError
     from dantinox_eqx.run.checkpoint import CheckpointError
 
-    return USER_ERRORS + (DataError, TokenizerError, CheckpointError) + extra
+    return USER_ERRORS + (DataError, TokenizerError, CheckpointError, ChatError) + extra
 
 
 def fail(message: str) -> None:

@@ -19,13 +19,16 @@ from .common import handle_errors
               help="Score this many batches of random windows (fixed --seed) instead of the whole text.")
 @click.option("--batch_size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random windows.")
+@click.option("--max_context", "--max-context", "max_context", type=click.IntRange(min=1), default=None,
+              help="Window / KV-cache size instead of the run's (RoPE models: any; a learned position "
+                   "table: at most its rows).")
 @click.option("--latest", is_flag=True, help="Use the latest checkpoint instead of the best one.")
 @click.option("--unknown_chars", type=click.Choice(["error", "drop"]), default="error", show_default=True,
               help="Characters outside a char vocabulary: refuse the text, or drop them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @handle_errors
 def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: int, seed: int,
-                 latest: bool, unknown_chars: str, as_json: bool) -> None:
+                 latest: bool, max_context: int | None, unknown_chars: str, as_json: bool) -> None:
     """Evaluate the model of RUN_DIR on the data at --data_path (one it was not trained on)."""
     from dantinox_eqx.config import Config
     from dantinox_eqx.data.tokenizer import load_tokenizer
@@ -33,7 +36,7 @@ def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: 
     from dantinox_eqx.run.layout import CONFIG_FILE, TOKENIZER_FILE
     from dantinox_eqx.run.pretrained import from_pretrained
 
-    model = from_pretrained(run_dir, best=not latest)
+    model = from_pretrained(run_dir, best=not latest, max_context=max_context)
     tokenizer_file = Path(run_dir) / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_file)
     result = evaluate_source(model, tokenizer, data_path, Config.from_yaml(Path(run_dir) / CONFIG_FILE),

@@ -70,7 +70,9 @@ def export(run_dir: Path, out_dir: Path, merge_lora: bool, dtype: str | None, fm
         fail(f"{str(run_dir)!r} is a LoRA run: pass --merge-lora to export its merged weights")
     config = Config.from_yaml(run_dir / CONFIG_FILE)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    out = export_run(model, config, tokenizer, out_dir, dtype)
+    from dantinox_eqx.run.chat_template import read_chat_template
+
+    out = export_run(model, config, tokenizer, out_dir, dtype, chat_template=read_chat_template(run_dir))
     click.echo(f"exported {run_dir} -> {out} (model.safetensors, checkpoints, config.yaml, tokenizer.json)")
 
 

@@ -16,7 +16,7 @@ from .common import handle_errors
               help="Weights of the run (bfloat16 also sets use_bf16).")
 @click.option("--max_context", "--max-context", "max_context", type=click.IntRange(min=1), default=None,
               help="Training window and KV-cache size (default: config.json's max_position_embeddings; "
-                   "GPT-2 keeps n_positions).")
+                   "GPT-2: at most n_positions, its position table's first rows).")
 @handle_errors
 def import_hf(hf_dir: Path, run_dir: Path, dtype: str, max_context: int | None) -> None:
     """Write RUN_DIR from HF_DIR (config.json, model.safetensors or shards with their index,
@@ -29,7 +29,8 @@ def import_hf(hf_dir: Path, run_dir: Path, dtype: str, max_context: int | None) 
     from dantinox_eqx.run.hf import import_hf as run_import
 
     out = run_import(hf_dir, run_dir, dtype=dtype, max_context=max_context)
-    click.echo(f"imported {hf_dir} -> {out} (config.yaml, tokenizer.json, checkpoints)")
+    extra = ", chat_template.jinja" if (out / "chat_template.jinja").is_file() else ""
+    click.echo(f"imported {hf_dir} -> {out} (config.yaml, tokenizer.json, checkpoints{extra})")
 
 
 COMMANDS = [import_hf]

@@ -33,8 +33,7 @@ from dantinox_eqx.hostmem import keep_freed_memory
 # (run, or listed by --help); every cli module imports JAX (and the rest) inside its command.
 LAZY_COMMANDS = {"train": "train", "prepare": "prepare", "generate": "generate", "eval": "evaluate",
                  "export": "export", "import-hf": "import_hf", "import-gguf": "import_gguf", "find-lr": "find_lr",
-                 "plot-lr-schedule": "find_lr",
-                 "sweep": "sweep", "plot": "plot"}
+                 "plot-lr-schedule": "find_lr", "sweep": "sweep", "plot": "plot", "chat": "chat"}
 
 
 class LazyGroup(click.Group):

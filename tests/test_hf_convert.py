@@ -90,7 +90,7 @@ def test_round_trip_through_a_hf_folder_is_exact(tmp_path, family):
     for name, value in arrays(model).items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
     # Same arrays and every field the forward pass reads: the same logits.
-    same = [f for f in MODEL_SHAPE_FIELDS if f not in ("expansion", "mlp_hidden")] + [
+    same = [f for f in MODEL_SHAPE_FIELDS if f not in ("expansion", "mlp_hidden")] + ["max_context",
         "mlp_width", "norm_eps", "activation", "use_rotary_pos", "sliding_window", "no_sink", "context_window",
         "top_k_mlp", "capacity_factor"]
     assert {f: getattr(cfg2, f) for f in same} == {f: getattr(cfg, f) for f in same}

@@ -67,10 +67,13 @@ IGNORED_FIELDS = frozenset({
 })
 
 # Fields that fix the shapes of the parameters: a resumed run or a fine-tune must keep them.
+# Not max_context (issue 22): no weight of a RoPE model depends on it, and a learned position
+# table serves a shorter window with its first rows (model.with_max_context; the fine-tune and
+# resume checks treat it on its own).
 MODEL_SHAPE_FIELDS = (
     "dim", "n_heads", "head_size", "num_blocks", "vocab_size", "kv_heads", "weight_tying",
     "use_swiglu", "expansion", "use_moe", "n_experts", "shared_expert", "mla", "down_dim_q",
-    "down_dim_kv", "rope_dim", "absolute_pos", "trainable_pos", "norm_type", "max_context",
+    "down_dim_kv", "rope_dim", "absolute_pos", "trainable_pos", "norm_type",
     "tokenizer_type", "mlp_hidden", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
 )
 
@@ -133,6 +136,7 @@ class Config:
     tokenizer_path: str | None = None  # a tokenizer.json to reuse instead of training one
     bpe_vocab_size: int = 2048  # ours: target vocabulary of a trained BPE tokenizer
     init_from: str = ""  # a run directory whose weights initialise this run (fine-tuning)
+    chat_template: str | None = None  # ours: a Jinja chat template file for the run; None = init_from's, if any
     max_train_tokens: int = 10_000_000
     val_fraction: float = 0.1  # ours: the tail of the corpus held out for validation
     # ours (issue 14): a separate validation set, a text file or a prepared dataset directory;

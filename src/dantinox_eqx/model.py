@@ -15,6 +15,7 @@ Block parts are swappable: the attention is `Attention` or `MLAttention`, the ML
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
-from .config import Config
+from .config import Config, ConfigError
 from .nn.attention import Attention, KVCache, attend, causal_mask, write_cache
 from .nn.functional import cast_floating, dropout, fold_key, split_key
 from .nn.linear import Linear, matmul, normal_init
@@ -37,7 +38,7 @@ from .parallel.sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathe
 # The layers are re-exported: `from dantinox_eqx.model import Linear, attend, ...` keeps working.
 __all__ = ["Transformer", "Block", "Attention", "MLP", "Linear", "Norm", "KVCache", "rope", "attend", "gelu",
            "matmul", "write_cache", "causal_mask", "dropout", "cast_floating", "residual_std",
-           "make_attention", "make_mlp", "param_counts", "expert_counts"]
+           "make_attention", "make_mlp", "param_counts", "expert_counts", "with_max_context"]
 
 
 def residual_std(cfg: Config) -> float:
@@ -251,6 +252,29 @@ class Transformer(eqx.Module):
 
 
 _build = eqx.filter_jit(lambda config, key: Transformer(config, key=key))  # Transformer.build
+
+
+def with_max_context(model: Transformer, max_context: int) -> Transformer:
+    """`model` with training window / KV-cache size `max_context` (issue 22).
+
+    No weight of a RoPE (or sinusoidal) model depends on max_context: only the static field
+    changes, the arrays are the same objects. A learned position table (trainable_pos) of C
+    rows serves any max_context <= C with its first max_context rows (positions 0..N-1 are the
+    same rows, so logits on a short input are unchanged); a longer one has no rows to use and
+    is refused (ConfigError naming max_context)."""
+    if max_context == model.max_context:
+        return model
+    if max_context < 1:
+        raise ConfigError(f"max_context: {max_context} is not a positive number of tokens")
+    if model.pos_embedding is not None:
+        rows = model.pos_embedding.shape[0]
+        if max_context > rows:
+            raise ConfigError(f"max_context: the model's learned position table has {rows} rows, so "
+                              f"max_context={max_context} cannot exceed {rows}; use max_context <= {rows}")
+        model = eqx.tree_at(lambda m: m.pos_embedding, model, model.pos_embedding[:max_context])
+    new = copy.copy(model)
+    object.__setattr__(new, "max_context", max_context)  # a static field: not reachable by tree_at
+    return new
 
 
 def expert_counts(model: Transformer, tokens: Int[Array, "B T"]) -> Int[Array, "L E"]:

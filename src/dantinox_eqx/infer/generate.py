@@ -45,8 +45,11 @@ from tokenizers import Tokenizer
 from ..config import Config, ConfigError
 from ..data.tokenizer import TokenizerError, encode, eot_id, load_tokenizer
 from ..model import Transformer
+from ..run.chat_template import chat_template_file
+from ..run.hf import guess_special_tokens, run_special_tokens
 from ..run.layout import TOKENIZER_FILE
 from ..run.pretrained import from_pretrained, load_config
+from .chat import chat_ids
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
            "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
@@ -278,10 +281,12 @@ def naive_generate(model: Transformer, prompt: Sequence[int], max_new_tokens: in
 # --------------------------------------------------------------------------- text
 class _TextStream:
     """Turns one row's growing id list into text pieces, honouring stop strings and the
-    end-of-text token (`end_id`, None: none): the text ends before it."""
+    end tokens (`end_id`: one id, several (chat: end-of-turn and end-of-text), or None): the
+    text ends before the first of them."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], end_id: int | None = None):
-        self.tokenizer, self.stop, self.end_id = tokenizer, [s for s in stop if s], end_id
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], end_id: int | Sequence[int] | None = None):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.end_ids = set() if end_id is None else {end_id} if isinstance(end_id, int) else set(end_id)
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # could be a stop's start
         self.ids: list[int] = []
         self.emitted = ""
@@ -292,8 +297,9 @@ class _TextStream:
         if self.done:
             return ""
         ids = [int(i) for i in ids]
-        ended = self.end_id is not None and self.end_id in ids
-        self.ids.extend(ids[:ids.index(self.end_id)] if ended else ids)
+        end = next((at for at, i in enumerate(ids) if i in self.end_ids), None)
+        ended = end is not None
+        self.ids.extend(ids[:end] if ended else ids)
         text = self.tokenizer.decode(self.ids)
         hits = [at for at in (text.find(s) for s in self.stop) if at >= 0]
         if hits:
@@ -319,22 +325,38 @@ class Generator:
     `generate` returns only the new text (not the prompt). Or wrap a model you hold:
     `Generator.from_model(model, tokenizer)`. A LoRA run's adapters are merged at load (the
     weights `export --merge-lora` writes; no adapter GEMMs per token).
+
+    `gen.chat([{"role": "user", "content": "..."}])` renders the run's chat template
+    (`chat_template.jinja`, run/chat_template.py) and returns the assistant's answer.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None):
+    def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None,
+                 max_context: int | None = None, chat_template: str | None = None):
+        """`max_context`: the KV-cache size / window instead of the run's (`from_pretrained`).
+        `chat_template`: Jinja text used by `chat` instead of the run's (None: the run's, if any)."""
 
         config = load_config(run_dir)
         if not (Path(run_dir) / TOKENIZER_FILE).is_file():
             raise TokenizerError(f"run directory {str(run_dir)!r} has no tokenizer.json; it is not a complete "
                                  "run directory")
         tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
-        model = from_pretrained(run_dir, best, dtype=dtype, inference=True, merge_lora=True)
+        model = from_pretrained(run_dir, best, dtype=dtype, inference=True, merge_lora=True,
+                                max_context=max_context)
         self._setup(model, tokenizer, config)
+        if chat_template is None and (found := chat_template_file(run_dir)) is not None:
+            chat_template, self.template_source = found.read_text(encoding="utf-8"), str(found)
+        self.chat_template = chat_template
+        self.special_tokens = run_special_tokens(Path(run_dir), tokenizer)
 
     @classmethod
-    def from_model(cls, model: Transformer, tokenizer: Tokenizer, config: Config | None = None) -> Generator:
+    def from_model(cls, model: Transformer, tokenizer: Tokenizer, config: Config | None = None, *,
+                   chat_template: str | None = None, special_tokens: dict[str, str] | None = None) -> Generator:
+        """A Generator for a model in memory. `special_tokens`: {"bos_token": "<s>", ...} as the
+        chat template sees them (None: guessed by name from the tokenizer's special tokens)."""
         self = cls.__new__(cls)
         self._setup(model, tokenizer, config)
+        self.chat_template = chat_template
+        self.special_tokens = guess_special_tokens(tokenizer) if special_tokens is None else dict(special_tokens)
         return self
 
     def _setup(self, model: Transformer, tokenizer: Tokenizer, config: Config | None) -> None:
@@ -342,20 +364,44 @@ class Generator:
             raise ConfigError(f"vocab_size: the tokenizer has {tokenizer.get_vocab_size()} tokens but the "
                               f"model only {model.vocab_size}; use the run's own tokenizer.json")
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.template_source = "chat_template"
+
+    # -- chat
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """(prompt ids, ids that end the answer) of `messages` with this run's template (`chat_ids`)."""
+        return chat_ids(self.tokenizer, self.chat_template, messages, self.special_tokens, self.template_source)
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop: str | Sequence[str] | None = None) -> str:
+        """The assistant's answer to the conversation `messages` ([{"role", "content"}, ...];
+        ChatMessageError names a bad index and field): rendered by the chat template with
+        add_generation_prompt, generated until the end-of-turn token (not part of the answer),
+        a stop string or `max_new_tokens`. Sampling arguments as in `generate`."""
+        ids, end_ids = self.chat_prompt(messages)
+        answer = ""
+        for pieces in self._pieces([ids], max_new_tokens, temperature, top_k, top_p, seed, stop, end_ids, None):
+            answer += pieces[0]
+        return answer
 
     def encode(self, text: str) -> list[int]:
         return encode(self.tokenizer, text)
 
-    def _pieces(self, prompt: str | Sequence[str], max_new_tokens: int, temperature: float,
+    def _pieces(self, prompt: str | Sequence[str] | list[list[int]], max_new_tokens: int, temperature: float,
                 top_k: int | None, top_p: float | None, seed: int, stop: str | Sequence[str] | None,
-                stop_at_eot: bool, chunk: int | None) -> Iterator[list[str]]:
+                stop_at_eot: bool | list[int], chunk: int | None) -> Iterator[list[str]]:
+        """Text pieces per row. `prompt`: text(s), or a list of id lists (chat); `stop_at_eot`:
+        whether to end at the end-of-text token, or the list of ids that end the text."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         sampling = Sampling.make(temperature, top_k, top_p, self.tokenizer.get_vocab_size())
-        ids = [self.encode(p) for p in prompts]
-        end_id = eot_id(self.tokenizer) if stop_at_eot else None
+        ids = [p if isinstance(p, list) else self.encode(p) for p in prompts]
+        if isinstance(stop_at_eot, list):
+            end_id = stop_at_eot
+        else:
+            end_id = eot_id(self.tokenizer) if stop_at_eot else None
         if chunk is None:  # in pieces when generation may end early (the text is the same)
-            chunk = STOP_CHUNK if stop or end_id is not None else max(1, max_new_tokens)
+            chunk = STOP_CHUNK if stop or end_id else max(1, max_new_tokens)
         rows = [_TextStream(self.tokenizer, stop, end_id) for _ in prompts]
         for tokens, _ in _chunks(self.model, ids, max_new_tokens, sampling, seed, chunk):
             yield [row.feed(t.tolist()) for row, t in zip(rows, tokens)]

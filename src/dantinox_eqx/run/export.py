@@ -42,6 +42,7 @@ from ..files import atomic_dir, atomic_path
 from ..lora import has_lora, merge_lora
 from ..model import Transformer, cast_floating
 from . import checkpoint
+from .chat_template import write_chat_template
 from .layout import CONFIG_FILE, TOKENIZER_FILE
 
 __all__ = ["to_safetensors", "safetensors_tensors", "export_run", "parse_dtype", "plain_model", "WEIGHTS_FILE"]
@@ -112,13 +113,14 @@ def _check_fits(model: Any, config: Config) -> None:
 
 
 def export_run(model: Any, config: Config, tokenizer: Any, out_dir: str | os.PathLike,
-               dtype: Any = None, *, step: int = 0) -> Path:
+               dtype: Any = None, *, step: int = 0, chat_template: str | None = None) -> Path:
     """Write a self-contained run directory at `out_dir` and return its path:
 
         config.yaml          `config` with use_lora: false and init_from: "" (no base run needed)
         tokenizer.json
         checkpoints/best/<step>/params, checkpoints/latest/<step>/params   (checkpoint.save)
         model.safetensors    the same weights, names in the module doc
+        chat_template.jinja  `chat_template` (the run's: run/chat_template.read_chat_template), if any
 
     LoRA adapters are merged first; floating weights are cast to `dtype` ("float32" |
     "bfloat16" | None = as they are). The directory is built under a temporary name beside
@@ -130,7 +132,8 @@ def export_run(model: Any, config: Config, tokenizer: Any, out_dir: str | os.Pat
         raise FileExistsError(f"out_dir: {str(out)!r} exists and is not empty; export never "
                               f"overwrites, choose a new directory")
     plain = plain_model(model, dtype)
-    config = config.replace(use_lora=False, init_from="", vocab_size=plain.vocab_size)
+    # chat_template: the file travels inside the directory, not as a path to the source's
+    config = config.replace(use_lora=False, init_from="", vocab_size=plain.vocab_size, chat_template=None)
     _check_fits(plain, config)
     params = eqx.filter(plain, eqx.is_array)
     with atomic_dir(out) as tmp:
@@ -139,4 +142,6 @@ def export_run(model: Any, config: Config, tokenizer: Any, out_dir: str | os.Pat
         checkpoint.save(tmp, checkpoint.BEST, step, params)
         checkpoint.save(tmp, checkpoint.LATEST, step, params)
         to_safetensors(plain, tmp / WEIGHTS_FILE, config=config)
+        if chat_template is not None:
+            write_chat_template(tmp, chat_template)
     return out

@@ -2,7 +2,8 @@
 
 `Config.init_from = BASE_RUN` starts training from the best weights of the run directory
 BASE_RUN, with its tokenizer (never retrained: characters of the new corpus outside a char
-vocabulary are a DataError). The config must keep the base's MODEL_SHAPE_FIELDS. With
+vocabulary are a DataError). The config must keep the base's MODEL_SHAPE_FIELDS; its max_context
+may differ (a learned position table: only shorter, its first rows; `model.with_max_context`). With
 `use_lora: true` the base is frozen and LoRA adapters train (`lora.py`); without it every
 weight trains (full fine-tuning, an ordinary run directory).
 
@@ -42,7 +43,7 @@ import numpy as np
 from ..config import MODEL_SHAPE_FIELDS, Config, ConfigError
 from ..files import atomic_write_text
 from ..lora import adapter_params, apply_lora, has_lora, load_adapter, merge_lora
-from ..model import Transformer, cast_floating
+from ..model import Transformer, cast_floating, with_max_context
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .layout import CONFIG_FILE, LORA_BASE_FILE
@@ -83,6 +84,11 @@ def check_base_shape(base: Config, config: Config, init_from: Any) -> None:
             raise ConfigError(f"init_from: the base run {str(init_from)!r} has {name}={old!r}, this config has "
                               f"{name}={new!r}; a fine-tune keeps its base's shape: drop the {name} override "
                               "or choose a base run of that shape")
+    # max_context is free for RoPE / sinusoidal models; a learned table serves only a shorter window.
+    if base.absolute_pos and base.trainable_pos and config.max_context > base.max_context:
+        raise ConfigError(f"max_context: the base run {str(init_from)!r} has a learned position table of "
+                          f"{base.max_context} rows, so max_context={config.max_context} cannot exceed it; "
+                          f"use max_context <= {base.max_context}")
 
 
 def _load(path: Path, best: bool = True, inference: bool = False) -> Transformer:
@@ -100,7 +106,8 @@ def load_base(init_from: str | os.PathLike, config: Config) -> tuple[Transformer
     path = base_dir(init_from)
     check_base_shape(load_config(path), config, init_from)
     model = _load(path, best=True)
-    return model, _pointer(path, checkpoint.BEST, model)
+    # The pointer's digest is of the base as saved; the window is set after (loading does the same).
+    return with_max_context(model, config.max_context), _pointer(path, checkpoint.BEST, model)
 
 
 def _pointer(path: Path, which: str, model: Any) -> dict[str, Any]:
@@ -173,7 +180,7 @@ def load_lora_run(run_dir: str | os.PathLike, config: Config, best: bool = True,
     if pointer is None:  # a self-contained LoRA run: base and adapters in its own checkpoints
         like = eqx.filter_eval_shape(lambda: add_adapters(Transformer(config, key=jax.random.key(0)), config))
         return restore_arrays(run_dir, which, like)
-    base = _pointed_base(run_dir, pointer, inference)
+    base = with_max_context(_pointed_base(run_dir, pointer, inference), config.max_context)
     if config.use_bf16:  # as in training: the base was cast before the adapters were added
         base = cast_floating(base, jnp.bfloat16)
     model = add_adapters(base, config)

@@ -49,18 +49,21 @@ it exports as one `rope_theta`. RMSNorm epsilon is norm_eps (1e-6 by default; Ll
 changes logits by ~3e-3, so it travels in the config).
 
 An imported run directory holds config.yaml, tokenizer.json (the folder's file, byte for byte),
-checkpoints best + latest (step 0) and hf_import.json (source folder, model_type and the
-bos / eos / pad / unk tokens, which our tokenizer.json alone does not name). An export writes
-config.json, generation_config.json, model.safetensors (one file), tokenizer.json (the run's,
-byte for byte) and tokenizer_config.json (PreTrainedTokenizerFast with those special tokens and
-model_max_length = max_context). A run fine-tuned from an imported one finds the special tokens
-through its init_from chain.
+checkpoints best + latest (step 0), hf_import.json (source folder, model_type and the
+bos / eos / pad / unk tokens, which our tokenizer.json alone does not name) and, when the folder
+has one, chat_template.jinja (its chat_template.jinja, else tokenizer_config.json's
+chat_template; run/chat_template.py). An export writes config.json, generation_config.json,
+model.safetensors (one file), tokenizer.json (the run's, byte for byte), tokenizer_config.json
+(PreTrainedTokenizerFast with those special tokens, model_max_length = max_context and the
+run's chat_template) and chat_template.jinja. A run fine-tuned from an imported one finds the
+special tokens through its init_from chain.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,8 +79,9 @@ from tokenizers import Tokenizer, models
 from ..config import Config
 from ..data.tokenizer import TokenizerError, load_tokenizer, save_tokenizer
 from ..files import atomic_dir, atomic_write_text
-from ..model import Transformer
+from ..model import Transformer, with_max_context
 from . import checkpoint
+from .chat_template import CHAT_TEMPLATE_FILE, read_chat_template, read_template_file, write_chat_template
 from .export import parse_dtype, plain_model
 from .hf_format import (
     BUFFER_SUFFIXES,
@@ -103,7 +107,8 @@ from .hf_format import (
 from .pretrained import from_pretrained, load_config
 
 __all__ = ["HFFormatError", "HFModel", "from_hf", "import_hf", "to_hf", "export_hf", "hf_model_type",
-           "hf_config", "config_from_hf", "FAMILIES", "IMPORT_FILE"]
+           "hf_config", "config_from_hf", "FAMILIES", "IMPORT_FILE", "folder_chat_template", "guess_special_tokens",
+           "run_special_tokens"]
 
 # --------------------------------------------------------------------------- reading a folder
 class _Weights:
@@ -185,6 +190,26 @@ def _folder_special_tokens(folder: Path, hf: dict[str, Any], tok: Tokenizer) -> 
     return {role: t for role, t in found.items() if t is not None and tok.token_to_id(t) is not None}
 
 
+def folder_chat_template(folder: Path) -> tuple[str | None, str | None]:
+    """(the folder's chat template, a note or None): chat_template.jinja (how transformers 5
+    saves it), else tokenizer_config.json's `chat_template`; a list of named templates keeps
+    the one named "default" (the note says so and names the others)."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return read_template_file(folder / CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_FILE), None
+    if not (folder / "tokenizer_config.json").is_file():
+        return None, None
+    value = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    if value is None or isinstance(value, str):
+        return value, None
+    named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)} if isinstance(value, list) else {}
+    if not isinstance(named.get("default"), str):
+        raise HFFormatError("tokenizer_config.json: chat_template must be a string or a list of "
+                            '{"name", "template"} with one named "default"')
+    others = sorted(str(n) for n in named if n != "default")
+    return named["default"], (f"kept the 'default' chat template of {len(named)} named ones (not kept: "
+                              f"{', '.join(others)})")
+
+
 def _check_folder(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise FileNotFoundError(f"HF_DIR: {str(folder)!r} is not a directory")
@@ -245,6 +270,8 @@ def _load(folder: str | os.PathLike, dtype: Any, max_context: int | None
         cfg = cfg.replace(**keep)
     like, static = shapes_of(cfg)
     model = eqx.combine(checkpoint.unflatten(ours, like), static)
+    if max_context is not None and max_context < cfg.max_context:  # gpt2: the table's first rows
+        model, cfg = with_max_context(model, max_context), cfg.replace(max_context=max_context)
     record = {"source": str(folder.resolve()), "model_type": family,
               "special_tokens": _folder_special_tokens(folder, hf, tok)}
     return model, cfg, tok, record
@@ -296,8 +323,15 @@ def import_hf(path: str | os.PathLike, run_dir: str | os.PathLike, *, dtype: Any
     run_dir = Path(run_dir)
     _check_new(run_dir, "RUN_DIR")
     model, cfg, tok, record = _load(path, dtype, max_context)
+    template, note = folder_chat_template(Path(path))
+    if template is not None:
+        record["chat_template"] = note or f"kept as {CHAT_TEMPLATE_FILE}"
+    if note:
+        warnings.warn(f"{Path(path) / 'tokenizer_config.json'}: {note}", stacklevel=2)
     params = eqx.filter(model, eqx.is_array)
     with _new_dir(run_dir, "RUN_DIR") as tmp:
+        if template is not None:
+            write_chat_template(tmp, template)
         cfg.to_yaml(tmp / "config.yaml")
         save_tokenizer(tok, tmp / TOKENIZER, source=Path(path) / TOKENIZER)
         checkpoint.save(tmp, checkpoint.BEST, 0, params)
@@ -307,7 +341,8 @@ def import_hf(path: str | os.PathLike, run_dir: str | os.PathLike, *, dtype: Any
 
 
 # --------------------------------------------------------------------------- export
-def _guess_special_tokens(tok: Tokenizer) -> dict[str, str]:
+def guess_special_tokens(tok: Tokenizer) -> dict[str, str]:
+    """{"bos_token": ..., "eos_token": ..., ...} from the tokenizer's special tokens, by name."""
     specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     found = {}
     for role, names in ROLE_GUESSES.items():
@@ -317,7 +352,7 @@ def _guess_special_tokens(tok: Tokenizer) -> dict[str, str]:
     return found
 
 
-def _run_special_tokens(run_dir: Path, tok: Tokenizer) -> dict[str, str]:
+def run_special_tokens(run_dir: Path, tok: Tokenizer) -> dict[str, str]:
     """The special tokens recorded by an import in `run_dir` or in the run it was fine-tuned
     from (its init_from chain), else guessed by name from the tokenizer's special tokens."""
 
@@ -330,30 +365,36 @@ def _run_special_tokens(run_dir: Path, tok: Tokenizer) -> dict[str, str]:
             return {r: t for r, t in recorded.items() if r in ROLES and tok.token_to_id(t) is not None}
         init_from = load_config(path).init_from
         path = Path(init_from).resolve() if init_from else None
-    return _guess_special_tokens(tok)
+    return guess_special_tokens(tok)
 
 
-def _tokenizer_config(special: dict[str, str], max_context: int) -> dict[str, Any]:
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_context,
-            "clean_up_tokenization_spaces": False, **special}
+def _tokenizer_config(special: dict[str, str], max_context: int, chat_template: str | None = None
+                      ) -> dict[str, Any]:
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_context,
+           "clean_up_tokenization_spaces": False, **special}
+    if chat_template is not None:  # transformers 4.x reads it here, 5.x from chat_template.jinja too
+        out["chat_template"] = chat_template
+    return out
 
 
 def to_hf(model: Any, config: Config, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, dtype: Any = None,
-          special_tokens: dict[str, str] | None = None, tokenizer_file: str | os.PathLike | None = None) -> Path:
+          special_tokens: dict[str, str] | None = None, tokenizer_file: str | os.PathLike | None = None,
+          chat_template: str | None = None) -> Path:
     """Write the Hugging Face folder `out_dir` (module docstring) for `model` under `config`.
 
     LoRA adapters are merged; dtype "float32" | "bfloat16" | None (as the weights are).
     special_tokens: {"eos_token": "</s>", ...}, None = guessed from the tokenizer's special
     tokens. tokenizer_file: the file `tokenizer` was read from, copied byte for byte when it
-    still describes it. HFFormatError naming the field when Hugging Face cannot express the
-    model; FileExistsError when `out_dir` exists and is not empty. Nothing half-written.
+    still describes it. chat_template: Jinja text written as chat_template.jinja and
+    tokenizer_config.json's chat_template (None: none). HFFormatError naming the field when
+    Hugging Face cannot express the model; FileExistsError when `out_dir` exists and is not empty. Nothing half-written.
     """
     from safetensors.numpy import save_file  # noqa: PLC0415
 
     out = Path(out_dir)
     _check_new(out, "out_dir")
     plain = plain_model(model, dtype)
-    cfg = config.replace(use_lora=False, init_from="", vocab_size=plain.vocab_size)
+    cfg = config.replace(use_lora=False, init_from="", vocab_size=plain.vocab_size, chat_template=None)
     family = hf_model_type(cfg)
     full = expanded_config(cfg, family)
     ours = {k: np.asarray(jax.device_get(v)) for k, v in checkpoint.flatten(eqx.filter(plain, eqx.is_array)).items()}
@@ -363,7 +404,7 @@ def to_hf(model: Any, config: Config, tokenizer: Tokenizer, out_dir: str | os.Pa
         ours |= {n: np.zeros(s.shape, weight_dtype) for n, s in shapes.items() if n not in ours}
     tensors = hf_tensors(ours, parts_of(full, family), cfg.num_blocks, cfg.n_experts if cfg.use_moe else 0)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    special = _guess_special_tokens(tokenizer) if special_tokens is None else dict(special_tokens)
+    special = guess_special_tokens(tokenizer) if special_tokens is None else dict(special_tokens)
     ids = {role: tokenizer.token_to_id(t) for role, t in special.items()}
     dtype_name = "bfloat16" if weight_dtype == np.dtype(ml_dtypes.bfloat16) else str(weight_dtype)
     hf = hf_config(cfg, ids, dtype_name)
@@ -374,7 +415,9 @@ def to_hf(model: Any, config: Config, tokenizer: Tokenizer, out_dir: str | os.Pa
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # transformers needs format "pt"
         save_tokenizer(tokenizer, tmp / TOKENIZER, source=tokenizer_file)
         atomic_write_text(tmp / "tokenizer_config.json",
-                          json.dumps(_tokenizer_config(special, cfg.max_context), indent=2) + "\n")
+                          json.dumps(_tokenizer_config(special, cfg.max_context, chat_template), indent=2) + "\n")
+        if chat_template is not None:
+            write_chat_template(tmp, chat_template)
     return out
 
 
@@ -388,6 +431,6 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
     hf_model_type(config)
     tokenizer = load_tokenizer(run_dir / TOKENIZER)
     model = from_pretrained(run_dir, merge_lora=True)
-    return to_hf(model, config, tokenizer, out, dtype=dtype, special_tokens=_run_special_tokens(run_dir, tokenizer),
-                 tokenizer_file=run_dir / TOKENIZER)
+    return to_hf(model, config, tokenizer, out, dtype=dtype, special_tokens=run_special_tokens(run_dir, tokenizer),
+                 tokenizer_file=run_dir / TOKENIZER, chat_template=read_chat_template(run_dir))
 

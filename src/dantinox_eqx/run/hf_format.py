@@ -302,7 +302,9 @@ def _rope_theta(hf: dict[str, Any], family: str) -> float:
 def config_from_hf(hf: dict[str, Any], *, max_context: int | None = None) -> tuple[Config, str]:
     """(our Config, family) for a Hugging Face config.json mapping; HFFormatError naming the
     config.json key for what we cannot express. `max_context` replaces max_position_embeddings
-    (shorter training windows and KV caches) for RoPE models; GPT-2's position table fixes it."""
+    (shorter training windows and KV caches) for RoPE models; GPT-2's position table of
+    n_positions rows serves at most that many (the config keeps n_positions: the importer
+    slices the table to its first `max_context` rows after reading it)."""
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise HFFormatError(f"config.json: model_type {family!r} is not supported; import one of "
@@ -318,9 +320,9 @@ def config_from_hf(hf: dict[str, Any], *, max_context: int | None = None) -> tup
             raise HFFormatError(f"config.json: activation_function {act!r} has no equivalent here; one of "
                                 f"{', '.join(GPT2_ACTIVATIONS)} imports")
         D, H, C = k("n_embd"), k("n_head"), k("n_positions")
-        if max_context not in (None, C):
+        if max_context is not None and max_context > C:
             raise HFFormatError(f"max_context: a gpt2 model's learned position table has n_positions={C} rows; "
-                                "its max_context cannot differ")
+                                f"max_context={max_context} cannot exceed it (use max_context <= {C})")
         if D % H:
             raise HFFormatError(f"config.json: n_embd={D} is not a multiple of n_head={H}")
         fields = dict(dim=D, n_heads=H, head_size=D // H, num_blocks=k("n_layer"), max_context=C,

@@ -9,6 +9,7 @@
       training_cursor.json     where training stands, for people and scripts (not read to resume)
       model_summary.json       parameters, memory, FLOPs (name: config.summary_file; run/summary.py)
       lora_base.json           adapter-only LoRA runs: the base run they need (run/finetune.py)
+      chat_template.jinja      the chat template (Jinja, transformers' semantics; run/chat_template.py)
       expert_counts.csv        MoE runs: tokens routed to each expert per evaluation
       loss_curve.png           `dantinox-eqx plot`
 """
@@ -25,8 +26,8 @@ from typing import Any
 from ..files import atomic_write_text
 
 __all__ = ["CONFIG_FILE", "TOKENIZER_FILE", "CURSOR_FILE", "LORA_BASE_FILE", "EXPERT_COUNTS_FILE",
-           "LOSS_CURVE_FILE", "CHECKPOINTS_DIR", "DEFAULT_LOG_FILE", "LOG_COLUMNS", "read_log", "write_log",
-           "read_cursor", "write_cursor"]
+           "LOSS_CURVE_FILE", "CHAT_TEMPLATE_FILE", "CHECKPOINTS_DIR", "DEFAULT_LOG_FILE", "LOG_COLUMNS", "read_log",
+           "write_log", "read_cursor", "write_cursor"]
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
@@ -34,6 +35,7 @@ CURSOR_FILE = "training_cursor.json"
 LORA_BASE_FILE = "lora_base.json"
 EXPERT_COUNTS_FILE = "expert_counts.csv"
 LOSS_CURVE_FILE = "loss_curve.png"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers saves a template under, too
 CHECKPOINTS_DIR = "checkpoints"
 DEFAULT_LOG_FILE = "training_log.csv"  # config.log_file's default
 

@@ -100,6 +100,10 @@ def check_resumable(saved: Config, config: Config, run_dir: Path) -> None:
     field); everything else (max_steps, patience, lr, eval_interval, ...) may change."""
     why = {name: "a resumed run keeps the model's shape (start a new run_dir to change it)"
            for name in MODEL_SHAPE_FIELDS}
+    # Simpler than safe-by-proof: a changed window changes every batch after the resume point
+    # (and a learned position table's shape), so a resume keeps it; a new run with init_from may change it.
+    why["max_context"] = ("a resumed run keeps its training window (fine-tune into a new run_dir with "
+                          "init_from to change it)")
     why["optimizer"] = "its optimizer state cannot be resumed with another optimizer"
     why["grad_clip"] = "its optimizer state cannot be resumed with clipping switched on or off"
     if config.optimizer == "muon":  # the groups fix the optimizer state's arrays

@@ -12,13 +12,15 @@ import jax
 from ..config import Config, ConfigError
 from ..data import tokenizer as tk
 from ..data.cached import prepared_source
+from ..data.chat import compile_template
 from ..data.corpus import cache_dir, default_corpus_path
 from ..data.sampling import DataError
 from ..data.sources import HFDataset
 from ..data.tokens import Splits, open_splits
 from ..lora import has_lora, lora_trainable
-from ..model import Transformer
+from ..model import Transformer, with_max_context
 from ..run import finetune
+from ..run.chat_template import read_chat_template, read_template_file
 from ..run.layout import TOKENIZER_FILE, read_cursor
 
 __all__ = ["training_data", "resolve_vocab", "initial_model", "trainable_mask"]
@@ -98,6 +100,7 @@ def initial_model(config: Config, key: Any, given: Transformer | None = None
                               "lora.merge_lora(model) to train all its weights")
         if config.use_lora and config.init_from:
             base = finetune.pointer_of(model, config.init_from, config)
+        model = with_max_context(model, config.max_context)  # the window this run trains on
     elif config.init_from:
         model, pointer = finetune.load_base(config.init_from, config)
         base = pointer if config.use_lora else None
@@ -115,3 +118,17 @@ def trainable_mask(model: Transformer) -> Any:
     """A bool pytree like the params marking what trains; None = everything. A model with
     LoRA adapters trains only its adapters."""
     return lora_trainable(model) if has_lora(model) else None
+
+
+def chat_template_text(config: Config, resume: bool) -> str | None:
+    """The chat template to write into the run directory: the file `config.chat_template`
+    (checked: it must compile; ChatTemplateError names the file), else for a new fine-tune its
+    base's (`read_chat_template(init_from)`, copied so the run is complete without the base),
+    else None (a resumed run keeps the file it has)."""
+    if config.chat_template:
+        text = read_template_file(config.chat_template)
+        compile_template(text, f"chat_template: {config.chat_template}")
+        return text
+    if config.init_from and not resume:
+        return read_chat_template(finetune.base_dir(config.init_from))
+    return None

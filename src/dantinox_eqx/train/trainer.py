@@ -41,6 +41,7 @@ from ..model import Transformer, cast_floating
 from ..parallel import distributed, sharding
 from ..run import checkpoint as ckpt
 from ..run import finetune, runlock
+from ..run.chat_template import write_chat_template
 from ..run.layout import CONFIG_FILE, CURSOR_FILE, EXPERT_COUNTS_FILE, LOG_COLUMNS, TOKENIZER_FILE, read_log, write_log
 from ..run.rundir import (
     check_resumable,
@@ -54,7 +55,7 @@ from ..run.rundir import (
 from ..run.summary import model_summary
 from . import hooks
 from .expert_log import ExpertCountsLog
-from .inputs import initial_model, resolve_vocab, trainable_mask, training_data
+from .inputs import chat_template_text, initial_model, resolve_vocab, trainable_mask, training_data
 from .loop import train_loop
 from .lr_finder import _check_args, find_lr
 from .muon import param_groups
@@ -86,9 +87,11 @@ def default_config_path() -> Path:
 
 
 def write_run_files(run_dir: Path, config: Config, dataset: Any, summary: dict[str, Any],
-                    rows: list[dict[str, Any]], *, resume: bool, base: dict[str, Any] | None = None) -> None:
+                    rows: list[dict[str, Any]], *, resume: bool, base: dict[str, Any] | None = None,
+                    chat_template: str | None = None) -> None:
     """A run directory's files before training: config.yaml, tokenizer.json, model_summary.json,
-    the base pointer (adapter-only LoRA) and the training log (`rows`: those kept on resume).
+    the base pointer (adapter-only LoRA), the chat template (`chat_template`: its text, None =
+    none written) and the training log (`rows`: those kept on resume).
     `fit` and a population's members (train/population_fit.py) write the same files."""
     config.to_yaml(run_dir / CONFIG_FILE)
     # The file the tokenizer was read from (as in training_data) is kept byte for byte: an
@@ -99,6 +102,8 @@ def write_run_files(run_dir: Path, config: Config, dataset: Any, summary: dict[s
     atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
     if base is not None:
         finetune.write_pointer(run_dir, base)
+    if chat_template is not None:
+        write_chat_template(run_dir, chat_template)
     write_log(run_dir / config.log_file, rows)
 
 
@@ -168,6 +173,9 @@ class Trainer:
             config = config.replace(init_from=str(Path(config.init_from).expanduser().resolve()))
         if config.val_path:  # the same for a separate validation set
             config = config.replace(val_path=str(Path(config.val_path).expanduser().resolve()))
+        if config.chat_template:  # and a chat template file
+            config = config.replace(chat_template=str(Path(config.chat_template).expanduser().resolve()))
+        chat_template = chat_template_text(config, resume)
         if saved is not None:
             check_resumable(saved, config, run_dir)
         total = config.total_steps(len(dataset.train))
@@ -204,7 +212,8 @@ class Trainer:
         loggers = self._start_loggers(config, run_dir, summary, resume, lock)
         try:
             if distributed.is_primary():
-                write_run_files(run_dir, config, dataset, summary, rows, resume=resume, base=base)
+                write_run_files(run_dir, config, dataset, summary, rows, resume=resume, base=base,
+                                chat_template=chat_template)
         except OSError as e:
             raise TrainingWriteError(state.step, e, run_dir) from e
         if stop.signum is not None:  # a start-up signal whose exception some library swallowed
