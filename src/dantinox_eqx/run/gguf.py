@@ -42,11 +42,11 @@ from ..data.tokenizer import save_tokenizer
 from ..files import atomic_write_text
 from ..model import Transformer
 from . import checkpoint
+from .chat_template import write_chat_template
 from .export import parse_dtype
 from .gguf_export import EXPORT_DTYPES, export_gguf, to_gguf
 from .gguf_format import (
     ARCHITECTURES,
-    CHAT_TEMPLATE_FILE,
     GGUFFormatError,
     gguf_name,
     needs_transpose,
@@ -263,5 +263,5 @@ def import_gguf(path: str | os.PathLike, run_dir: str | os.PathLike, *, dtype: A
         checkpoint.save(tmp, checkpoint.LATEST, 0, params)
         atomic_write_text(tmp / IMPORT_FILE, json.dumps(record, indent=2) + "\n")
         if template is not None:
-            atomic_write_text(tmp / CHAT_TEMPLATE_FILE, template)
+            write_chat_template(tmp, template)
     return run_dir

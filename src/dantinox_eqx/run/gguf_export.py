@@ -23,9 +23,9 @@ from ..data.tokenizer import load_tokenizer
 from ..files import atomic_path
 from ..model import rope_base
 from . import checkpoint
+from .chat_template import read_chat_template
 from .export import plain_model
 from .gguf_format import (
-    CHAT_TEMPLATE_FILE,
     FILE_TYPES,
     GGUFFormatError,
     gguf_name,
@@ -34,7 +34,7 @@ from .gguf_format import (
     permute,
     permuted_heads,
 )
-from .hf import _run_special_tokens
+from .hf import run_special_tokens
 from .hf_format import TOKENIZER, HFFormatError, expanded_config, hf_model_type, hf_tensors, parts_of, shapes_of
 from .pretrained import from_pretrained, load_config
 
@@ -169,19 +169,6 @@ def to_gguf(model: Any, config: Config, tokenizer: Tokenizer, out_path: str | os
     return out
 
 
-def run_chat_template(run_dir: Path) -> str | None:
-    """RUN_DIR/chat_template.jinja, else the nearest one along the init_from chain, else None."""
-    seen: set[Path] = set()
-    path: Path | None = run_dir
-    while path is not None and path not in seen and (path / "config.yaml").is_file():
-        seen.add(path)
-        if (path / CHAT_TEMPLATE_FILE).is_file():
-            return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-        init_from = load_config(path).init_from
-        path = Path(init_from).resolve() if init_from else None
-    return None
-
-
 def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, *, dtype: str | None = None) -> Path:
     """`to_gguf` for a run directory (best checkpoint; a LoRA run merged; dtype None = "bf16" for
     a use_bf16 run, else "f32"): refuses a taken `out_path`, a config or tokenizer llama.cpp
@@ -195,5 +182,5 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, *, dtyp
     tokenizer = load_tokenizer(run_dir / TOKENIZER)
     gguf_vocab(tokenizer, max(config.vocab_size or 0, tokenizer.get_vocab_size()))
     model = from_pretrained(run_dir, merge_lora=True)
-    return to_gguf(model, config, tokenizer, out, dtype=dtype, special_tokens=_run_special_tokens(run_dir, tokenizer),
-                   chat_template=run_chat_template(run_dir), name=run_dir.resolve().name)
+    return to_gguf(model, config, tokenizer, out, dtype=dtype, special_tokens=run_special_tokens(run_dir, tokenizer),
+                   chat_template=read_chat_template(run_dir), name=run_dir.resolve().name)

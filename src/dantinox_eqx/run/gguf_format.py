@@ -37,7 +37,6 @@ from tokenizers import Tokenizer
 from ..config import ConfigError
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # in a run directory (the chat-template module reads it)
 # llama.cpp's token types (SentencePieceTokenTypes in convert_hf_to_gguf.py).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # general.file_type (gguf.LlamaFileType) of each export dtype.
