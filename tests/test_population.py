@@ -22,6 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from cli.main import app
 from click.testing import CliRunner
@@ -40,6 +41,11 @@ from .conftest import TINY, plays_slice
 from .procs import device_env
 
 HERE = Path(__file__).parent
+# The losses are about 2 to 5, where a float32 ulp is 2.4e-7 or 4.8e-7: the measured 4.8e-7 is
+# one ulp. The member and the run differ only in the order XLA accumulates a (batched) matmul,
+# a relative 1e-7-sized difference per operation that 20 steps of training carry forward; 1e-5
+# (20 to 40 ulps) leaves room for kernels of another width (AVX2 vs AVX-512) without letting
+# through anything else: another batch, key or hyper-parameter moves a loss by 1e-3 or more.
 TOL = 1e-5
 EXACT = [c for c in LOG_COLUMNS if c not in ("ms_per_step", "tokens_per_s")]
 BASE = dict(TINY, vocab_size=None, max_steps=20, eval_interval=5, eval_iters=2, grad_accum=2, batch_size=2,
@@ -91,8 +97,25 @@ def _params(run: Path, which: str) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(ckpt.restore(run, which, like)[1])]
 
 
+def _loss(run: Path, which: str, tokens: jax.Array) -> float:
+    """The mean next-token cross-entropy of checkpoint `which` of `run` on `tokens` (B, T + 1), no dropout."""
+    cfg = Config.from_yaml(run / "config.yaml")
+    params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)
+    model = eqx.combine(ckpt.restore(run, which, params)[1], static)
+    logits = model(tokens[:, :-1])[0].astype(jnp.float32)
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean())
+
+
+def _distance(a: Path, b: Path) -> float:
+    """Relative Frobenius distance between the latest weights of runs `a` and `b` (all leaves)."""
+    x, y = (np.concatenate([w.ravel() for w in _params(r, ckpt.LATEST)]) for r in (a, b))
+    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
 @pytest.mark.slow
 def test_members_train_as_separate_runs(setup, separate, population):
+    cfg = Config.from_yaml(population[0] / "config.yaml")
+    tokens = jax.random.randint(jax.random.key(5), (8, cfg.max_context + 1), 0, cfg.vocab_size)
     diffs = [_max_diff(p, s) for p, s in zip(population, separate)]
     print("population vs separate runs, 1 device, max abs diff per member:", diffs)
     assert max(diffs) <= TOL
@@ -110,10 +133,22 @@ def test_members_train_as_separate_runs(setup, separate, population):
         assert cursor["best_val_loss"] == min(r["val_loss"] for r in _rows(p))
         for which in (ckpt.LATEST, ckpt.BEST):
             assert ckpt.latest_step(p, which) == ckpt.latest_step(s, which)
-            # Weights within 1e-5 relative (Frobenius) norm: Adam's m / sqrt(v) turns a rounding
-            # difference into an lr-sized one where a gradient is about zero (a few elements).
-            for x, y in zip(_params(p, which), _params(s, which)):
-                assert np.linalg.norm(x - y) <= 1e-5 * np.linalg.norm(y)
+            # The checkpoint holds the weights of the separate run: the loss they give a fixed
+            # batch (what the log rows are about) agrees within the rows' TOL. Not the weights
+            # element by element: where a gradient is about zero, Adam's m / sqrt(v) turns a
+            # rounding difference into an lr-sized step (its sign flips), so a few elements
+            # differ by up to ~lr per step; the loss does not feel them (its gradient there is
+            # about zero). How much depends on the CPU's matmul kernels: under 1e-5 relative
+            # (Frobenius) on an AVX2 machine, 2.3e-5 on an AVX-512 one (issue 24).
+            loss_diff = abs(_loss(p, which, tokens) - _loss(s, which, tokens))
+            print(f"{p.name} {which}: checkpoint loss diff {loss_diff:.2e}")
+            assert loss_diff <= TOL
+        # Still the weights of *this* member: its separate run is by far the nearest (relative
+        # Frobenius distance to its own run < 1/100 of that to any other member's run).
+        mine = _distance(p, s)
+        others = [_distance(p, o) for o in separate if o != s]
+        print(f"{p.name}: weights {mine:.2e} from its run, >= {min(others):.2e} from the others")
+        assert mine < min(others) / 100, (mine, others)
     # The members really differ (their own seeds, rates and schedules).
     assert len({_rows(p)[-1]["val_loss"] for p in population}) == len(MEMBERS)
 
