@@ -28,7 +28,9 @@ def fault(which: str, step: int, phase: str, path: Path) -> None:
     """Test-only seam: `DANTINOX_EQX_TEST_FAULT="best:20:written:kill,latest:30:start:enospc"`
     stops the save of checkpoint `which` at `step` at `phase` (start, written, digested, moved,
     committed, pruned; see `save`) by SIGKILL (`kill`), a raised ENOSPC (`enospc`), or a file size
-    limit of 4 KiB from then on that makes orbax's own writes fail (`fsize`).
+    limit of 4 KiB from then on that makes orbax's own writes fail (`fsize`). A fifth field
+    limits it to the saves whose path contains it (`latest:10:written:kill:member_0001`: one
+    member of a population).
     `startup:0:POINT:wait` holds `Trainer.fit`'s start-up at POINT (`locked`: the run directory
     locked, nothing written yet; `built`: the run's files written, the programs built, the loop
     not begun) after writing "fault: startup:0:POINT waiting" to stderr, until a signal's handler
@@ -37,8 +39,8 @@ def fault(which: str, step: int, phase: str, path: Path) -> None:
     if not spec:
         return
     for item in spec.split(","):
-        w, s, ph, action = item.strip().split(":")
-        if (w, int(s), ph) != (which, step, phase):
+        w, s, ph, action, *where = item.strip().split(":")
+        if (w, int(s), ph) != (which, step, phase) or (where and where[0] not in str(path)):
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
