@@ -193,6 +193,9 @@ def test_population_killed_inside_a_save_resumes_exactly(setup, population):
     results = fit_population(configs, setup["corpus"], dirs, resume=True, progress=False)
     assert [r.status for r in results] == ["complete"] * 4
     assert not partial.exists()
+    for d in dirs:  # the finished population released its locks
+        with RunLock(d) as lock:
+            assert lock.held
     for d, p in zip(dirs, population):
         assert _rows(d) == _rows(p)
         assert ckpt.steps(d, ckpt.LATEST) == ckpt.steps(p, ckpt.LATEST)
@@ -203,17 +206,21 @@ def test_population_killed_inside_a_save_resumes_exactly(setup, population):
 def test_a_member_directory_in_use_is_refused_before_anything_is_written(tmp_path, small_corpus):
     """One writer per run directory, for population members too (the Trainer's lock): a member
     directory another process trains refuses the whole population, naming the holder, and
-    nothing is written; two members may not share a directory. (The resume test above shows the
-    locks are released: after a crash and after a finished population, the same directories are
-    trained again in this process, which flock would refuse otherwise.)"""
+    nothing is written; two members may not share a directory. The locks the population took
+    before the refusal are released with it (and after a finished population: the test of a
+    kill inside a save locks every member directory again after its resume)."""
     configs = [Config(**{**TINY, "vocab_size": None}, seed=s) for s in (1, 2)]
     dirs = [tmp_path / "pop" / "member_0000", tmp_path / "pop" / "member_0001"]
-    dirs[1].mkdir(parents=True)
+    for d in dirs:  # both exist: the population locks member 0's before it finds member 1's taken
+        d.mkdir(parents=True)
     with RunLock(dirs[1]):  # another open file description: flock refuses it as another process
         with pytest.raises(RunLockedError, match=rf"^run_dir: '{dirs[1]}' is in use by another training run "
                                                  rf"\(process {os.getpid()} on host"):
             fit_population(configs, small_corpus, dirs, progress=False)
-    assert not dirs[0].exists() and [p.name for p in dirs[1].iterdir()] == [LOCK_FILE]
+    assert [p.name for p in dirs[1].iterdir()] == [LOCK_FILE]
+    assert {p.name for p in dirs[0].iterdir()} <= {LOCK_FILE}  # nothing written (at most its lock)
+    with RunLock(dirs[0]) as lock:  # released on the refusal
+        assert lock.held
     with pytest.raises(ConfigError, match=r"^run_dirs: two members share a run directory"):
         fit_population(configs, small_corpus, [dirs[0], dirs[0]], progress=False)
 
