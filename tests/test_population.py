@@ -278,8 +278,9 @@ def test_memory_estimate_against_the_measured_memory(setup, tmp_path):
     Not above 2.5x: a step holds at most 6 parameter-sized arrays per member (params in and out,
     gradients, the update, Adam's two moments) where the estimate counts 3 (params and the two
     moments), and activations both count: 2x; and the allocator may keep up to a quarter more
-    than it hands out (freed pages it has not returned): 2.5x. Measured here: 1.81x (2.16x with
-    3M parameters, where per-member costs that do not scale with the parameters weigh more):
+    than it hands out (freed pages it has not returned): 2.5x. Measured here: 1.81x and 1.98x
+    in two runs (2.16x with 3M parameters, where per-member costs that do not scale with the
+    parameters weigh more):
     the estimate is a lower bound, about half of what a member really takes."""
     config = setup["base"].replace(dim=384, n_heads=6, head_size=64, num_blocks=4, max_steps=2, eval_interval=2,
                                    eval_iters=1, dropout_rate=0.0, grad_accum=1, batch_size=4)

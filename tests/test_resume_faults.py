@@ -147,22 +147,23 @@ def _train_cmd(setup: dict, run: Path) -> list[str]:
     return cmd + ["--resume"] if run.exists() else cmd
 
 
-def _attempt(setup: dict, run: Path, kill_after: tuple[str, float] | None = None, fault: str | None = None
+def _attempt(setup: dict, run: Path, kill_after: tuple[str, float, int] | None = None, fault: str | None = None
              ) -> tuple[int, str, float]:
     """One `dantinox-eqx train` attempt: (exit code, stderr, seconds). `kill_after` =
-    (event, delay): SIGKILL `delay` s after `event` (PHASE_START) if still running; `fault`
-    sets the checkpoint-write seam."""
+    (phase, delay, s): SIGKILL `delay` s after `phase` began (PHASE_START) while the process
+    runs, or at once when the phase is seen to have ended first (a miss: no use running on);
+    `fault` sets the checkpoint-write seam."""
     env = _env(**({ckpt.FAULT_ENV: fault} if fault else {}))
     start = time.monotonic()
     proc = subprocess.Popen(_train_cmd(setup, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     if kill_after is not None:
-        event, delay = kill_after
+        phase, delay, s = kill_after
         since = None
         while proc.poll() is None:
-            if since is None and PHASE_START[event](run):
+            if since is None and PHASE_START[phase](run):
                 since = time.monotonic()
-            if since is not None and time.monotonic() - since >= delay:
+            if (since is not None and time.monotonic() - since >= delay) or _phase(run, s) > phase:
                 proc.kill()
                 break
             time.sleep(0.002)
@@ -186,7 +187,7 @@ SEAMS = ["best:{s}:start", "best:{s}:written", "best:{s}:digested", "best:{s}:co
 # what the run directory holds after it): before the run directory exists (importing, reading
 # the config and the data), before its first checkpoint (start-up, compiling, the first steps),
 # and between its first checkpoint and step {s} (training, evaluating, saving).
-PHASES = ("no run directory", "no checkpoint yet", "after a checkpoint")
+PHASES = ("0: no run directory", "1: no checkpoint yet", "2: after a checkpoint")  # in order (compared)
 
 
 # What starts each phase, as the test sees it from outside: a kill is drawn at a random delay
@@ -203,7 +204,7 @@ def _phase(run: Path, s: int) -> str:
     latest = ckpt.steps(run, ckpt.LATEST)
     if not latest:
         return PHASES[1]
-    return PHASES[2] if latest[-1] < s else "past step s"
+    return PHASES[2] if latest[-1] < s else "3: past step s"
 
 
 def _timed(setup: dict, run: Path) -> tuple[float, dict[str, float]]:
@@ -245,7 +246,7 @@ def _random_kills(setup: dict, run: Path, lengths: dict, s: int, rng: random.Ran
         for i, phase in enumerate(PHASES):
             for _ in range(5):
                 t = rng.uniform(0.0, lengths[phase])
-                rc, err, _ = _attempt(setup, run, kill_after=(phase, t))
+                rc, err, _ = _attempt(setup, run, kill_after=(phase, t, s))
                 assert rc in (0, -signal.SIGKILL), err
                 landed = _phase(run, s) if rc == -signal.SIGKILL else "finished"
                 if landed == phase:
