@@ -1,18 +1,22 @@
-"""Subprocess driver for tests/test_population.py: a population on 4 simulated CPU devices.
+"""Subprocess driver for tests/test_population.py: a population in a process of its own, on
+DEVICES simulated CPU devices (default 4).
 
-Started with XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu (the device
-count of a CPU process is fixed when JAX starts):
+Started with XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES JAX_PLATFORMS=cpu (the
+device count of a CPU process is fixed when JAX starts):
 
-    python tests/population_driver.py CONFIG.yaml MEMBERS.json CORPUS OUT_DIR
+    python tests/population_driver.py CONFIG.yaml MEMBERS.json CORPUS OUT_DIR [DEVICES]
 
 trains CONFIG with each member's overrides (a JSON list of mappings) as one population, member
-k into OUT_DIR/member_000k, its members split over the 4 devices (one device holds whole
-members; model_summary.json records how many devices the population used).
+k into OUT_DIR/member_000k, its members split over the devices (one device holds whole
+members; model_summary.json records how many devices the population used), then prints
+`maxrss_bytes N`: this process's peak resident memory (resource.getrusage). The fault seam
+(DANTINOX_EQX_TEST_FAULT) can kill it inside a member's checkpoint save.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -27,9 +31,11 @@ from dantinox_eqx.train.population_fit import train_population  # noqa: E402
 
 def main() -> None:
     config_path, members_path, corpus, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
-    assert jax.device_count() == 4, jax.devices()
+    devices = int(sys.argv[5]) if len(sys.argv) > 5 else 4
+    assert jax.device_count() == devices, jax.devices()
     members = json.loads(Path(members_path).read_text())
     train_population(Config.from_yaml(config_path), members, corpus, out, progress=False)
+    print(f"maxrss_bytes {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # Linux: KiB
 
 
 if __name__ == "__main__":

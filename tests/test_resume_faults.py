@@ -2,12 +2,14 @@
 checkpoint write, one writer per run directory, checked checkpoints with a fallback, a full
 disk, SIGTERM during start-up, an empty config, and the modes of the files a run writes.
 
-The fault-injection test runs FAULT_TRIALS trials (default 6; the environment variable
-DANTINOX_EQX_FAULT_TRIALS raises it, e.g. to 30, for a long manual run). Each trial trains the
-tiny config with `dantinox-eqx train` in a subprocess that is killed (SIGKILL) at a random
-moment of its life, start-up included, or at a chosen phase of a checkpoint write (the test
-seam checkpoint.FAULT_ENV), then resumed, as a user would, until it finishes: its log (all but
-the timing columns) and its checkpoints must equal the uninterrupted run's bitwise.
+The fault-injection test runs FAULT_TRIALS trials (default 1: every phase once, what CI runs;
+the environment variable DANTINOX_EQX_FAULT_TRIALS raises it, e.g. to 10, for a long manual run
+with fresh random draws). Each trial trains the tiny config with `dantinox-eqx train` in a
+subprocess killed (SIGKILL) at a random moment of each phase of a run's life (each kill checked
+to have landed there, while the process was alive), then at every phase of a checkpoint write
+(the test seam checkpoint.FAULT_ENV), each attempt resuming the one before, as a user would;
+then one `--resume` must finish it: its log (all but the timing columns) and its checkpoints
+(params and train_state) equal the uninterrupted run's bitwise.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ import pytest
 
 from dantinox_eqx import files
 from dantinox_eqx.config import Config, ConfigError
+from dantinox_eqx.parallel import sharding
 from dantinox_eqx.run import checkpoint as ckpt
 from dantinox_eqx.run import runlock
 from dantinox_eqx.run.pretrained import from_pretrained
+from dantinox_eqx.train.optim import make_optimizer
+from dantinox_eqx.train.state import TrainState
+from dantinox_eqx.train.step import init_opt_state
 from dantinox_eqx.train.trainer import Trainer, TrainingWriteError, read_log
 
 from .test_trainer import EXACT, _leaves, _params_like
@@ -42,7 +48,7 @@ EXE = Path(sys.executable).parent / "dantinox-eqx"
 # 60 steps, a checkpoint (and an evaluation) every 10: 6 latest checkpoints, keep_checkpoints 2.
 CFG = dict(dim=32, n_heads=4, head_size=8, num_blocks=2, max_context=16, batch_size=4, expansion=2,
            lr=3e-3, warmup_steps=5, max_steps=60, eval_interval=10, eval_iters=2)
-FAULT_TRIALS = int(os.environ.get("DANTINOX_EQX_FAULT_TRIALS", "6"))
+FAULT_TRIALS = int(os.environ.get("DANTINOX_EQX_FAULT_TRIALS", "1"))
 TIMEOUT_S = 300  # per subprocess; a few seconds each on an idle machine
 WORDS = ("the of and to in is was that for it with as his on be at by this had not are but from or have an "
          "they which one you were her all she there would their we him been has when who will more no if "
@@ -68,17 +74,32 @@ def _exact(run: Path) -> list[dict]:
 
 
 def _restored(run: Path, which: str) -> tuple[int, list[np.ndarray]]:
-    _, (params, _) = _params_like(run)
-    step, restored, _ = ckpt.restore(run, which, params, warn=None)
-    return step, _leaves(restored)
+    """Checkpoint `which` of `run`: its step and its leaves, params then (latest only)
+    train_state: the optimizer state, the key and the counters a resume continues from."""
+    cfg, (params, _) = _params_like(run)
+    like = None
+    if which == ckpt.LATEST:
+        optimizer = make_optimizer(cfg, cfg.max_steps)
+        state = TrainState.initial(params, init_opt_state(optimizer, params), key=jax.random.key(cfg.seed))
+        like = state.checkpoint_tree(sharding.make_mesh(1))
+    step, restored, tree = ckpt.restore(run, which, params, like, warn=None)
+    if tree is not None:  # a typed PRNG key compares by its data
+        tree = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    leaves = _leaves(restored) + (_leaves(tree) if tree is not None else [])
+    return step, leaves
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
-    """Log rows (all but timing) and both checkpoints bitwise equal; nothing half-written left."""
+    """Log rows (all but timing) and both checkpoints (params, and the latest's train_state)
+    bitwise equal; nothing half-written left."""
     assert _exact(run) == _exact(reference)
     for which in (ckpt.LATEST, ckpt.BEST):
         (sa, a), (sb, b) = _restored(run, which), _restored(reference, which)
-        assert sa == sb, which
+        assert sa == sb and len(a) == len(b), which
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
         names = sorted(p.name for p in ckpt.checkpoint_dir(run, which).iterdir())
@@ -126,78 +147,162 @@ def _train_cmd(setup: dict, run: Path) -> list[str]:
     return cmd + ["--resume"] if run.exists() else cmd
 
 
-def _attempt(setup: dict, run: Path, kill_after: float | None = None, fault: str | None = None
+def _attempt(setup: dict, run: Path, kill_after: tuple[str, float, int] | None = None, fault: str | None = None
              ) -> tuple[int, str, float]:
-    """One `dantinox-eqx train` attempt: (exit code, stderr, seconds); SIGKILL after
-    `kill_after` s if still running; `fault` sets the checkpoint-write seam."""
+    """One `dantinox-eqx train` attempt: (exit code, stderr, seconds). `kill_after` =
+    (phase, delay, s): SIGKILL `delay` s after `phase` began (PHASE_START) while the process
+    runs, or at once when the phase is seen to have ended first (a miss: no use running on);
+    `fault` sets the checkpoint-write seam."""
     env = _env(**({ckpt.FAULT_ENV: fault} if fault else {}))
     start = time.monotonic()
     proc = subprocess.Popen(_train_cmd(setup, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     if kill_after is not None:
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        phase, delay, s = kill_after
+        since = None
+        while proc.poll() is None:
+            if since is None and PHASE_START[phase](run):
+                since = time.monotonic()
+            if (since is not None and time.monotonic() - since >= delay) or _phase(run, s) > phase:
+                proc.kill()
+                break
+            time.sleep(0.002)
     _, err = proc.communicate(timeout=TIMEOUT_S)
     return proc.returncode, err, time.monotonic() - start
 
 
-# Seam trials: the faults of successive attempts ({s}: a step whose evaluation saved a best
-# checkpoint, so both saves happen there). Each attempt is killed at that phase of that save.
-PHASE_TRIALS = [
-    ["latest:{s}:start:kill", "best:{s}:moved:kill"],  # between best and latest; then the redo of best
-    ["best:{s}:written:kill"],  # orbax done, no digests yet
-    ["latest:40:committed:kill"],  # published, older one not pruned, cursor not written
-    ["best:{s}:digested:kill"],  # digests written, not published
-    ["latest:{s}:written:kill"],
-    ["latest:{s}:digested:kill"],
-    ["latest:40:pruned:kill"],  # pruned, cursor not written
-    ["best:{s}:start:kill"],  # the log row written, nothing saved
-    ["best:{s}:committed:kill"],
-]
+# Every (checkpoint, phase) of a save a kill can land in (run/save_guard.py `fault`), in the
+# order one trial reaches them ({s}: a step whose evaluation saved a best checkpoint, so the best
+# save and then the latest save happen there). Each attempt is killed at its seam, and the next
+# `--resume` redoes step {s} from the latest checkpoint before it (or, after "committed" and
+# "pruned", goes on from {s}). The latest checkpoint's "moved" (replacing a published step) is
+# the one phase no kill can reach: a resume begins at the newest published latest checkpoint, so
+# it never saves that step again (test_saving_is_idempotent... covers the replacement itself).
+SEAMS = ["best:{s}:start", "best:{s}:written", "best:{s}:digested", "best:{s}:committed",
+         "best:{s}:pruned",  # best {s} published: the next resume replaces it ...
+         "latest:{s}:start", "best:{s}:moved",  # ... and is killed between its two renames
+         "latest:{s}:written", "latest:{s}:digested", "latest:{s}:committed",  # latest {s} published
+         "latest:{n}:pruned"]  # {n}: the next latest checkpoint, saved by the resume from {s}
+# The phases of a run's life a random kill is drawn in (and then checked to have landed in, from
+# what the run directory holds after it): before the run directory exists (importing, reading
+# the config and the data), before its first checkpoint (start-up, compiling, the first steps),
+# and between its first checkpoint and step {s} (training, evaluating, saving).
+PHASES = ("0: no run directory", "1: no checkpoint yet", "2: after a checkpoint")  # in order (compared)
 
 
-def _plan(n: int) -> list[dict]:
-    """Trial plans: seam trials and random-kill trials, alternating; the short version (6)
-    covers the replace path, two seams, random kills and a kill early in start-up."""
-    phases = iter(PHASE_TRIALS * (n // len(PHASE_TRIALS) + 1))
-    return [{"faults": next(phases)} if i % 2 == 0 else
-            {"kills": 1 if n <= 6 else 1 + i % 3, "early": i % 6 == 5} for i in range(n)]
+# What starts each phase, as the test sees it from outside: a kill is drawn at a random delay
+# after it, within the phase's length in the timed run.
+PHASE_START = {PHASES[0]: lambda run: True,  # the process started
+               PHASES[1]: lambda run: run.exists(),
+               PHASES[2]: lambda run: bool(ckpt.steps(run, ckpt.LATEST))}
+
+
+def _phase(run: Path, s: int) -> str:
+    """Where in a run's life a kill landed, from what the run directory holds after it."""
+    if not run.exists():
+        return PHASES[0]
+    latest = ckpt.steps(run, ckpt.LATEST)
+    if not latest:
+        return PHASES[1]
+    return PHASES[2] if latest[-1] < s else "3: past step s"
+
+
+def _timed(setup: dict, run: Path) -> tuple[float, dict[str, float]]:
+    """One uninterrupted CLI run: its duration and when (seconds from its start) its run
+    directory and each latest checkpoint appeared."""
+    start = time.monotonic()
+    proc = subprocess.Popen(_train_cmd(setup, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    seen: dict[str, float] = {}
+    while proc.poll() is None:
+        now = time.monotonic() - start
+        if run.exists():
+            seen.setdefault("dir", now)
+            for step in ckpt.steps(run, ckpt.LATEST):
+                seen.setdefault(str(step), now)
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return time.monotonic() - start, seen
+
+
+def _lengths(seen: dict[str, float], s: int) -> dict[str, float]:
+    """How long each phase lasted in the timed run (the last: half the way from the first
+    checkpoint to step s's, so that the kill leaves step s to the seams)."""
+    return {PHASES[0]: seen["dir"], PHASES[1]: seen["10"] - seen["dir"], PHASES[2]: (seen[str(s)] - seen["10"]) / 2}
+
+
+def _random_kills(setup: dict, run: Path, lengths: dict, s: int, rng: random.Random, events: list) -> int:
+    """One SIGKILL landing in each phase, in order, each while the run is alive: at a random
+    delay after the phase began (PHASE_START), within its length. A kill that landed too
+    early changed nothing this test relies on: drawn again in place. One that landed too
+    late, or a run that finished before its kill: the run directory is removed and the phases
+    start over. Returns how many draws missed."""
+    missed = 0
+    for _ in range(5):
+        if run.exists():
+            shutil.rmtree(run)
+        events.clear()
+        for i, phase in enumerate(PHASES):
+            for _ in range(5):
+                t = rng.uniform(0.0, lengths[phase])
+                rc, err, _ = _attempt(setup, run, kill_after=(phase, t, s))
+                assert rc in (0, -signal.SIGKILL), err
+                landed = _phase(run, s) if rc == -signal.SIGKILL else "finished"
+                if landed == phase:
+                    events.append(f"kill -9 {t:.2f}s in: {phase}")
+                    break
+                missed += 1
+                print(f"[fault injection] kill {t:.2f}s into {phase!r} landed in {landed!r}: drawn again")
+                if landed not in PHASES[:i]:
+                    break  # too late: start over
+            else:
+                raise AssertionError(f"no kill landed in {phase!r} in 5 draws")
+            if landed != phase:
+                break
+        else:
+            return missed
+    raise AssertionError("the random kills missed their phases 5 times over")
 
 
 @pytest.mark.slow
 def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_run(setup, tmp_path):
+    """Each trial: three random kills, one in each phase of a run's life (PHASES), then a kill
+    at every phase of a checkpoint write (SEAMS), each attempt a `--resume` of the one before;
+    then one `--resume`, which must finish the run: its log, its checkpoints' params and
+    train_state (optimizer state, key, counters) equal the uninterrupted run's bitwise.
+    FAULT_TRIALS (DANTINOX_EQX_FAULT_TRIALS) trials, fresh random draws each."""
     reference = setup["reference"]
     rng = random.Random(int(os.environ.get("DANTINOX_EQX_FAULT_SEED", "19")))
-    # How long one uninterrupted CLI run takes here (start-up included): random kills fall in it.
-    rc, err, duration = _attempt(setup, tmp_path / "timed")
-    assert rc == 0 and "Traceback" not in err, err
+    # The seam step: the first step from 30 on whose evaluation saved a best checkpoint (with a
+    # latest checkpoint after it); 10 to 20 leaves room for the kill "after a checkpoint".
+    s = next(step for step in setup["improved"] if 30 <= step <= 50)
+    duration, seen = _timed(setup, tmp_path / "timed")
     assert _exact(tmp_path / "timed") == _exact(reference)  # the CLI run is the in-process run
-    s = next(step for step in setup["improved"] if step >= 20)
-    results = []
-    for i, plan in enumerate(_plan(FAULT_TRIALS)):
+    lengths = _lengths(seen, s)
+    landed = {phase: 0 for phase in PHASES}
+    seams, missed, results = 0, 0, []
+    for i in range(FAULT_TRIALS):
         run = tmp_path / f"trial{i}"
-        events = []
-        for fault in plan.get("faults", []):
-            rc, err, _ = _attempt(setup, run, fault=fault.format(s=s))
-            assert rc == -signal.SIGKILL, (fault, rc, err)  # the seam was reached
-            events.append(fault.format(s=s))
-        for _ in range(plan.get("kills", 0)):
-            t = rng.uniform(0.0, duration * (0.3 if plan.get("early") else 1.0))
-            rc, err, _ = _attempt(setup, run, kill_after=t)
-            events.append(f"kill -9 at {t:.2f}s" + ("" if rc == -signal.SIGKILL else f" (finished first: {rc})"))
-            assert rc in (0, -signal.SIGKILL), err
-        for _ in range(3):  # resumed until it finishes (one attempt is always enough)
-            rc, err, _ = _attempt(setup, run)
-            if rc == 0:
-                break
+        events: list[str] = []
+        missed += _random_kills(setup, run, lengths, s, rng, events)
+        for phase in PHASES:
+            landed[phase] += sum(e.endswith(phase) for e in events)
+        for seam in SEAMS:
+            fault = seam.format(s=s, n=s + 10)
+            rc, err, _ = _attempt(setup, run, fault=f"{fault}:kill")
+            assert rc == -signal.SIGKILL, (fault, rc, err)  # killed at the seam: the process reached it
+            events.append(fault)
+            seams += 1
+        rc, err, _ = _attempt(setup, run)  # one --resume: always enough
         assert rc == 0 and "Traceback" not in err, (events, err)
         _assert_same_run(run, reference)
         results.append(events)
         shutil.rmtree(run)
-    print(f"\n[fault injection] {len(results)}/{FAULT_TRIALS} trials resumed to the uninterrupted run "
-          f"(one run {duration:.1f}s): " + " | ".join(", ".join(e) for e in results))
+    assert landed == {phase: FAULT_TRIALS for phase in PHASES}
+    assert seams == len(SEAMS) * FAULT_TRIALS
+    print(f"\n[fault injection] {FAULT_TRIALS} trial(s) resumed to the uninterrupted run (one run {duration:.1f}s; "
+          f"{missed} random kill(s) drawn again): " + " | ".join(", ".join(e) for e in results))
 
 
 # --------------------------------------------------------------------------------- the lock
@@ -431,28 +536,42 @@ def _maps(pid: int) -> str:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see when JAX is being loaded")
 def test_sigterm_during_start_up_exits_143_saying_nothing_was_lost(setup, tmp_path):
     # 1. while JAX is being imported (before any command runs); 2. once fit has locked the new
-    # run's directory (its start-up: writing the run's files, building the step, compiling).
-    env = _env()
-    for when in ("importing", "locked"):
+    # run's directory, nothing written yet; 3. at the end of start-up: the run's files written,
+    # the programs built, the loop not begun. 2 and 3 are held there by the test seam
+    # (`startup:0:POINT:wait`), so the signal lands in start-up every time.
+    for when in ("importing", "locked", "built"):
         run = tmp_path / when
+        env = _env() if when == "importing" else _env(**{ckpt.FAULT_ENV: f"startup:0:{when}:wait"})
         proc = subprocess.Popen(_train_cmd(setup, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (when == "importing" and "jaxlib" in _maps(proc.pid)) or (run / runlock.LOCK_FILE).exists():
-                break
-            time.sleep(0.002)
+        if when == "importing":
+            deadline = time.monotonic() + TIMEOUT_S
+            while time.monotonic() < deadline and proc.poll() is None and "jaxlib" not in _maps(proc.pid):
+                time.sleep(0.002)
+        else:
+            before = []  # what it said before reaching the seam (nothing is expected)
+            for line in proc.stderr:
+                if line == f"fault: startup:0:{when} waiting\n":
+                    break
+                before.append(line)
+            assert proc.poll() is None, before
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=TIMEOUT_S)
         assert proc.returncode == 143, err
-        assert "Traceback" not in err and "interrupted by SIGTERM" in err, err
         if when == "importing":
             assert err == "interrupted by SIGTERM (no training step was running): nothing was lost\n"
-        elif "during start-up" in err:  # else the first step had begun: it stopped after it, saved
-            assert "nothing was lost" in err and len(err.splitlines()) == 2, err
-            assert err.splitlines()[1] in ("run the same command again to start it",
-                                           f"resume with: dantinox-eqx train --config {run / 'config.yaml'} "
-                                           f"--run_dir {run} --data_path {setup['corpus']} --resume")
+            assert not run.exists()  # the same command again is a new run (the test above times one)
+            continue
+        else:
+            assert "Traceback" not in err and before == [], (before, err)
+            assert err.splitlines() == [
+                "training interrupted by SIGTERM during start-up (before this session's first step); nothing was lost",
+                "run the same command again to start it" if when == "locked" else
+                f"resume with: dantinox-eqx train --config {run / 'config.yaml'} --run_dir {run} "
+                f"--data_path {setup['corpus']} --resume"], err
+            # nothing but the lock (locked) or the run's files (built) was written: no checkpoint
+            assert not ckpt.steps(run, ckpt.LATEST) and not ckpt.steps(run, ckpt.BEST)
+            assert (run / "config.yaml").exists() == (when == "built")
         rc, err, _ = _attempt(setup, run)  # then the same command (or --resume) finishes the run
         assert rc == 0, err
         _assert_same_run(run, setup["reference"])

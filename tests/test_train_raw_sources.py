@@ -6,7 +6,10 @@ same source prepared by hand; bad sources exit 2 naming data_path before anythin
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from cli.main import app
 from click.testing import CliRunner
 
 from dantinox_eqx.data import cached
-from dantinox_eqx.data.prepare import prepare_dataset
+from dantinox_eqx.data.prepare import prepare_dataset, read_index
 from dantinox_eqx.train.trainer import Trainer, read_log
 
 from .conftest import plays_text
@@ -114,3 +117,61 @@ def test_bad_sources_exit_2_naming_data_path_before_writing(tmp_path: Path, cach
 def _bad_jsonl(path: Path) -> Path:
     path.write_text(json.dumps({"text": "good"}) + "\n{not json\n", encoding="utf-8")
     return path
+
+
+# Started twice at once on the same source: the spy records, under the lock, whether the
+# dataset was already prepared when this process got the lock, and when it entered and left.
+_PREPARER = r"""
+import json, os, sys, time
+from pathlib import Path
+from dantinox_eqx.config import Config
+from dantinox_eqx.data import cached
+from dantinox_eqx.data.prepare import is_prepared
+
+source, cache_root, barrier, me, out = sys.argv[1:6]
+real, log = cached._prepare, {}
+
+def spy(src, dest, options):
+    log["entered"], log["found_prepared"] = time.time(), is_prepared(dest)
+    if not log["found_prepared"]:
+        time.sleep(1.0)  # the lock held long enough that the other process is surely waiting on it
+    result = real(src, dest, options)
+    log["left"] = time.time()
+    return result
+
+cached._prepare = spy
+Path(barrier, me).touch()
+while len(os.listdir(barrier)) < 2:  # both started: neither has reached the cache yet
+    time.sleep(0.001)
+log["called"] = time.time()
+log["path"] = str(cached.prepared_source(source, cache_root, Config(), progress=False))
+Path(out).write_text(json.dumps(log))
+"""
+
+
+def test_two_processes_preparing_one_source_at_once_prepare_it_once(tmp_path: Path):
+    """The cross-process lock of data/cached.py: two preparers started together (a barrier
+    file each, so both call prepared_source within milliseconds of each other) on one source:
+    one prepares it, the other waits for the lock and reuses the finished dataset; the cache
+    holds one complete dataset (one set of shards, the bytes `prepare` writes by hand)."""
+    source = _jsonl(tmp_path / "docs.jsonl", _docs())
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARER, str(source), str(tmp_path / "cache"), str(barrier),
+                               str(i), str(tmp_path / f"log{i}.json")], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    first, second = sorted((json.loads((tmp_path / f"log{i}.json").read_text()) for i in range(2)),
+                           key=lambda log: log["entered"])
+    assert not first["found_prepared"] and second["found_prepared"]  # one prepared, one reused
+    assert second["called"] < first["left"] <= second["entered"]  # they overlapped; the second waited
+    assert first["path"] == second["path"]
+    [folder] = _prepared(tmp_path / "cache")
+    assert str(folder) == first["path"] and read_index(folder)["total_tokens"] > 0
+    by_hand = prepare_dataset(source, tmp_path / "by_hand", progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in by_hand.iterdir())  # nothing else
+    assert [s["file"] for s in read_index(folder)["shards"]] == list(_shards(folder))  # exactly one set of shards
+    assert {k: v[0] for k, v in _shards(folder).items()} == {k: v[0] for k, v in _shards(by_hand).items()}

@@ -1,6 +1,7 @@
 """What keeps a checkpoint save honest when it fails: orbax's error noise held off stderr, the
-failure's cause in one line, and the test-only fault seam that stops a save at a given phase.
-Used by `run/checkpoint.py`'s `save`."""
+failure's cause in one line, and the test-only fault seam that stops a save at a given phase
+(or holds training's start-up at a given point). Used by `run/checkpoint.py`'s `save` and by the
+trainer's start-up."""
 
 from __future__ import annotations
 
@@ -27,13 +28,19 @@ def fault(which: str, step: int, phase: str, path: Path) -> None:
     """Test-only seam: `DANTINOX_EQX_TEST_FAULT="best:20:written:kill,latest:30:start:enospc"`
     stops the save of checkpoint `which` at `step` at `phase` (start, written, digested, moved,
     committed, pruned; see `save`) by SIGKILL (`kill`), a raised ENOSPC (`enospc`), or a file size
-    limit of 4 KiB from then on that makes orbax's own writes fail (`fsize`)."""
+    limit of 4 KiB from then on that makes orbax's own writes fail (`fsize`). A fifth field
+    limits it to the saves whose path contains it (`latest:10:written:kill:member_0001`: one
+    member of a population).
+    `startup:0:POINT:wait` holds `Trainer.fit`'s start-up at POINT (`locked`: the run directory
+    locked, nothing written yet; `built`: the run's files written, the programs built, the loop
+    not begun) after writing "fault: startup:0:POINT waiting" to stderr, until a signal's handler
+    raises (at most 10 minutes): a test's SIGTERM then lands in start-up, never after it."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     for item in spec.split(","):
-        w, s, ph, action = item.strip().split(":")
-        if (w, int(s), ph) != (which, step, phase):
+        w, s, ph, action, *where = item.strip().split(":")
+        if (w, int(s), ph) != (which, step, phase) or (where and where[0] not in str(path)):
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -44,6 +51,11 @@ def fault(which: str, step: int, phase: str, path: Path) -> None:
 
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        elif action == "wait":
+            os.write(2, f"fault: {which}:{step}:{phase} waiting\n".encode())
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                time.sleep(0.01)  # a signal handler that raises ends this
 
 
 def _texts(error: BaseException | None) -> Iterator[str]:

@@ -52,6 +52,7 @@ from ..run.rundir import (
     resolve_run_dir,
     topmost_new_dir,
 )
+from ..run.save_guard import fault
 from ..run.summary import model_summary
 from . import hooks
 from .expert_log import ExpertCountsLog
@@ -210,6 +211,7 @@ class Trainer:
         self.run_dir = run_dir
         stop.step = state.step
         loggers = self._start_loggers(config, run_dir, summary, resume, lock)
+        fault("startup", 0, "locked", run_dir)  # test seam (a no-op unless DANTINOX_EQX_TEST_FAULT says)
         try:
             if distributed.is_primary():
                 write_run_files(run_dir, config, dataset, summary, rows, resume=resume, base=base,
@@ -254,6 +256,7 @@ class Trainer:
                                                    "val": dataset.val.tokens_per_byte / math.log(2)}),
                       hooks.Checkpoint(c.checkpoint_interval or c.eval_interval, checkpointer),
                       hooks.Report(progress, loggers, clock)]
+        fault("startup", 0, "built", run_dir)  # test seam: the last moment of start-up
         feed.start(state.step, total)  # the host feed starts reading ahead from here
         try:
             with StopFlag() as stop:
