@@ -7,8 +7,9 @@ import pytest
 
 from dantinox_eqx.data.chat_data import STARTS, TRAINED, encode_example, parse_row, render_spans, special_tokens
 from dantinox_eqx.data.chat_prepare import prepare_chat
+from dantinox_eqx.data.packing import pack, read_bins
 from dantinox_eqx.data.sampling import DataError
-from dantinox_eqx.data.tokens import open_flags, open_prepared
+from dantinox_eqx.data.tokens import TokenStream, open_flags, open_prepared
 
 from .chat_fixtures import CHATML, LLAMA3, ZEPHYR, chat_tokenizer
 
@@ -144,3 +145,26 @@ def test_prepared_chat_dataset_streams_tokens_and_flags(tmp_path):
     np.testing.assert_array_equal(stream.array(), np.concatenate(expect_ids))
     np.testing.assert_array_equal(flags.array(), np.concatenate(expect_flags))
     assert chat["trained_tokens"] == int(sum((f & TRAINED > 0).sum() for f in expect_flags))
+
+
+def test_packing_bins_cut_and_drop():
+    # examples (length, first trained position): packed greedily in order into windows of 8
+    examples = [(3, 1), (4, 2), (2, 1), (11, 3), (12, 9), (5, 4), (1, None)]
+    flags = []
+    for n, first in examples:
+        f = [STARTS] + [0] * (n - 1)
+        if first is not None:
+            f[first:] = [TRAINED] * (n - first)
+        flags += f
+    stream = TokenStream([np.asarray(flags, np.uint8)], [0.0])
+    p = pack(stream, 8)
+    # [3+4] | [2] | 11 cut to 8 | 12 dropped (its answer starts at 9: past the window) | [5+1]
+    np.testing.assert_array_equal(p.offsets, [0, 7, 9, 32])
+    np.testing.assert_array_equal(p.lengths, [7, 2, 8, 6])
+    assert p.stats == {"examples": 7, "bins": 4, "examples_cut": 1, "answers_truncated": 1,
+                       "real_fraction": round(23 / 32, 4)}
+    tokens = TokenStream([np.arange(len(flags), dtype=np.uint16)], [0.0])
+    t, f = read_bins(tokens, stream, p, np.array([[1, 0]]))
+    np.testing.assert_array_equal(t[0, 0], [7, 8, 0, 0, 0, 0, 0, 0])  # padded with token 0 ...
+    np.testing.assert_array_equal(f[0, 0], [STARTS, TRAINED, STARTS, 0, 0, 0, 0, 0])  # ... its own segment
+    np.testing.assert_array_equal(t[0, 1], [0, 1, 2, 3, 4, 5, 6, 0])

@@ -228,6 +228,10 @@ class PackedFeed(HostFeed):
 
     kind = "packed"
 
+    def batch_at(self, step: int) -> tuple[Array, Array]:
+        """The training batch of `step`: (tokens, flags), each (accum, batch, max_context + 1)."""
+        return self._read("train", self.splits.train, self.data_key, step, TRAIN_STREAM, self.config.grad_accum)
+
     def _read(self, which: str, stream: TokenStream, key: np.ndarray, step: int, stream_id: int, n: int) -> Any:
         c, split = self.config, ("train" if which == "train" or which == "eval_train" else "val")
         packing = self.splits.packing[split]

@@ -121,7 +121,7 @@ class TokenStream:
     behind part i (for bits per byte). `view` slices without copying."""
 
     def __init__(self, parts: Sequence[np.ndarray | ShardFile], part_bytes: Sequence[float] | np.ndarray, lo: int = 0,
-                 hi: int | None = None, part_counted: Sequence[float] | None = None):
+                 hi: int | None = None, part_counted: Sequence[float] | np.ndarray | None = None):
         # Plain ndarray views of memory maps: indexing an np.memmap costs ~1 us more per call.
         self.parts = tuple(p if isinstance(p, ShardFile) else np.asarray(p) for p in parts)
         self.sizes = np.array([len(p) for p in self.parts], np.int64)
