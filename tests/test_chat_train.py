@@ -84,3 +84,19 @@ def test_bad_chat_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not run.exists() and not (cache / "prepared").exists() or not any((cache / "prepared").iterdir())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_on_chat_data_gives_identical_rows(tmp_path: Path, monkeypatch):
+    from .test_trainer import EXACT, _train_and_kill
+
+    monkeypatch.setenv("DANTINOX_EQX_CACHE", str(tmp_path / "cache"))
+    data, tok, template = chat_files(tmp_path / "in")
+    config = chat_config(tok, template, max_steps=120, eval_interval=10, grad_accum=2, dropout_rate=0.1)
+    killed = tmp_path / "killed"
+    assert 60 <= _train_and_kill(tmp_path, config, data, killed, 60) < 120  # killed mid-run
+    Trainer(config, progress=False).fit(data, run_dir=killed, resume=True)
+    reference = Trainer(config, progress=False).fit(data, run_dir=tmp_path / "reference")
+    got, want = read_log(killed / "training_log.csv"), read_log(reference / "training_log.csv")
+    assert len(want) == 12
+    assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in want]  # bitwise
