@@ -148,8 +148,9 @@ def test_prepared_chat_dataset_streams_tokens_and_flags(tmp_path):
 
 
 def test_packing_bins_cut_and_drop():
-    # examples (length, first trained position): packed greedily in order into windows of 8
+    # examples (length, first trained position), packed best-fit decreasing into windows of 8
     examples = [(3, 1), (4, 2), (2, 1), (11, 3), (12, 9), (5, 4), (1, None)]
+    # at offsets 0 3 7 9 20 32 37
     flags = []
     for n, first in examples:
         f = [STARTS] + [0] * (n - 1)
@@ -158,13 +159,15 @@ def test_packing_bins_cut_and_drop():
         flags += f
     stream = TokenStream([np.asarray(flags, np.uint8)], [0.0])
     p = pack(stream, 8)
-    # [3+4] | [2] | 11 cut to 8 | 12 dropped (its answer starts at 9: past the window) | [5+1]
-    np.testing.assert_array_equal(p.offsets, [0, 7, 9, 32])
-    np.testing.assert_array_equal(p.lengths, [7, 2, 8, 6])
-    assert p.stats == {"examples": 7, "bins": 4, "examples_cut": 1, "answers_truncated": 1,
-                       "real_fraction": round(23 / 32, 4)}
+    # 11 is cut to 8 (a bin of its own); 12 dropped (its answer starts at 9: past the window);
+    # longest first: 5 opens a bin (room 3), 4 opens another (room 4), 3 fills the first, 2 and 1
+    # go to the second
+    bins = [list(zip(p.offsets[a:b], p.lengths[a:b])) for a, b in zip(p.bins, p.bins[1:])]
+    assert bins == [[(9, 8)], [(32, 5), (0, 3)], [(3, 4), (7, 2), (37, 1)]]
+    assert p.stats == {"examples": 7, "bins": 3, "examples_cut": 1, "answers_truncated": 1,
+                       "real_fraction": round(23 / 24, 4)}
     tokens = TokenStream([np.arange(len(flags), dtype=np.uint16)], [0.0])
-    t, f = read_bins(tokens, stream, p, np.array([[1, 0]]))
-    np.testing.assert_array_equal(t[0, 0], [7, 8, 0, 0, 0, 0, 0, 0])  # padded with token 0 ...
-    np.testing.assert_array_equal(f[0, 0], [STARTS, TRAINED, STARTS, 0, 0, 0, 0, 0])  # ... its own segment
-    np.testing.assert_array_equal(t[0, 1], [0, 1, 2, 3, 4, 5, 6, 0])
+    t, f = read_bins(tokens, stream, p, np.array([[2, 1]]))
+    np.testing.assert_array_equal(t[0, 0], [3, 4, 5, 6, 7, 8, 37, 0])  # whole examples, then padding
+    np.testing.assert_array_equal(f[0, 0], [STARTS, 0, TRAINED, TRAINED, STARTS, TRAINED, STARTS, STARTS])
+    np.testing.assert_array_equal(t[0, 1], [32, 33, 34, 35, 36, 0, 1, 2])

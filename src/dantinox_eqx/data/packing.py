@@ -1,14 +1,15 @@
 """Packing chat examples into windows (issue 23): which examples share a window, and reading them.
 
 A chat dataset's flags stream (chat_prepare.py) marks each example's first token (STARTS). A
-split is cut into BINS, each at most `window` = max_context + 1 tokens: a run of consecutive
-whole examples, packed greedily in stream order (no reordering: a pure function of the data,
-O(examples) memory). An example longer than the window is cut to it (a bin of its own; counted
-in `examples_cut`), or dropped when the cut leaves it no trained token (its answer is past the
-window; counted in `answers_truncated`): a prompt-only example is never trained on. A batch row
-is one bin padded to the window (token 0, untrained, a segment of its own); attention and
-positions restart at each example (the STARTS bits become `segment_ids` in train/step.py), so
-a packed window computes what each example computes alone. `real_fraction` is the share of
+split is cut into BINS, each at most `window` = max_context + 1 tokens of whole examples,
+packed best-fit decreasing (a pure function of the data, O(examples) memory; on many short
+examples it leaves only the last bins partly empty). An example longer than the window is cut
+to it (a bin of its own; counted in `examples_cut`), or dropped when the cut leaves it no
+trained token (its answer is past the window; counted in `answers_truncated`): a prompt-only
+example is never trained on. A batch row is one bin padded to the window (token 0, untrained,
+a segment of its own); attention and positions restart at each example (the STARTS bits
+become `segment_ids` in train/step.py), so a packed window computes what each example
+computes alone. `real_fraction` is the share of
 the bins' window slots holding real tokens (the rest is padding).
 """
 
@@ -29,13 +30,14 @@ __all__ = ["Packing", "example_starts", "pack", "read_bins"]
 
 @dataclass(frozen=True)
 class Packing:
-    offsets: np.ndarray  # (n_bins,) int64: each bin's first token in its stream
-    lengths: np.ndarray  # (n_bins,) int64: its real tokens (<= window)
+    offsets: np.ndarray  # (n_items,) int64: each packed example's first token in its stream
+    lengths: np.ndarray  # (n_items,) int64: its tokens (<= window: an example cut to the window)
+    bins: np.ndarray  # (n_bins + 1,) int64: bin b holds items bins[b]:bins[b + 1]
     window: int
     stats: dict[str, Any]
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.bins) - 1
 
 
 def example_starts(flags: TokenStream, chunk: int = 1 << 22) -> np.ndarray:
@@ -48,41 +50,50 @@ def example_starts(flags: TokenStream, chunk: int = 1 << 22) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def _best_fit_decreasing(lengths: np.ndarray, window: int) -> list[list[int]]:
+    """Item indices per bin: items longest first (ties in stream order), each into the open bin
+    with the least room that fits it (a new bin when none does). Deterministic; O(n * window)."""
+    room_bins: list[list[int]] = [[] for _ in range(window + 1)]  # open bins by their room left
+    open_at = np.zeros(window + 1, np.int64)  # how many open bins have each room
+    bins: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        fits = np.flatnonzero(open_at[n:])
+        if len(fits):
+            room = n + int(fits[0])
+            b = room_bins[room].pop()
+            open_at[room] -= 1
+        else:
+            room, b = window, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        room_bins[room - n].append(b)
+        open_at[room - n] += 1
+    return bins
+
+
 def pack(flags: TokenStream, window: int) -> Packing:
     """The bins of a split (module docstring). `window`: tokens per batch row (max_context + 1)."""
     starts = example_starts(flags)
     if len(starts) == 0 or starts[0] != 0:
         starts = np.concatenate([[0], starts]).astype(np.int64)  # a split cut mid-example: its head is one
-    ends = np.append(starts[1:], len(flags))
-    offsets, lengths = [], []
+    lengths = np.append(starts[1:], len(flags)) - starts
+    keep = np.ones(len(starts), bool)
     cut = dropped = 0
-    cur_off, cur_len = 0, 0
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        n = e - s
-        if n > window:
-            if cur_len:
-                offsets.append(cur_off), lengths.append(cur_len)
-                cur_len = 0
-            head = flags.read(np.array([s]), window)[0]
-            if np.any(head[1:] & TRAINED):
-                offsets.append(s), lengths.append(window)
-                cut += 1
-            else:
-                dropped += 1
-            continue
-        if cur_len and cur_off + cur_len == s and cur_len + n <= window:
-            cur_len += n
+    for i in np.flatnonzero(lengths > window).tolist():  # cut to the window, or dropped without an answer
+        head = flags.read(np.array([starts[i]]), window)[0]
+        if np.any(head[1:] & TRAINED):
+            cut += 1
         else:
-            if cur_len:
-                offsets.append(cur_off), lengths.append(cur_len)
-            cur_off, cur_len = s, n
-    if cur_len:
-        offsets.append(cur_off), lengths.append(cur_len)
-    offsets, lengths = np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
-    stats = {"examples": int(len(starts)), "bins": int(len(offsets)), "examples_cut": cut,
-             "answers_truncated": dropped,
-             "real_fraction": round(float(lengths.sum() / max(len(offsets) * window, 1)), 4)}
-    return Packing(offsets, lengths, window, stats)
+            dropped += 1
+            keep[i] = False
+    offsets, lengths = starts[keep], np.minimum(lengths[keep], window)
+    groups = _best_fit_decreasing(lengths, window)
+    order = np.asarray([i for g in groups for i in g], np.int64)
+    bins = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64)
+    stats = {"examples": int(len(starts)), "bins": len(groups), "examples_cut": cut, "answers_truncated": dropped,
+             "real_fraction": round(float(lengths.sum() / max(len(groups) * window, 1)), 4)}
+    return Packing(offsets[order], lengths[order], bins, window, stats)
 
 
 def read_bins(tokens: TokenStream, flags: TokenStream, packing: Packing, bins: np.ndarray
@@ -94,9 +105,13 @@ def read_bins(tokens: TokenStream, flags: TokenStream, packing: Packing, bins: n
     out_t = np.zeros((len(flat), W), np.int32)
     out_f = np.zeros((len(flat), W), np.int32)
     for r, b in enumerate(flat.tolist()):
-        off, n = int(packing.offsets[b]), int(packing.lengths[b])
-        out_t[r, :n] = tokens.read(np.array([off]), n)[0]
-        out_f[r, :n] = flags.read(np.array([off]), n)[0]
-        if n < W:
-            out_f[r, n] = STARTS
+        at = 0
+        for i in range(int(packing.bins[b]), int(packing.bins[b + 1])):
+            off, n = int(packing.offsets[i]), int(packing.lengths[i])
+            out_t[r, at:at + n] = tokens.read(np.array([off]), n)[0]
+            out_f[r, at:at + n] = flags.read(np.array([off]), n)[0]
+            out_f[r, at] = STARTS  # each example its own segment, its first token never a target
+            at += n
+        if at < W:
+            out_f[r, at] = STARTS
     return out_t.reshape(*shape, W), out_f.reshape(*shape, W)

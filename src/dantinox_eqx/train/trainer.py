@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from ..config import Config, ConfigError
 from ..data import feeds
 from ..data import tokenizer as tk
+from ..data.chat import read_chat_template, write_chat_template
 from ..data.tokens import Splits
 from ..files import atomic_write_text
 from ..hostmem import keep_freed_memory
@@ -54,7 +55,7 @@ from ..run.rundir import (
 from ..run.summary import model_summary
 from . import hooks
 from .expert_log import ExpertCountsLog
-from .inputs import initial_model, resolve_vocab, trainable_mask, training_data
+from .inputs import chat_template, initial_model, resolve_vocab, trainable_mask, training_data
 from .loop import train_loop
 from .lr_finder import _check_args, find_lr
 from .muon import param_groups
@@ -97,6 +98,9 @@ def write_run_files(run_dir: Path, config: Config, dataset: Any, summary: dict[s
               or (Path(config.init_from) / TOKENIZER_FILE if config.init_from else None))
     tk.save_tokenizer(dataset.tokenizer, run_dir / TOKENIZER_FILE, source=source)
     atomic_write_text(run_dir / config.summary_file, json.dumps(summary, indent=2) + "\n")
+    template = chat_template(config, run_dir, resume)  # chat data's template: the fine-tune's own (issue 23)
+    if template is not None and read_chat_template(run_dir) != template:
+        write_chat_template(run_dir, template)
     if base is not None:
         finetune.write_pointer(run_dir, base)
     write_log(run_dir / config.log_file, rows)
