@@ -16,16 +16,16 @@ the bins' window slots holding real tokens (the rest is padding).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .chat_data import STARTS, TRAINED
+from .sampling import DataError
 
-if TYPE_CHECKING:  # tokens.py imports this module
-    from .tokens import TokenStream
+TokenStream = Any  # tokens.TokenStream (tokens.py imports this module: no import back)
 
-__all__ = ["Packing", "example_starts", "pack", "read_bins"]
+__all__ = ["Packing", "example_starts", "pack", "read_bins", "chat_splits"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +115,34 @@ def read_bins(tokens: TokenStream, flags: TokenStream, packing: Packing, bins: n
         if at < W:
             out_f[r, at] = STARTS
     return out_t.reshape(*shape, W), out_f.reshape(*shape, W)
+
+
+def _next_start(flags: TokenStream, at: int, chunk: int = 1 << 16) -> int:
+    """The first example start at or after `at` (len(flags) when none)."""
+    while at < len(flags):
+        n = min(chunk, len(flags) - at)
+        hits = np.flatnonzero(flags.read(np.array([at]), n)[0] & STARTS)
+        if len(hits):
+            return at + int(hits[0])
+        at += n
+    return len(flags)
+
+
+def chat_splits(stream: TokenStream, flags: TokenStream, chat: dict[str, Any], config: Any) -> tuple:
+    """(train, val, train_flags, val_flags, {"train", "val"}: Packing, the summary's "chat" entry)
+    of a chat dataset: validation is the examples of its last `val_fraction` of tokens (cut at an
+    example start), training the rest capped at `max_train_tokens` (whole examples); each split
+    packed into windows of max_context + 1."""
+    cut = _next_start(flags, len(stream) - int(len(stream) * config.val_fraction))
+    top = _next_start(flags, config.max_train_tokens) if config.max_train_tokens < cut else cut
+    top = min(top, cut)
+    views = stream.view(0, top), stream.view(cut, len(stream)), flags.view(0, top), flags.view(cut, len(stream))
+    packs = {"train": pack(views[2], config.max_context + 1), "val": pack(views[3], config.max_context + 1)}
+    for name, p in packs.items():
+        if len(p) == 0:
+            raise DataError(f"data_path: the chat data's {name} split has no example (val_fraction "
+                            f"{config.val_fraction}, {chat['examples']} examples); use more data or another "
+                            "val_fraction")
+    info = dict(chat) | {f"{name}_packing": p.stats for name, p in packs.items()}
+    info["real_fraction"] = packs["train"].stats["real_fraction"]
+    return (*views, packs, info)

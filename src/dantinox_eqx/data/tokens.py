@@ -59,7 +59,7 @@ from ..files import cache_dir as default_cache_dir
 from . import tokenizer as tk
 from .cached import needs_prepare, prepared_source
 from .chat_prepare import chat_cache_dir, is_chat_jsonl, prepare_chat
-from .packing import pack
+from .packing import chat_splits
 from .sampling import DataError, encode_corpus, prepare_data, read_corpus
 
 __all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
@@ -424,37 +424,13 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
                               "data_path" if config.val_path is None else "val_path")
 
 
-def _next_start(flags: TokenStream, at: int, chunk: int = 1 << 16) -> int:
-    """The first example start at or after `at` (len(flags) when none)."""
-    while at < len(flags):
-        n = min(chunk, len(flags) - at)
-        hits = np.flatnonzero(flags.read(np.array([at]), n)[0] & 2)  # chat_data.STARTS
-        if len(hits):
-            return at + int(hits[0])
-        at += n
-    return len(flags)
-
-
 def _chat_splits(stream: TokenStream, flags: TokenStream, chat: dict[str, Any], tokenizer: Tokenizer,
                  config: Config) -> Splits:
-    """A chat dataset's splits: validation is the examples of its last `val_fraction` of tokens
-    (cut at an example start), training the rest capped at `max_train_tokens` (whole examples)."""
+    """A chat dataset's splits, cut at example starts and packed (`packing.chat_splits`)."""
     if config.val_path is not None:
         raise DataError("val_path: a separate validation set is not supported for chat data yet; leave it unset "
                         "(val_fraction holds out the last examples)")
-    cut = _next_start(flags, len(stream) - int(len(stream) * config.val_fraction))
-    top = _next_start(flags, min(cut, config.max_train_tokens)) if config.max_train_tokens < cut else cut
-    train, val = stream.view(0, top), stream.view(cut, len(stream))
-    train_flags, val_flags = flags.view(0, top), flags.view(cut, len(stream))
-    window = config.max_context + 1
-    packs = {"train": pack(train_flags, window), "val": pack(val_flags, window)}
-    for name, p in packs.items():
-        if len(p) == 0:
-            raise DataError(f"data_path: the chat data's {name} split has no example (val_fraction "
-                            f"{config.val_fraction}, {chat['examples']} examples); use more data or another "
-                            "val_fraction")
-    info = dict(chat) | {f"{name}_packing": p.stats for name, p in packs.items()}
-    info["real_fraction"] = packs["train"].stats["real_fraction"]
+    train, val, train_flags, val_flags, packs, info = chat_splits(stream, flags, chat, config)
     return Splits(train, val, tokenizer, True, train_flags, val_flags, info, packs)
 
 
