@@ -171,3 +171,20 @@ def test_packing_bins_cut_and_drop():
     np.testing.assert_array_equal(t[0, 0], [3, 4, 5, 6, 7, 8, 37, 0])  # whole examples, then padding
     np.testing.assert_array_equal(f[0, 0], [STARTS, 0, TRAINED, TRAINED, STARTS, TRAINED, STARTS, STARTS])
     np.testing.assert_array_equal(t[0, 1], [32, 33, 34, 35, 36, 0, 1, 2])
+
+
+def test_prepare_cli_on_chat_jsonl(tmp_path, monkeypatch, capsys):
+    from .test_prepare import run_cli
+
+    src, tok, tpl = tmp_path / "chat.jsonl", tmp_path / "tokenizer.json", tmp_path / "t.jinja"
+    src.write_text(json.dumps({"messages": CONVERSATION}) + "\n", encoding="utf-8")
+    chat_tokenizer().save(str(tok))
+    tpl.write_text(LLAMA3, encoding="utf-8")
+    code, out, err = run_cli(monkeypatch, capsys, src, tmp_path / "none")  # no tokenizer: refused
+    assert code == 2 and "tokenizer_path" in err and not (tmp_path / "none").exists()
+    code, out, err = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--tokenizer_path", tok,
+                             "--chat_template", tpl, "--train_on", "all")
+    assert code in (0, None), err
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["version"] == 2 and index["chat"]["train_on"] == "all"
+    assert index["chat"]["trained_tokens"] == index["total_tokens"] - 1  # all but the first token
