@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import handle_errors
+from .common import fail, handle_errors
 
 
 @click.command("eval")
@@ -25,12 +25,16 @@ from .common import handle_errors
 def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: int, seed: int,
                  latest: bool, unknown_chars: str, as_json: bool) -> None:
     """Evaluate the model of RUN_DIR on the text in --data_path (one it was not trained on)."""
+    from dantinox_eqx.data.chat_prepare import is_chat_jsonl
     from dantinox_eqx.data.sampling import read_corpus
     from dantinox_eqx.data.tokenizer import load_tokenizer
     from dantinox_eqx.infer.evaluate import evaluate
     from dantinox_eqx.run.layout import TOKENIZER_FILE
     from dantinox_eqx.run.pretrained import from_pretrained
 
+    if is_chat_jsonl(data_path):  # issue 23: the answer-token loss of chat data is not written yet
+        fail("data_path: eval of chat data (conversations / prompt-completion JSONL) is not supported yet; "
+             "its answer-token loss is the val_loss of a training run on it")
     model = from_pretrained(run_dir, best=not latest)
     tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
     result = evaluate(model, tokenizer, read_corpus(data_path), batch_size=batch_size, n_batches=batches,
