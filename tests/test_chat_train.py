@@ -102,3 +102,32 @@ def test_resume_after_sigkill_on_chat_data_gives_identical_rows(tmp_path: Path, 
     got, want = read_log(killed / "training_log.csv"), read_log(reference / "training_log.csv")
     assert len(want) == 12
     assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in want]  # bitwise
+
+
+@pytest.mark.slow
+def test_document_mask_on_plain_documents(tmp_path: Path, monkeypatch):
+    from tokenizers import Tokenizer, models
+
+    from dantinox_eqx.config import ConfigError
+    from dantinox_eqx.data.tokens import open_splits
+    from dantinox_eqx.train.programs import document_separator
+
+    monkeypatch.setenv("DANTINOX_EQX_CACHE", str(tmp_path / "cache"))
+    docs = tmp_path / "docs.jsonl"  # short documents: prepare puts <|endoftext|> after each
+    speeches = [s for s in plays_text()[:60_000].split("\n\n") if len(s) > 20]
+    docs.write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches), encoding="utf-8")
+    config = Config(**{**TINY, "vocab_size": None, "max_context": 32, "max_steps": 20, "eval_interval": 10,
+                       "document_mask": True})
+    splits = open_splits(docs, config, cache_dir=tmp_path / "cache")
+    assert document_separator(config, splits) == splits.tokenizer.token_to_id("<|endoftext|>")
+    assert document_separator(config.replace(document_mask=False), splits) is None
+    no_eot = splits.__class__(splits.train, splits.val, Tokenizer(models.WordLevel({"a": 0}, unk_token=None)))
+    with pytest.raises(ConfigError, match="document_mask: the tokenizer has no end-of-text token"):
+        document_separator(config, no_eot)
+    rows = {}
+    for mask in (True, False):
+        out = Trainer(config.replace(document_mask=mask), progress=False).fit(docs, run_dir=tmp_path / f"run{mask}")
+        rows[mask] = read_log(out / "training_log.csv")
+    # same data, seed and batches: only the masks differ, and the losses with them
+    assert all(abs(a["val_loss"] - b["val_loss"]) > 1e-4 for a, b in zip(rows[True], rows[False]))
+    assert rows[True][-1]["val_loss"] < rows[True][0]["val_loss"]
