@@ -120,9 +120,9 @@ def test_no_template_and_failing_template(tmp_path):
     src.write_text(json.dumps({"messages": CONVERSATION[1:3]}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"line 1: a conversation needs a chat template.*--chat_template"):
         prepare_chat(src, tmp_path / "a", chat_tokenizer(), None)
-    with pytest.raises(DataError, match=r"line 1: the chat template failed to render: .*no system turn"):
+    with pytest.raises(DataError, match=r"line 1: the chat template failed: .*no system turn"):
         prepare_chat(src, tmp_path / "b", chat_tokenizer(), "{{ raise_exception('no system turn') }}")
-    with pytest.raises(DataError, match=r"line 1: the chat template does not compile"):
+    with pytest.raises(DataError, match=r"line 1: the chat template failed: "):
         prepare_chat(src, tmp_path / "c", chat_tokenizer(), "{% for %}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
 

@@ -21,7 +21,7 @@ class ChatTemplateError(ValueError):
 
 
 def _raise(message: str) -> None:
-    raise ChatTemplateError(f"the chat template failed to render: raise_exception({message!r})")
+    raise ChatTemplateError(f"raise_exception({message!r})")
 
 
 def _compiled(template: str) -> Any:
@@ -35,7 +35,7 @@ def _compiled(template: str) -> Any:
     try:
         return env.from_string(template)
     except TemplateError as e:
-        raise ChatTemplateError(f"the chat template does not compile: {e}") from None
+        raise ChatTemplateError(f"it does not compile: {e}") from None
 
 
 def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = False,
@@ -51,7 +51,7 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
     except ChatTemplateError:
         raise
     except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        raise ChatTemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
+        raise ChatTemplateError(f"{type(e).__name__}: {e}") from None
 
 
 def read_chat_template(run_dir: str | os.PathLike) -> str | None:

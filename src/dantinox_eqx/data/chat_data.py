@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import tokenizer as tk
-from .chat import ChatTemplateError, render_chat
+from .chat import render_chat
 from .sampling import DataError
 
 __all__ = ["ROLES", "TRAIN_ON", "TRAINED", "STARTS", "parse_row", "is_chat_row", "render_spans",
@@ -97,8 +97,9 @@ def special_tokens(tok: Tokenizer) -> dict[str, str]:
 def _render(template: str, messages: list[dict[str, str]], where: str, special: dict[str, str], **kw: Any) -> str:
     try:
         return render_chat(template, messages, **kw, **special)
-    except ChatTemplateError as e:
-        raise DataError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure of the user's template is bad input (whose error type
+        # is chat.py's business: jinja's, or its own for raise_exception)
+        raise DataError(f"{where}: the chat template failed: {e}") from None
 
 
 def render_spans(row: list[dict[str, str]] | tuple[str, str], template: str | None, where: str,
