@@ -164,3 +164,43 @@ def test_document_mask_from_end_of_text():
         losses.append(float(optax.softmax_cross_entropy_with_integer_labels(logits[0], ex[1:]).mean()))
         counts.append(len(ex) - 1)
     np.testing.assert_allclose(float(loss), np.average(losses, weights=counts), rtol=1e-5)
+
+
+_SHARDED = """
+import sys, jax, numpy as np, optax, equinox as eqx
+sys.path.insert(0, {root!r})
+from tests.test_packing import _model, _params_static, _chat_batch
+from dantinox_eqx.parallel import sharding
+from dantinox_eqx.train.step import make_train_step
+assert jax.device_count() == 4
+_, model = _model()
+params, static = _params_static(model)
+sgd = optax.sgd(1.0)
+step = make_train_step(static, sgd, donate=False)
+tokens, flags = _chat_batch(8, 17, seed=3)
+batch = (tokens.reshape(2, 4, 17), flags.reshape(2, 4, 17))
+one = step(params, sgd.init(params), jax.device_put(batch, jax.devices()[0]), jax.random.key(0))
+mesh = sharding.make_mesh(4)
+p, o = sharding.place(params, sgd.init(params), mesh)
+four = step(p, o, sharding.shard_batch(batch, mesh, 1), jax.random.key(0))
+print(float(one[2]["loss"]), float(four[2]["loss"]))
+for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(four[0])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_masked_loss_is_over_the_all_device_batch():
+    """4 devices, each a quarter of every micro-batch holding different numbers of trained
+    tokens: the step equals the one-device step (the sums are global; atol as in the 1 x 8 test)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .procs import device_env
+
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", _SHARDED.format(root=root)], env=device_env(4),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
