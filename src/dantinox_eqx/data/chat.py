@@ -6,6 +6,7 @@ Minimal stand-in (branch `chatdata`) for the `chat` branch's module of the same 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(f"raise_exception({message!r})")
 
 
+@functools.lru_cache(maxsize=8)  # compiling costs ~1 ms; a dataset renders one template per row
 def _compiled(template: str) -> Any:
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment

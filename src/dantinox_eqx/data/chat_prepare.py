@@ -8,9 +8,10 @@ the bits TRAINED (the token is a trained target) and STARTS (the token starts an
 segment boundaries of packed windows). index.json is version 2: version 1's fields, each shard
 with "flags_file" and "trained_tokens", its "bytes" the UTF-8 bytes of the TRAINED text (bits
 per byte are over the trained tokens), and "chat": {"train_on", "template_sha256", "examples",
-"trained_tokens"}. Memory: one example and the current shard's write buffers (flushed every
-`FLUSH_TOKENS`). The whole dataset is written in a temporary folder renamed at the end: a
-malformed row (DataError naming its line and field) leaves nothing behind.
+"trained_tokens"}. Memory: one batch of rendered rows (`BATCH_CHARS` of text) and its ids
+(measured: 9 MB of chat JSONL, 321 MB peak RSS; the same text as plain JSONL through
+`prepare_dataset`, 389 MB). The whole dataset is written in a temporary folder renamed at the
+end: a malformed row (DataError naming its line and field) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from tokenizers import Tokenizer
 
 from ..files import atomic_dir
 from . import tokenizer as tk
-from .chat_data import TRAIN_ON, encode_example, parse_row, render_spans, special_tokens
+from .chat_data import TRAIN_ON, encode_examples, parse_row, render_spans, special_tokens
 from .sampling import DataError
 
 __all__ = ["CHAT_VERSION", "prepare_chat", "is_chat_jsonl", "chat_cache_dir"]
 
 CHAT_VERSION = 2
 SHARD_TOKENS = 1 << 27
-FLUSH_TOKENS = 1 << 20
+BATCH_CHARS = 1 << 20  # text encoded per batch: bounded memory, the tokenizer's threads busy
 
 
 def is_chat_jsonl(path: str | os.PathLike) -> bool:
@@ -111,14 +112,20 @@ def prepare_chat(source: str | os.PathLike, out_dir: str | os.PathLike, tokenize
         writer = _Writer(tmp, dtype)
         try:
             with open(source, encoding="utf-8") as f:
+                batch, size = [], 0  # rows rendered, encoded together every BATCH_CHARS of text
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
                     where = f"{field}: {source.name} line {lineno}"
-                    row = parse_row(line, where)
-                    text, spans = render_spans(row, template, where, special)
-                    ids, flags, trained_bytes = encode_example(tokenizer, text, spans, train_on, where)
-                    writer.add(ids, flags, trained_bytes)
+                    text, spans = render_spans(parse_row(line, where), template, where, special)
+                    batch.append((text, spans, where))
+                    size += len(text)
+                    if size >= BATCH_CHARS:
+                        for example in encode_examples(tokenizer, batch, train_on):
+                            writer.add(*example)
+                        batch, size = [], 0
+                for example in encode_examples(tokenizer, batch, train_on):
+                    writer.add(*example)
         except UnicodeDecodeError as e:
             raise DataError(f"{field}: {str(source)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         finally:
