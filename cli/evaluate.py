@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import handle_errors
+from .common import fail, handle_errors
 
 
 @click.command("eval")
@@ -31,11 +31,15 @@ def eval_command(run_dir: str, data_path: str, batches: int | None, batch_size: 
                  latest: bool, max_context: int | None, unknown_chars: str, as_json: bool) -> None:
     """Evaluate the model of RUN_DIR on the data at --data_path (one it was not trained on)."""
     from dantinox_eqx.config import Config
+    from dantinox_eqx.data.chat_prepare import is_chat_jsonl
     from dantinox_eqx.data.tokenizer import load_tokenizer
     from dantinox_eqx.infer.evaluate import evaluate_source
     from dantinox_eqx.run.layout import CONFIG_FILE, TOKENIZER_FILE
     from dantinox_eqx.run.pretrained import from_pretrained
 
+    if is_chat_jsonl(data_path):  # issue 23: the answer-token loss of chat data is not written yet
+        fail("data_path: eval of chat data (conversations / prompt-completion JSONL) is not supported yet; "
+             "its answer-token loss is the val_loss of a training run on it")
     model = from_pretrained(run_dir, best=not latest, max_context=max_context)
     tokenizer_file = Path(run_dir) / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_file)

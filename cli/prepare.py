@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from importlib.resources import files
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .overrides import field_options, load_config
 
 # The config fields prepare reads; every other field belongs to training.
 _FIELDS = ("tokenizer_type", "tokenizer_path", "bpe_vocab_size", "unknown_chars", "dataset_source", "dataset_name",
-           "dataset_config", "dataset_split", "dataset_text_field", "streaming")
+           "dataset_config", "dataset_split", "dataset_text_field", "streaming", "chat_template", "train_on")
 
 
 @click.command("prepare", context_settings={"max_content_width": 120})
@@ -63,6 +64,8 @@ def prepare(paths: tuple[str, ...], config_path: str | None, text_field: str | N
     else:
         fail("prepare: give SOURCE and OUT_DIR (with --dataset_source hf, SOURCE defaults to dataset_name)")
     field = text_field if text_field is not None else config.dataset_text_field
+    if source is not None and _prepare_chat(source, out_dir, config):
+        return
     if hf:
         source = HFDataset.from_config(config.replace(dataset_text_field=field), source)
     out = prepare_dataset(source, out_dir, tokenizer=config.tokenizer_path or None,
@@ -74,6 +77,32 @@ def prepare(paths: tuple[str, ...], config_path: str | None, text_field: str | N
     click.echo(f"prepared {out}: {index['total_tokens']} tokens ({index['dtype']}, vocab {index['vocab_size']}) "
                f"from {index['total_documents']} documents, {index['total_bytes'] / 1e6:.1f} MB of text, "
                f"{len(index['shards'])} shard(s)")
+
+
+def _prepare_chat(source: str, out_dir: str, config: Config) -> bool:
+    """Chat JSONL (issue 23): prepared with its loss-mask stream (data/chat_prepare.py); False
+    for any other source."""
+    from dantinox_eqx.data import tokenizer as tk
+    from dantinox_eqx.data.chat_prepare import is_chat_jsonl, prepare_chat
+
+    if not is_chat_jsonl(source):
+        return False
+    if not config.tokenizer_path:
+        fail("tokenizer_path: chat data is tokenized with the model's tokenizer: pass --tokenizer_path "
+             "RUN_DIR/tokenizer.json")
+    template = None
+    if config.chat_template:
+        if not Path(config.chat_template).is_file():
+            fail(f"chat_template: {config.chat_template!r} is not a file; pass a Jinja chat template file")
+        template = Path(config.chat_template).read_text(encoding="utf-8")
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not (Path(out_dir) / "index.json").is_file():
+        fail(f"OUT_DIR: {out_dir!r} exists and is not a prepared dataset; pass a new folder")
+    out = prepare_chat(source, out_dir, tk.load_tokenizer(config.tokenizer_path), template, config.train_on,
+                       field="source")
+    index = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    click.echo(f"prepared {out}: {index['total_tokens']} tokens from {index['chat']['examples']} chat examples, "
+               f"{index['chat']['trained_tokens']} trained (train_on {index['chat']['train_on']})")
+    return True
 
 
 COMMANDS = [prepare]

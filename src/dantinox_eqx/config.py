@@ -37,6 +37,7 @@ class ImmutableConfigError(ConfigError, dataclasses.FrozenInstanceError):
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "adam", "muon")  # issue 16: adam, muon
 TOKENIZERS = ("char", "bpe")
+TRAIN_ON = ("assistant", "all")  # issue 23: data/chat_data.TRAIN_ON
 UNKNOWN_CHARS = ("error", "drop")  # issue 14: tokenizer.UNKNOWN_CHARS (config imports nothing of ours)
 DATASET_SOURCES = ("local", "hf")  # issue 14: DantinoX's dataset_source values
 LORA_TARGETS = ("attention", "mlp", "all")
@@ -143,6 +144,10 @@ class Config:
     # when set, val_fraction is unused and all of data_path trains
     val_path: str | None = None
     unknown_chars: str = "error"  # ours: text outside a char vocabulary (fine-tune, eval): error or drop
+    # ours (issue 23): chat fine-tuning data and packed windows
+    train_on: str = "assistant"  # chat data: the loss covers the assistant turns (+ end-of-turn), or "all"
+    chat_template: str | None = None  # a Jinja chat template file, for chat data of a run without one
+    document_mask: bool = False  # plain text: attention and positions restart after each end-of-text token
     # --- Hugging Face datasets (DantinoX's fields; issue 14: `prepare` reads them) ----------
     dataset_source: str = "local"  # "local": a file/folder/glob path; "hf": the dataset below
     dataset_name: str = ""  # hub id, a local dataset folder, or a save_to_disk directory
@@ -475,6 +480,7 @@ def _validate(cfg: Config) -> None:
     _choice(cfg, "optimizer", OPTIMIZERS)
     _choice(cfg, "tokenizer_type", TOKENIZERS)
     _choice(cfg, "unknown_chars", UNKNOWN_CHARS)  # issue 14
+    _choice(cfg, "train_on", TRAIN_ON)  # issue 23
     _choice(cfg, "dataset_source", DATASET_SOURCES)  # issue 14
     _choice(cfg, "lora_targets", LORA_TARGETS)
     _choice(cfg, "sharding", SHARDINGS)

@@ -37,7 +37,7 @@ from .parallel.sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathe
 
 # The layers are re-exported: `from dantinox_eqx.model import Linear, attend, ...` keeps working.
 __all__ = ["Transformer", "Block", "Attention", "MLP", "Linear", "Norm", "KVCache", "rope", "attend", "gelu",
-           "matmul", "write_cache", "causal_mask", "dropout", "cast_floating", "residual_std",
+           "matmul", "write_cache", "causal_mask", "dropout", "cast_floating", "residual_std", "segment_positions",
            "make_attention", "make_mlp", "param_counts", "expert_counts", "with_max_context"]
 
 
@@ -95,14 +95,19 @@ class Block(eqx.Module):
         self.dropout_rate = cfg.dropout_rate
 
     def _attend(self, x: Float[Array, "B T D"], positions: Int[Array, "*pb T"], cache: Any,
-                k_attn: PRNGKeyArray | None, k_drop: PRNGKeyArray | None) -> tuple[Float[Array, "B T D"], Any]:
-        h, cache = self.attn(self.attn_norm(x), positions, cache, key=k_attn)
+                k_attn: PRNGKeyArray | None, k_drop: PRNGKeyArray | None, segment_ids: Array | None = None
+                ) -> tuple[Float[Array, "B T D"], Any]:
+        if segment_ids is None:  # the plain program: the attention's signature as before
+            h, cache = self.attn(self.attn_norm(x), positions, cache, key=k_attn)
+        else:
+            h, cache = self.attn(self.attn_norm(x), positions, cache, key=k_attn, segment_ids=segment_ids)
         return x + dropout(h, self.dropout_rate, k_drop), cache
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "*pb T"], cache: Any = None,
-                 *, key: PRNGKeyArray | None = None) -> tuple[Float[Array, "B T D"], Scalar, Any]:
+                 *, key: PRNGKeyArray | None = None, segment_ids: Int[Array, "B T"] | None = None
+                 ) -> tuple[Float[Array, "B T D"], Scalar, Any]:
         k_attn, k1, k2 = split_key(key, 3)
-        x, cache = self._attend(x, positions, cache, k_attn, k1)
+        x, cache = self._attend(x, positions, cache, k_attn, k1, segment_ids)
         h, balance = self.mlp(self.mlp_norm(x), key=fold_key(k2, 1))  # k2 itself: the residual dropout
         x = x + dropout(h, self.dropout_rate, k2)
         return x, balance, cache
@@ -191,15 +196,15 @@ class Transformer(eqx.Module):
         cap = self.logit_softcap  # in float32: tanh's saturation is where bfloat16 is coarsest
         return (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
 
-    def _run_blocks(self, x: Array, positions: Array, caches: Any, key: PRNGKeyArray | None
-                    ) -> tuple[Array, Scalar, Any]:
+    def _run_blocks(self, x: Array, positions: Array, caches: Any, key: PRNGKeyArray | None,
+                    segment_ids: Array | None = None) -> tuple[Array, Scalar, Any]:
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
         keys = None if key is None else jax.random.split(key, self.num_blocks)
 
         def body(h, layer):
             params, cache, k = layer
             params, h = constrain_layer(params, h)  # FSDP: gather this one layer here (sharding.py)
-            h, balance, cache = eqx.combine(params, static)(h, positions, cache, key=k)
+            h, balance, cache = eqx.combine(params, static)(h, positions, cache, key=k, segment_ids=segment_ids)
             return h, (balance, cache)
 
         policy = _REMAT_POLICIES.get(self.remat)
@@ -211,17 +216,29 @@ class Transformer(eqx.Module):
         return x, balance.mean(), caches
 
     # -- public API
-    def __call__(self, tokens: Int[Array, "B T"], *, key: PRNGKeyArray | None = None
+    def __call__(self, tokens: Int[Array, "B T"], *, key: PRNGKeyArray | None = None,
+                 segment_ids: Int[Array, "B T"] | None = None, positions: Int[Array, "B T"] | None = None
                  ) -> tuple[Float[Array, "B T V"], Scalar]:
         """Full causal forward over `tokens` at positions 0..T-1 (T <= max_context).
 
         Returns logits (B, T, V) in the parameters' dtype and the MoE balance loss averaged
         over blocks (0 for dense models). `key` enables dropout (training); None = eval.
+
+        Packed windows (issue 23): `segment_ids` (B, T), equal ids for the tokens of one example
+        (document) and each example contiguous, keeps attention inside each example, and the
+        positions restart at 0 at each example's start (`segment_positions`, or the given
+        `positions`), so each example's logits are those it gets alone. Without them (None) the
+        program is the plain causal one, unchanged.
         """
-        positions = jnp.arange(tokens.shape[1])
+        if segment_ids is None and positions is None:
+            positions = jnp.arange(tokens.shape[1])
+        elif positions is None:
+            positions = segment_positions(segment_ids)
+        elif segment_ids is None:  # given positions alone: one segment per row
+            segment_ids = jnp.zeros(tokens.shape, jnp.int32)
         k_emb, k_blocks = split_key(key, 2)
         x = dropout(self.embed(tokens, positions), self.dropout_rate, k_emb)
-        x, balance, _ = self._run_blocks(x, positions, None, k_blocks)
+        x, balance, _ = self._run_blocks(x, positions, None, k_blocks, segment_ids)
         return self._logits(x), balance
 
     def init_cache(self, batch: int, size: int | None = None, dtype: Any = None) -> Any:
@@ -249,6 +266,16 @@ class Transformer(eqx.Module):
         body = lambda x, params: eqx.combine(params, static).expert_counts(x, positions)
         _, counts = jax.lax.scan(body, self.embed(tokens, positions), dynamic)
         return counts
+
+
+def segment_positions(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """Each token's position inside its segment: 0 at every change of `segment_ids` along T
+    (and at t = 0), then counting up. Segments must be contiguous runs."""
+    T = segment_ids.shape[-1]
+    idx = jnp.arange(T)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
 
 
 _build = eqx.filter_jit(lambda config, key: Transformer(config, key=key))  # Transformer.build

@@ -20,11 +20,13 @@ from jaxtyping import Array, Int, PRNGKeyArray
 
 from ..config import Config
 from ..parallel import distributed, sharding
+from .packing import Packing, read_bins
 from .sampling import sample_batch
 from .tokens import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, FUSED_MAX_BYTES, TRAIN_STREAM, Splits, TokenStream
 
 __all__ = ["philox_key", "draw_starts", "read_batch", "global_windows", "Prefetcher", "fused_train_batch",
-           "fused_eval_batches", "FusedFeed", "HostFeed", "MemberBatches", "choose_feed", "make_feed"]
+           "fused_eval_batches", "FusedFeed", "HostFeed", "MemberBatches", "PackedFeed", "packed_windows",
+           "choose_feed", "make_feed"]
 
 
 # --------------------------------------------------------------------------- host-side batches
@@ -270,14 +272,57 @@ class MemberBatches:
         return self.train_batches(np.asarray(steps))
 
 
+def packed_windows(tokens: TokenStream, flags: TokenStream, packing: Packing, bins: Int[np.ndarray, "n batch"],
+                   mesh: Any) -> tuple[Array, Array]:
+    """The packed bins `bins` (n, batch) as two global int32 arrays (tokens, flags), each
+    (n, batch, max_context + 1) split on axis 1 over `mesh`; this process reads only its rows."""
+    n, batch = bins.shape
+    blocks = {}
+    for rows in distributed.local_rows(mesh, batch):
+        blocks[rows.start, rows.stop] = read_bins(tokens, flags, packing, bins[:, rows])
+
+    def fetch(which: int) -> Callable:
+        def one(index: tuple[slice, ...]) -> np.ndarray:
+            a, b, _ = index[1].indices(batch)
+            return blocks[a, b][which][index[0], :, index[2]]
+        return one
+
+    shape, where = (n, batch, packing.window), sharding.batch_sharding(mesh, 1)
+    return tuple(jax.make_array_from_callback(shape, where, fetch(i)) for i in range(2))
+
+
+class PackedFeed(HostFeed):
+    """Chat data: each batch row is a packed bin of whole examples (data/packing.py), drawn
+    uniformly with `draw_starts` like the host feed's windows (a pure function of seed and s),
+    read on the host with its loss-mask flags: batches are (tokens, flags) pairs (train/step.py)."""
+
+    kind = "packed"
+
+    def batch_at(self, step: int) -> tuple[Array, Array]:
+        """The training batch of `step`: (tokens, flags), each (accum, batch, max_context + 1)."""
+        return self._read("train", self.splits.train, self.data_key, step, TRAIN_STREAM, self.config.grad_accum)
+
+    def _read(self, which: str, stream: TokenStream, key: np.ndarray, step: int, stream_id: int, n: int) -> Any:
+        c, split = self.config, ("train" if which == "train" or which == "eval_train" else "val")
+        packing = self.splits.packing[split]
+        flags = self.splits.train_flags if split == "train" else self.splits.val_flags
+        bins = draw_starts(key, step, stream_id, (n, c.batch_size), len(packing))
+        if self.on_read is not None:
+            self.on_read(which, step, slice(0, c.batch_size), bins)
+        return packed_windows(stream, flags, packing, bins, self.mesh)
+
+
 def choose_feed(splits: Splits) -> str:
-    """"host" for a prepared dataset or token arrays over FUSED_MAX_BYTES, else "fused". A
-    function of the data only (never of the devices), so a resumed run keeps its feed."""
+    """"host" for a prepared dataset or token arrays over FUSED_MAX_BYTES, else "fused"; chat
+    data: "packed". A function of the data only (never of the devices), so a resumed run keeps its feed."""
+    if splits.train_flags is not None:
+        return "packed"
     small = splits.train.nbytes + splits.val.nbytes <= FUSED_MAX_BYTES
     return "fused" if small and not splits.prepared else "host"
 
 
 def make_feed(kind: str, splits: Splits, config: Config, mesh: Any, data_key: PRNGKeyArray,
-              eval_key: PRNGKeyArray) -> FusedFeed | HostFeed:
-    return (FusedFeed if kind == "fused" else HostFeed)(splits, config, mesh, data_key, eval_key)
+              eval_key: PRNGKeyArray) -> FusedFeed | HostFeed | PackedFeed:
+    feed = {"fused": FusedFeed, "host": HostFeed, "packed": PackedFeed}[kind]
+    return feed(splits, config, mesh, data_key, eval_key)
 

@@ -28,10 +28,11 @@ import numpy as np
 from ..files import sha256_file
 from .sampling import DataError
 
-__all__ = ["FORMAT", "VERSION", "INDEX_FILE", "TOKENIZER_FILE", "PROGRESS_FILE", "DTYPES", "dtype_name",
+__all__ = ["FORMAT", "VERSION", "INDEX_FILE", "TOKENIZER_FILE", "PROGRESS_FILE", "DTYPES", "VERSIONS", "dtype_name",
            "is_prepared", "read_index"]
 
 FORMAT, VERSION = "dantinox-eqx-tokens", 1
+VERSIONS = (1, 2)  # 2: chat data, each shard with a loss-mask "flags_file" (data/chat_prepare.py)
 INDEX_FILE, TOKENIZER_FILE, PROGRESS_FILE = "index.json", "tokenizer.json", ".progress.json"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -62,7 +63,7 @@ def read_index(path: str | os.PathLike, field: str = "data_path") -> dict[str, A
         index = json.loads(index_file.read_text(encoding="utf-8"))
         shards = index["shards"]
         dtype = np.dtype(DTYPES[index["dtype"]])
-        if index["format"] != FORMAT or index["version"] != VERSION:
+        if index["format"] != FORMAT or index["version"] not in VERSIONS:
             raise ValueError(f"format {index['format']!r} version {index['version']!r}")
         if not shards or sum(int(s["tokens"]) for s in shards) != int(index["total_tokens"]):
             raise ValueError("its shards' tokens do not add up to total_tokens")
@@ -79,6 +80,11 @@ def read_index(path: str | os.PathLike, field: str = "data_path") -> dict[str, A
         if shard.stat().st_size != want:
             raise DataError(f"{field}: shard {str(shard)!r} has {shard.stat().st_size} bytes, index.json says "
                             f"{s['tokens']} tokens = {want} bytes; {again}")
+        flags = path / str(s.get("flags_file", ""))
+        if "flags_file" in s and (Path(s["flags_file"]).name != s["flags_file"] or not flags.is_file()
+                                  or flags.stat().st_size != int(s["tokens"])):
+            raise DataError(f"{field}: the loss-mask file {str(flags)!r} is missing or not {s['tokens']} bytes; "
+                            f"{again}")
     tok_file = path / TOKENIZER_FILE
     if not tok_file.is_file() or sha256_file(tok_file) != digest:
         what = "is missing" if not tok_file.is_file() else "does not match tokenizer_sha256 in index.json"

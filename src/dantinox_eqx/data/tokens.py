@@ -49,7 +49,9 @@ from ..config import Config
 from ..files import cache_dir as default_cache_dir
 from . import tokenizer as tk
 from .cached import needs_prepare, prepared_source
-from .index import DTYPES, FORMAT, INDEX_FILE, TOKENIZER_FILE, VERSION, read_index
+from .index import DTYPES, FORMAT, INDEX_FILE, TOKENIZER_FILE, VERSION, VERSIONS, read_index
+from .chat_prepare import chat_cache_dir, is_chat_jsonl, prepare_chat
+from .packing import chat_splits
 from .sampling import DataError, encode_corpus, prepare_data, read_corpus
 
 __all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "VERSION", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
@@ -107,13 +109,15 @@ class TokenStream:
     behind part i (for bits per byte). `view` slices without copying."""
 
     def __init__(self, parts: Sequence[np.ndarray | ShardFile], part_bytes: Sequence[float] | np.ndarray, lo: int = 0,
-                 hi: int | None = None):
+                 hi: int | None = None, part_counted: Sequence[float] | np.ndarray | None = None):
         # Plain ndarray views of memory maps: indexing an np.memmap costs ~1 us more per call.
         self.parts = tuple(p if isinstance(p, ShardFile) else np.asarray(p) for p in parts)
         self.sizes = np.array([len(p) for p in self.parts], np.int64)
         self.bounds = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.part_bytes = np.asarray(part_bytes, np.float64)
         self.lo, self.hi = int(lo), int(self.bounds[-1] if hi is None else hi)
+        # tokens that bits per byte count, per part (chat data: the trained ones); None: all
+        self.part_counted = None if part_counted is None else np.asarray(part_counted, np.float64)
         if not 0 <= self.lo <= self.hi <= self.bounds[-1]:
             raise ValueError(f"TokenStream: [{lo}, {hi}) is outside [0, {self.bounds[-1]})")
 
@@ -122,7 +126,7 @@ class TokenStream:
 
     def view(self, lo: int, hi: int) -> TokenStream:
         """Tokens `[lo, hi)` of this stream (indices relative to it)."""
-        return TokenStream(self.parts, self.part_bytes, self.lo + int(lo), self.lo + int(hi))
+        return TokenStream(self.parts, self.part_bytes, self.lo + int(lo), self.lo + int(hi), self.part_counted)
 
     @staticmethod
     def _windows(part: np.ndarray | ShardFile, starts: np.ndarray, length: int) -> np.ndarray:
@@ -130,16 +134,21 @@ class TokenStream:
             return part.windows(starts, length)
         return part[starts[:, None] + np.arange(length)]
 
+    def _prorated(self, per_part: np.ndarray) -> float:
+        overlap = np.clip(np.minimum(self.bounds[1:], self.hi) - np.maximum(self.bounds[:-1], self.lo), 0, None)
+        return float(np.sum(per_part * overlap / np.maximum(self.sizes, 1)))
+
     @property
     def n_bytes(self) -> float:
         """UTF-8 bytes of the text behind these tokens (prorated by tokens in a cut part)."""
-        overlap = np.clip(np.minimum(self.bounds[1:], self.hi) - np.maximum(self.bounds[:-1], self.lo), 0, None)
-        return float(np.sum(self.part_bytes * overlap / np.maximum(self.sizes, 1)))
+        return self._prorated(self.part_bytes)
 
     @property
     def tokens_per_byte(self) -> float:
-        """Tokens per UTF-8 byte of text (nan without bytes): bits/byte = nats/token / ln 2 * this."""
-        return len(self) / self.n_bytes if self.n_bytes > 0 else math.nan
+        """Tokens per UTF-8 byte of text (nan without bytes): bits/byte = nats/token / ln 2 * this.
+        Chat data: trained tokens per byte of trained text (the loss is over those)."""
+        counted = len(self) if self.part_counted is None else self._prorated(self.part_counted)
+        return counted / self.n_bytes if self.n_bytes > 0 else math.nan
 
     @property
     def nbytes(self) -> int:
@@ -189,18 +198,24 @@ class Splits:
     val: TokenStream
     tokenizer: Tokenizer
     prepared: bool = False
+    # chat data (issue 23): the loss-mask streams parallel to train / val, and packing's numbers
+    train_flags: TokenStream | None = None
+    val_flags: TokenStream | None = None
+    chat: dict[str, Any] | None = None
+    packing: dict[str, Any] | None = None  # chat data: {"train", "val"}: packing.Packing, the feed's bins
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
     def describe(self, feed: str) -> dict[str, Any]:
-        """The `data` entry of model_summary.json."""
-        return {"source": "prepared" if self.prepared else "text", "feed": feed,
+        """The `data` entry of model_summary.json (chat data: + "chat", its packing numbers)."""
+        out = {"source": "prepared" if self.prepared else "text", "feed": feed,
                 "train_tokens": len(self.train), "val_tokens": len(self.val),
                 "train_bytes": round(self.train.n_bytes), "val_bytes": round(self.val.n_bytes),
                 "train_bytes_per_token": _ratio(self.train.n_bytes, len(self.train)),
                 "val_bytes_per_token": _ratio(self.val.n_bytes, len(self.val))}
+        return out if self.chat is None else out | {"chat": self.chat}
 
 
 def _ratio(a: float, b: int) -> float | None:
@@ -209,14 +224,28 @@ def _ratio(a: float, b: int) -> float | None:
 
 # --------------------------------------------------------------------------- prepared directories
 def open_prepared(path: str | os.PathLike, field: str = "data_path") -> tuple[TokenStream, Tokenizer]:
-    """The whole token stream of a prepared dataset (shard files opened read-only) and its tokenizer."""
+    """The whole token stream of a prepared dataset (shard files opened read-only) and its tokenizer.
+    Chat data (version 2): bits per byte count its trained tokens only (`TokenStream.part_counted`)."""
     path = Path(path)
     index = read_index(path, field)
     dtype = DTYPES[index["dtype"]]
     shards = [s for s in index["shards"] if int(s["tokens"]) > 0]
     parts = [ShardFile(path / s["file"], dtype, int(s["tokens"])) for s in shards]
-    stream = TokenStream(parts, [float(s["bytes"]) for s in shards])
+    counted = [float(s["trained_tokens"]) for s in shards] if "chat" in index else None
+    stream = TokenStream(parts, [float(s["bytes"]) for s in shards], part_counted=counted)
     return stream, tk.load_tokenizer(path / TOKENIZER_FILE)
+
+
+def open_flags(path: str | os.PathLike, field: str = "data_path") -> tuple[TokenStream, dict[str, Any]] | None:
+    """The loss-mask stream (uint8 flags, parallel to the tokens) and the "chat" entry of a chat
+    dataset (index version 2), or None for a text dataset."""
+    path = Path(path)
+    index = read_index(path, field)
+    if "chat" not in index:
+        return None
+    shards = [s for s in index["shards"] if int(s["tokens"]) > 0]
+    parts = [ShardFile(path / s["flags_file"], np.uint8, int(s["tokens"])) for s in shards]
+    return TokenStream(parts, [0.0] * len(parts)), index["chat"]
 
 
 def check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, source: str, field: str) -> None:
@@ -302,7 +331,8 @@ def _check_long_enough(splits: Splits, max_context: int, val_field: str) -> Spli
 
 
 def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokenizer | None = None,
-                tokenizer_source: str | None = None, cache_dir: str | os.PathLike | None = None) -> Splits:
+                tokenizer_source: str | None = None, cache_dir: str | os.PathLike | None = None,
+                chat_template: str | None = None) -> Splits:
     """The train/val streams of `data_path` (a prepared directory or a text file; any other
     source `prepare` takes is prepared into `cache_dir` first: data/cached.py) for `config`
     (max_context, val_fraction, max_train_tokens, val_path, and for text the tokenizer fields).
@@ -311,9 +341,21 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
     named `tokenizer_source` in errors; a prepared dataset made with another one is refused
     (DataError). None: the prepared dataset's own tokenizer, or one trained on the text.
     The training split is capped at `max_train_tokens` (its first tokens).
+
+    Chat data (issue 23): a .jsonl of conversations or prompt/completion pairs is prepared into
+    the cache with `chat_template` (chat_prepare.py; it needs the fixed `tokenizer`), and a
+    chat dataset's splits carry their loss-mask streams, cut at example boundaries and packed
+    into windows (packing.py; its numbers in `Splits.chat`).
     """
     path = Path(data_path)
-    if needs_prepare(path):
+    if is_chat_jsonl(path):
+        if tokenizer is None:
+            raise DataError("data_path: chat data trains a model with its tokenizer: fine-tune a run (init_from) "
+                            "or set tokenizer_path to the model's tokenizer.json")
+        root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+        path = prepare_chat(path, chat_cache_dir(path, root, tokenizer, chat_template, config.train_on), tokenizer,
+                            chat_template, config.train_on)
+    elif needs_prepare(path):
         path = prepared_source(path, cache_dir if cache_dir is not None else default_cache_dir(), config, tokenizer)
     prepared = path.is_dir()
     if prepared:
@@ -321,6 +363,9 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
         if tokenizer is not None:
             check_same_tokenizer(path, own, tokenizer, tokenizer_source or "the run's tokenizer", "data_path")
         tokenizer = tokenizer or own
+        chat = open_flags(path)
+        if chat is not None:
+            return _chat_splits(stream, *chat, tokenizer, config)
     elif config.val_path is None:  # today's path, unchanged: a cached token array beside the text
         ds = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
                           val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
@@ -360,6 +405,16 @@ def open_tokens(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
     stream, own = open_prepared(path)
     check_same_tokenizer(path, own, tokenizer, tokenizer_source, "data_path")
     return stream
+
+
+def _chat_splits(stream: TokenStream, flags: TokenStream, chat: dict[str, Any], tokenizer: Tokenizer,
+                 config: Config) -> Splits:
+    """A chat dataset's splits, cut at example starts and packed (`packing.chat_splits`)."""
+    if config.val_path is not None:
+        raise DataError("val_path: a separate validation set is not supported for chat data yet; leave it unset "
+                        "(val_fraction holds out the last examples)")
+    train, val, train_flags, val_flags, packs, info = chat_splits(stream, flags, chat, config)
+    return Splits(train, val, tokenizer, True, train_flags, val_flags, info, packs)
 
 
 def _open_val(path: Path, tokenizer: Tokenizer, source: str | None, cache_dir: Any,

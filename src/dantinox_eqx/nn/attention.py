@@ -16,14 +16,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .functional import dropout, fold_key
 from .linear import Linear, add_bias
 from .norm import Norm
 from .rope import rope
 
-__all__ = ["Attention", "KVCache", "attend", "causal_mask", "write_cache", "cached_mask", "NEG_INF"]
+__all__ = ["Attention", "KVCache", "attend", "causal_mask", "segment_mask", "write_cache", "cached_mask", "NEG_INF"]
 
 NEG_INF = -1e30  # finite: a fully masked row (left padding) gives a uniform softmax, not NaN
 
@@ -53,6 +53,19 @@ def causal_mask(q_pos: Int[Array, "*pb T"], k_pos: Int[Array, "*pb S"], window: 
         near = q - k < window
         mask = mask & ((near | (k == 0)) if sink else near)
     return mask
+
+
+def segment_mask(positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"], window: int | None = None,
+                 sink: bool = False) -> Bool[Array, "B T T"]:
+    """Packed windows (issue 23): mask[b, t, s] = token t may read token s of the same row.
+
+    Both tokens must belong to the same segment (example or document) and s must come first;
+    `positions` restart at 0 at each segment's start and grow by one inside it, so the causal
+    test on positions is the causal test on indices within a segment, and `window` / `sink`
+    (position 0 = the segment's first token) apply per segment as they do to a lone example.
+    """
+    same = segment_ids[..., :, None] == segment_ids[..., None, :]
+    return causal_mask(positions, positions, window, sink) & same
 
 
 def attend(q: Float[Array, "B T K G E"], k: Float[Array, "B S K E"], v: Float[Array, "B S K Ev"],
@@ -158,8 +171,10 @@ class Attention(eqx.Module):
                        jnp.full((batch, size), -1, jnp.int32))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "*pb T"],
-                 cache: KVCache | None = None, *, key: PRNGKeyArray | None = None
-                 ) -> tuple[Float[Array, "B T D"], KVCache | None]:
+                 cache: KVCache | None = None, *, key: PRNGKeyArray | None = None,
+                 segment_ids: Int[Array, "B T"] | None = None) -> tuple[Float[Array, "B T D"], KVCache | None]:
+        """`segment_ids` (no cache): a packed window, attention kept inside each segment and
+        `positions` (B, T) restarting at each segment's start (`segment_mask`)."""
         B, T, _ = x.shape
         H, K, E = self.n_heads, self.kv_heads, self.head_size
         qkv = add_bias(self.qkv(x, key=fold_key(key, 1)), self.qkv_bias)
@@ -168,6 +183,11 @@ class Attention(eqx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        if segment_ids is not None:
+            out = attend(q.reshape(B, T, K, H // K, E), k, v, segment_mask(positions, segment_ids, self.window,
+                                                                           self.sink),
+                         dropout_rate=self.dropout_rate, key=key)
+            return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), None
         if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):
             # Training and eval see positions 0..T-1, so the mask is plain causal (+ window).
             window = None if self.window is None else (self.window - 1, 0)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .attention import attend, cached_mask
+from .attention import attend, cached_mask, segment_mask
 from .functional import fold_key
 from .linear import Linear
 from .norm import Norm
@@ -98,8 +98,8 @@ class MLAttention(eqx.Module):
                         jnp.full((batch, size), -1, jnp.int32))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "*pb T"],
-                 cache: MLACache | None = None, *, key: PRNGKeyArray | None = None
-                 ) -> tuple[Float[Array, "B T D"], MLACache | None]:
+                 cache: MLACache | None = None, *, key: PRNGKeyArray | None = None,
+                 segment_ids: Int[Array, "B T"] | None = None) -> tuple[Float[Array, "B T D"], MLACache | None]:
         B, T, _ = x.shape
         H, E, C = self.n_heads, self.head_size, self.latent_dim
         q = self.q_up(self.q_norm(self.q_down(x, key=fold_key(key, 1))), key=fold_key(key, 2)).reshape(B, T, H, -1)
@@ -109,7 +109,10 @@ class MLAttention(eqx.Module):
         if self.rope_base is not None:
             q_rope = rope(q_rope, positions, self.rope_base)
             k_rope = rope(k_rope[:, :, None], positions, self.rope_base)[:, :, 0]
-        mask, cache = cached_mask(positions, cache, self.window, self.sink, c_kv=c, k_rope=k_rope)
+        if segment_ids is not None:  # a packed window (no cache): attention inside each segment
+            mask = segment_mask(positions, segment_ids, self.window, self.sink)
+        else:
+            mask, cache = cached_mask(positions, cache, self.window, self.sink, c_kv=c, k_rope=k_rope)
         if cache is not None:
             c, k_rope = cache.c_kv, cache.k_rope
         attn = self._absorbed if self.absorbed else self._naive

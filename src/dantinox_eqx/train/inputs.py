@@ -23,7 +23,7 @@ from ..run import finetune
 from ..run.chat_template import read_chat_template, read_template_file
 from ..run.layout import TOKENIZER_FILE, read_cursor
 
-__all__ = ["training_data", "resolve_vocab", "initial_model", "trainable_mask"]
+__all__ = ["training_data", "chat_template", "resolve_vocab", "initial_model", "trainable_mask"]
 
 
 def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
@@ -60,7 +60,7 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
         path = prepared_source(HFDataset.from_config(config), cache_dir(), config, tokenizer)
     try:
         dataset = open_splits(path, config, tokenizer, None if tokenizer_file is None else repr(str(tokenizer_file)),
-                              cache_dir=cache_dir())
+                              cache_dir=cache_dir(), chat_template=chat_template(config, run_dir, resume))
     except DataError as e:
         if tokenizer is None or "outside the char vocabulary" not in str(e):
             raise
@@ -69,6 +69,19 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
         raise DataError(f"{e}; the tokenizer comes from {source} and a char vocabulary cannot grow: "
                         "remove those characters from the corpus, or set unknown_chars: drop") from None
     return path, dataset
+
+
+def chat_template(config: Config, run_dir: Path | None, resume: bool) -> str | None:
+    """The chat template that renders chat data: the file `chat_template` names, else a resumed
+    run's own, else a fine-tune's base run's (chat_template.jinja), else None."""
+    if config.chat_template:
+        return read_template_file(config.chat_template)
+    for folder in ([run_dir] if resume and run_dir is not None else []) + (
+            [finetune.base_dir(config.init_from)] if config.init_from else []):
+        found = read_chat_template(folder)
+        if found is not None:
+            return found
+    return None
 
 
 def resolve_vocab(config: Config, vocab: int) -> Config:

@@ -166,6 +166,9 @@ def _batches(config: Config, data: Dataset | Splits, data_key: Any) -> Any:
     """`step -> batch` as training draws them: sampled on the device from the whole array, or
     (issue 14: a prepared dataset, or tokens over FUSED_MAX_BYTES) read on the host."""
     shape = (config.grad_accum, config.batch_size)
+    if (isinstance(data, Splits) and data.train_flags is not None) or config.document_mask:  # issue 23
+        raise ConfigError("data_path: find-lr on chat data or with document_mask is not supported yet (its "
+                          "batches carry loss masks); run it on plain text")
     if isinstance(data, Splits) and choose_feed(data) == "host":
         key = philox_key(data_key)
         return lambda s: jnp.asarray(read_batch(data.train, key, s, TRAIN_STREAM, shape, config.max_context))

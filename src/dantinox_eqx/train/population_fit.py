@@ -187,6 +187,9 @@ def _fit_locked(configs: list[Config], data_path: str | os.PathLike | None, run_
         _check_run_dir(d, r, resume)
     source = next((d for d, r in zip(run_dirs, resuming) if r), None)  # one tokenizer for every member
     data_path, dataset = training_data(configs[0], data_path, source, source is not None)
+    if dataset.train_flags is not None or configs[0].document_mask:  # issue 23: masked batches
+        raise ConfigError("backend: a population sweep trains on plain text only for now; sweep chat data or "
+                          "document_mask with --backend sequential")
     configs = [resolve_vocab(c, dataset.vocab_size) for c in configs]
     if configs[0].init_from:
         configs = [c.replace(init_from=str(Path(c.init_from).expanduser().resolve())) for c in configs]

@@ -27,15 +27,16 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.feeds import make_feed
+from ..data.tokenizer import eot_id
 from ..data.tokens import Splits
 from ..parallel import sharding
 from .expert_log import make_counts_fn
 from .hooks import all_finite
 from .step import make_eval_step, make_train_step
 
-__all__ = ["run_keys", "build_programs"]
+__all__ = ["run_keys", "build_programs", "document_separator"]
 
 
 def run_keys(root: Any) -> tuple[Any, Any, Any, Any]:
@@ -43,6 +44,19 @@ def run_keys(root: Any) -> tuple[Any, Any, Any, Any]:
     the one protocol of `fit`, a population member (train/population.py) and the LR finder."""
     init, data, dropout, evaluation = jax.random.split(root, 4)
     return init, data, dropout, evaluation
+
+
+
+def document_separator(config: Config, dataset: Splits) -> int | None:
+    """The end-of-text id that cuts plain windows into documents with `document_mask` (None
+    without it; chat data carries its own example boundaries)."""
+    if not config.document_mask or dataset.train_flags is not None:
+        return None
+    eot = eot_id(dataset.tokenizer)
+    if eot is None:
+        raise ConfigError("document_mask: the tokenizer has no end-of-text token to separate documents; "
+                          "set document_mask: false, or use a tokenizer with <|endoftext|>")
+    return eot
 
 
 def build_programs(config: Config, static: Any, optimizer: Any, trainable: Any, dataset: Splits, feed_kind: str,
@@ -58,9 +72,10 @@ def build_programs(config: Config, static: Any, optimizer: Any, trainable: Any, 
     batch_sharding = sharding.batch_sharding(mesh, 1)  # (accum, batch, seq+1) split on the batch
     # use_bf16 + master_weights: float32 params, bfloat16 compute (see make_train_step).
     compute = jnp.bfloat16 if c.use_bf16 and c.master_weights else None
+    doc_sep = document_separator(config, dataset)
     step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
-                              donate=False, compute_dtype=compute)
-    eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
+                              donate=False, compute_dtype=compute, doc_sep=doc_sep)
+    eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute, doc_sep=doc_sep)
     counts_fn = make_counts_fn(static) if c.use_moe else None  # MoE: expert_counts.csv
 
     def train_step(params, opt_state, data, step):
@@ -69,7 +84,8 @@ def build_programs(config: Config, static: Any, optimizer: Any, trainable: Any, 
 
     def evaluate(params, train, val, step):
         batches = [jax.lax.with_sharding_constraint(b, batch_sharding) for b in feed.eval_batches((train, val), step)]
-        counts = None if counts_fn is None else counts_fn(params, batches[1])
+        tokens = batches[1][0] if isinstance(batches[1], tuple) else batches[1]  # packed: (tokens, flags)
+        counts = None if counts_fn is None else counts_fn(params, tokens)
         return eval_fn(params, batches[0]), eval_fn(params, batches[1]), all_finite(params), counts
 
     rep, data = NamedSharding(mesh, P()), feed.sharding

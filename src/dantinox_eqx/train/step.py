@@ -10,6 +10,14 @@ one jitted call, so the compiled graph does not depend on `grad_accum`.
 
 With a `trainable` filter (LoRA), only the selected leaves get gradients and optimizer state:
 initialise with `init_opt_state(optimizer, params, trainable)`.
+
+Masked batches (chat fine-tuning, packed documents; issue 23): a batch may instead be a pair
+`(tokens, flags)` of equal shape, flags the bits `TRAINED` (the token is trained as a target:
+the prediction of it counts in the loss) and `STARTS` (the token starts a new example: attention
+and positions restart there). The loss is then the SUM of the trained tokens' cross-entropies
+over the whole accumulated (and, under a mesh, all-device) batch divided by the batch's
+trained-token count, not a mean of per-micro-batch means. `doc_sep` (config `document_mask`)
+makes these flags from plain token windows: a document starts after each end-of-text token.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 from ..model import cast_floating
 from ..parallel.sharding import DATA
 
-__all__ = ["cross_entropy", "loss_fn", "make_train_step", "make_eval_step", "init_opt_state", "per_device_loss"]
+__all__ = ["TRAINED", "STARTS", "cross_entropy", "loss_fn", "masked_sums", "document_flags",
+           "make_train_step", "make_eval_step", "init_opt_state", "per_device_loss"]
 
 Metrics = dict[str, Array]
+TRAINED, STARTS = 1, 2  # the bits of a masked batch's flags (see the module docstring)
 
 
 def cross_entropy(logits: Float[Array, "*B T V"], targets: Int[Array, "*B T"]) -> Scalar:
@@ -44,6 +54,41 @@ def loss_fn(model: Any, batch: Int[Array, "B W"], key: PRNGKeyArray | None = Non
     logits, balance = model(batch[:, :-1], key=key)
     lm = cross_entropy(logits, batch[:, 1:])
     return lm + alpha_balance * balance, {"loss": lm, "bal": balance}
+
+
+def document_flags(tokens: Int[Array, "*B W"], doc_sep: int) -> Int[Array, "*B W"]:
+    """Flags of plain windows cut into documents by the end-of-text id `doc_sep`: a document
+    starts after each `doc_sep` (which ends, and is trained with, the document before it); the
+    first token of a document is not trained (predicting it would read across the boundary)."""
+    after = jnp.concatenate([jnp.zeros_like(tokens[..., :1], bool), tokens[..., :-1] == doc_sep], axis=-1)
+    return jnp.where(after, STARTS, TRAINED).astype(jnp.int32)
+
+
+def masked_sums(model: Any, batch: tuple[Array, Array], key: PRNGKeyArray | None = None
+                ) -> tuple[Scalar, Scalar, Scalar]:
+    """(sum of the trained tokens' cross-entropies, their count, MoE balance) of `model` on a
+    masked batch `(tokens, flags)`, each (B, W = T + 1). The inputs are tokens[:, :-1], split
+    into segments at the STARTS bits (`Transformer`'s `segment_ids`); the targets
+    tokens[:, 1:] count where their TRAINED bit is set (the mask is on the predicted token)."""
+    tokens, flags = batch
+    flags = flags.astype(jnp.int32)
+    segments = jnp.cumsum((flags[:, :-1] & STARTS) > 0, axis=-1, dtype=jnp.int32)
+    logits, balance = model(tokens[:, :-1], key=key, segment_ids=segments)
+    weights = ((flags[:, 1:] & TRAINED) > 0).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+    return (ce * weights).sum(), weights.sum(), balance
+
+
+def _as_masked(batch: Any, doc_sep: int | None) -> tuple[Array, Array] | None:
+    """The (tokens, flags) of a masked batch, or None for a plain token batch without doc_sep."""
+    if isinstance(batch, tuple | list):
+        return tuple(batch)
+    return None if doc_sep is None else (batch, document_flags(batch, doc_sep))
+
+
+def _trained_count(flags: Array) -> Scalar:
+    """The trained targets of a whole batch (..., W), at least 1 (an all-prompt batch: loss 0)."""
+    return jnp.maximum(((flags[..., 1:].astype(jnp.int32) & TRAINED) > 0).sum(), 1).astype(jnp.float32)
 
 
 def _everything(params: PyTree) -> PyTree:
@@ -60,7 +105,7 @@ def init_opt_state(optimizer: optax.GradientTransformation, params: PyTree,
 
 def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
                     alpha_balance: float = 0.0, trainable: PyTree | None = None,
-                    donate: bool = True, compute_dtype: Any = None) -> Callable:
+                    donate: bool = True, compute_dtype: Any = None, doc_sep: int | None = None) -> Callable:
     """Build `step(params, opt_state, batch, key) -> (params, opt_state, metrics)`, jitted.
 
     - static: the non-array part of the model, closed over.
@@ -74,6 +119,10 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
       weights: the forward and backward run in compute_dtype, the gradient arrives in float32
       (the cast's transpose) and the update is applied to the float32 masters, so small updates
       are not rounded away as they are with pure bfloat16 weights.
+    - batch may be a masked pair (tokens, flags) (module docstring), and `doc_sep` masks plain
+      batches by documents: the loss is then the trained tokens' summed cross-entropy over the
+      whole batch divided by its trained-token count, so accumulation 4 x 2 equals 1 x 8 even
+      when the micro-batches hold different numbers of trained tokens.
     Buffers of `params` and `opt_state` are donated (updated in place) unless donate=False.
     """
 
@@ -85,7 +134,42 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
 
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
 
+    def masked_loss(train_p, frozen_p, micro, key, total, n_micro):
+        model = eqx.combine(train_p, frozen_p, static)
+        if compute_dtype is not None:
+            model = cast_floating(model, compute_dtype)
+        ce, _, balance = masked_sums(model, micro, key)
+        lm = ce / total  # this micro-batch's share of the whole batch's token mean
+        return lm + alpha_balance * balance / n_micro, {"loss": lm, "bal": balance / n_micro}
+
+    masked_grad = jax.value_and_grad(masked_loss, has_aux=True)
+
+    def masked_step(params, opt_state, batch, key):
+        train_p, frozen_p = eqx.partition(params, trainable if trainable is not None else _everything(params))
+        n = batch[0].shape[0]
+        total = _trained_count(batch[1])  # the whole batch's (all micro-batches, all devices)
+        keys = jax.random.split(key, n)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_p)
+
+        def micro_step(acc, xs):  # summed, not averaged: each term is already divided by `total`
+            micro, k = xs
+            (_, m), g = masked_grad(train_p, frozen_p, micro, k, total, n)
+            acc_g, acc_m = acc
+            acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+            return (acc_g, jax.tree.map(jnp.add, acc_m, m)), None
+
+        init = (zeros, {"loss": jnp.zeros(()), "bal": jnp.zeros(())})
+        (grads, metrics), _ = jax.lax.scan(micro_step, init, (batch, keys))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train_p)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, train_p)
+        train_p = eqx.apply_updates(train_p, updates)
+        return eqx.combine(train_p, frozen_p), opt_state, metrics
+
     def step(params, opt_state, batch, key):
+        masked = _as_masked(batch, doc_sep)
+        if masked is not None:
+            return masked_step(params, opt_state, masked, key)
         train_p, frozen_p = eqx.partition(params, trainable if trainable is not None else _everything(params))
         keys = jax.random.split(key, batch.shape[0])
         if batch.shape[0] == 1:
@@ -113,14 +197,25 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_eval_step(static: PyTree, *, alpha_balance: float = 0.0, compute_dtype: Any = None) -> Callable:
+def make_eval_step(static: PyTree, *, alpha_balance: float = 0.0, compute_dtype: Any = None,
+                   doc_sep: int | None = None) -> Callable:
     """Build `eval_step(params, batches) -> metrics`, jitted: mean "loss" and "bal" over
-    `batches` of shape (n_batches, batch, seq + 1), without dropout (and in compute_dtype)."""
+    `batches` of shape (n_batches, batch, seq + 1), without dropout (and in compute_dtype).
+    Masked batches (a (tokens, flags) pair, or `doc_sep`): "loss" is the mean over all the
+    trained tokens of all the batches."""
 
     def eval_step(params, batches):
         model = eqx.combine(params, static)
         if compute_dtype is not None:
             model = cast_floating(model, compute_dtype)
+        masked = _as_masked(batches, doc_sep)
+        if masked is not None:
+            def sums(carry, batch):
+                ce, count, balance = masked_sums(model, batch)
+                return carry, (ce, count, balance)
+
+            _, (ce, count, balance) = jax.lax.scan(sums, None, masked)
+            return {"loss": ce.sum() / jnp.maximum(count.sum(), 1.0), "bal": balance.mean()}
 
         def one(carry, batch):
             _, m = loss_fn(model, batch, None, alpha_balance)
