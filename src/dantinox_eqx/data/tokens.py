@@ -49,8 +49,8 @@ from ..config import Config
 from ..files import cache_dir as default_cache_dir
 from . import tokenizer as tk
 from .cached import needs_prepare, prepared_source
-from .index import DTYPES, FORMAT, INDEX_FILE, TOKENIZER_FILE, VERSION, VERSIONS, read_index
 from .chat_prepare import chat_cache_dir, is_chat_jsonl, prepare_chat
+from .index import DTYPES, FORMAT, INDEX_FILE, TOKENIZER_FILE, VERSION, read_index
 from .packing import chat_splits
 from .sampling import DataError, encode_corpus, prepare_data, read_corpus
 
