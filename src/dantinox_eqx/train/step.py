@@ -40,9 +40,13 @@ def cross_entropy(logits: Float[Array, "*B T V"], targets: Int[Array, "*B T"]) -
 
 def loss_fn(model: Any, batch: Int[Array, "B W"], key: PRNGKeyArray | None = None,
             alpha_balance: float = 0.0) -> tuple[Scalar, Metrics]:
-    """LM loss (+ alpha_balance * MoE balance loss) of `model` on windows `batch` (W = T + 1)."""
-    logits, balance = model(batch[:, :-1], key=key)
-    lm = cross_entropy(logits, batch[:, 1:])
+    """LM loss (+ alpha_balance * MoE balance loss) of `model` on windows `batch` (W = T + 1).
+
+    The loss goes through `model.token_loss` (nn/cross_entropy.py): with a large vocabulary the
+    (B, T, V) logits are computed a chunk of tokens at a time and never stored whole."""
+    features, balance = model.features(batch[:, :-1], key=key)
+    loss_sum, weight_sum = model.token_loss(features, batch[:, 1:])
+    lm = loss_sum / weight_sum
     return lm + alpha_balance * balance, {"loss": lm, "bal": balance}
 
 
