@@ -22,16 +22,19 @@ from .common import fail, handle_errors
               help="Go on past the end-of-text token (<|endoftext|>, </s>, ...) instead of stopping there.")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--latest", is_flag=True, help="Use the latest checkpoint instead of the best one.")
+@click.option("--weights", type=click.Choice(["float32", "bfloat16", "int8"]), default="float32", show_default=True,
+              help="How the weights are stored while generating (weight-only: computed in float32); "
+                   "smaller decodes faster.")
 @handle_errors
 def generate(run_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
              top_p: float | None, seed: int, stop: tuple[str, ...], ignore_eot: bool, stream: bool,
-             latest: bool) -> None:
+             latest: bool, weights: str) -> None:
     """Continue PROMPT with the model of RUN_DIR and print the prompt and the new text."""
     from dantinox_eqx.infer.generate import Generator
 
     if not prompt:
         fail("--prompt: empty; give at least one character to continue")
-    gen = Generator(run_dir, best=not latest)
+    gen = Generator(run_dir, best=not latest, weights=weights)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, stop=list(stop), stop_at_eot=not ignore_eot)
     click.echo(prompt, nl=False)

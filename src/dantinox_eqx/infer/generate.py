@@ -47,6 +47,7 @@ from ..data.tokenizer import TokenizerError, encode, eot_id, load_tokenizer
 from ..model import Transformer
 from ..run.layout import TOKENIZER_FILE
 from ..run.pretrained import from_pretrained, load_config
+from .storage import WEIGHTS, store_weights
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
            "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
@@ -319,29 +320,38 @@ class Generator:
     `generate` returns only the new text (not the prompt). Or wrap a model you hold:
     `Generator.from_model(model, tokenizer)`. A LoRA run's adapters are merged at load (the
     weights `export --merge-lora` writes; no adapter GEMMs per token).
+
+    `weights` is how the projection weights are stored while generating (infer/storage.py):
+    "float32", "bfloat16" or "int8" (weight-only: activations stay float32); smaller weights
+    decode faster, since every token reads all of them.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None):
+    def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None,
+                 weights: str = "float32"):
 
         config = load_config(run_dir)
         if not (Path(run_dir) / TOKENIZER_FILE).is_file():
             raise TokenizerError(f"run directory {str(run_dir)!r} has no tokenizer.json; it is not a complete "
                                  "run directory")
         tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
+        if weights not in WEIGHTS:  # before loading anything
+            raise ConfigError(f"weights: unknown value {weights!r}; choose one of {', '.join(WEIGHTS)}")
         model = from_pretrained(run_dir, best, dtype=dtype, inference=True, merge_lora=True)
-        self._setup(model, tokenizer, config)
+        self._setup(model, tokenizer, config, weights)
 
     @classmethod
-    def from_model(cls, model: Transformer, tokenizer: Tokenizer, config: Config | None = None) -> Generator:
+    def from_model(cls, model: Transformer, tokenizer: Tokenizer, config: Config | None = None, *,
+                   weights: str = "float32") -> Generator:
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, config)
+        self._setup(model, tokenizer, config, weights)
         return self
 
-    def _setup(self, model: Transformer, tokenizer: Tokenizer, config: Config | None) -> None:
+    def _setup(self, model: Transformer, tokenizer: Tokenizer, config: Config | None, weights: str) -> None:
         if tokenizer.get_vocab_size() > model.vocab_size:
             raise ConfigError(f"vocab_size: the tokenizer has {tokenizer.get_vocab_size()} tokens but the "
                               f"model only {model.vocab_size}; use the run's own tokenizer.json")
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model, self.tokenizer, self.config = store_weights(model, weights), tokenizer, config
+        self.weights = weights
 
     def encode(self, text: str) -> list[int]:
         return encode(self.tokenizer, text)
