@@ -104,8 +104,9 @@ def main() -> None:
            "big": BIG, "tokens": BIG["batch_size"] * BIG["max_context"],
            "logits_MB": round(BIG["batch_size"] * BIG["max_context"] * BIG["vocab_size"] * 4 / 2**20, 1),
            "before_checkout": str(a.before) if a.before else None, **summary}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    from dantinox_eqx.files import atomic_write_text
+
+    atomic_write_text(a.out, json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} if isinstance(v, dict) and "runs" in v
                       else v for k, v in out.items()}, indent=1))
 
