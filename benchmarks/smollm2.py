@@ -55,7 +55,15 @@ def load_both(path: Path, max_context: int):
     tf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
     tf_tok = AutoTokenizer.from_pretrained(folder, **kw)
     with tempfile.TemporaryDirectory() as tmp:
-        tf.save_pretrained(tmp)
+        # save_pretrained refuses a model loaded from a GGUF ("not serializable"): the dequantised
+        # float32 weights and the config are written directly (a tied head only once)
+        from safetensors.torch import save_file
+
+        tf.config.save_pretrained(tmp)
+        sd = {k: v.contiguous() for k, v in tf.state_dict().items()}
+        if tf.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, f"{tmp}/model.safetensors", metadata={"format": "pt"})
         tf_tok.save_pretrained(tmp)
         ours, cfg, tok = from_hf(tmp, max_context=max_context)
     return tf, tf_tok, ours, tok

@@ -83,13 +83,16 @@ def plain_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"], 
 
 
 def _chunks(hidden, targets, weights, chunk):
-    """Pad the rows to whole chunks (padding has weight 0) and cut them: (n_chunks, chunk, ...)."""
+    """Pad the rows to whole chunks (padding has weight 0) and cut them: (n_chunks, chunk, ...).
+    Chunk c holds rows c, c + n_chunks, c + 2 n_chunks, ...: rows split over devices on their
+    batch axis (data parallelism) stay split inside every chunk, so each device computes its
+    own rows' share of each chunk instead of the scan visiting one device's rows at a time."""
     n = hidden.shape[0]
     pad = -n % chunk
     w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
     targets, w = jnp.pad(targets, (0, pad)), jnp.pad(w, (0, pad))
-    cut = lambda a: a.reshape(-1, chunk, *a.shape[1:])
+    cut = lambda a: a.reshape(chunk, -1, *a.shape[1:]).swapaxes(0, 1)
     return cut(hidden), cut(targets), cut(w), n
 
 
