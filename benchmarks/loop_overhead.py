@@ -33,7 +33,8 @@ from run import BABY, prepare_config, time_round  # noqa: E402
 
 
 def fit_ms(steps: int, bar: bool) -> float:
-    cfg = Config(**{**BABY, "max_steps": steps, "eval_interval": steps, "eval_iters": 1, "warmup_steps": 10})
+    cfg = Config(**{**BABY, "vocab_size": None, "max_steps": steps, "eval_interval": steps, "eval_iters": 1,
+                    "warmup_steps": 10})  # vocab_size: the corpus tokenizer's (86 with its special tokens)
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(cfg, progress=bar).fit(default_corpus_path(), Path(tmp) / "run")
         with open(Path(tmp) / "run" / cfg.log_file) as f:

@@ -96,3 +96,13 @@ def test_auto_chunk():
     assert auto_chunk(12 * 64, 65) is None  # the baby shape: plain
     assert auto_chunk(8 * 256, 49152) == 1024  # 400 MB of logits: chunked
     assert auto_chunk(8 * 256, 49152, -1) is None and auto_chunk(100, 10, 32) == 32
+
+
+def test_a_frozen_head_gets_no_gradient_matmul():
+    """Under LoRA the head is frozen: the chunked pass then computes the logits and d hidden
+    only (2 matmuls per chunk), as the plain backward would; 3 when the head is trained."""
+    hidden, head = jnp.ones((64, 8)), jnp.ones((8, 32))
+    targets = jnp.zeros((64,), jnp.int32)
+    f = lambda h, w: chunked_cross_entropy(h, w, targets, None, 16)[0]
+    dots = lambda argnums: jax.jit(jax.grad(f, argnums)).lower(hidden, head).as_text().count("dot_general")
+    assert dots(0) == 2 and dots((0, 1)) == 3

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int, Scalar
 
 __all__ = ["chunked_cross_entropy", "plain_cross_entropy", "auto_chunk", "CHUNK_THRESHOLD_BYTES"]
@@ -109,7 +110,11 @@ def _chunked(hidden, head, targets, w, chunk, softcap):
 
 def _chunked_fwd(hidden, head, targets, w, chunk, softcap):
     """The loss and its gradients, chunk by chunk: d/dlogits = w * (softmax - onehot), times the
-    soft cap's derivative 1 - tanh^2, rounded to the logits' dtype as the plain backward does."""
+    soft cap's derivative 1 - tanh^2, rounded to the logits' dtype as the plain backward does.
+    The head's gradient is accumulated only when the head is differentiated (`perturbed`;
+    under LoRA it is frozen, and a plain backward would not compute it either)."""
+    want_head = head.perturbed
+    hidden, head, targets, w = hidden.value, head.value, targets.value, w.value
     dtype = hidden.dtype
     head_c = head.astype(dtype)
 
@@ -128,20 +133,24 @@ def _chunked_fwd(hidden, head, targets, w, chunk, softcap):
             dz = dz * (1.0 - tanh * tanh)
         dz = dz.astype(dtype)
         d_h = dz @ head_c.T
-        d_head = d_head + (h.T @ dz).astype(jnp.float32)
+        if want_head:
+            d_head = d_head + (h.T @ dz).astype(jnp.float32)
         return (total + jnp.sum(nll * wc), d_head), (d_h, nll)
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape if want_head else (), jnp.float32))
     (total, d_head), (d_hidden, nll) = jax.lax.scan(one, init, (hidden, targets, w))
-    return total, (d_hidden, d_head.astype(head.dtype), nll, targets)
+    return total, (d_hidden, d_head.astype(head.dtype) if want_head else None, nll)
 
 
 def _chunked_bwd(chunk, softcap, res, g):
-    d_hidden, d_head, nll, targets = res
-    return (g * d_hidden).astype(d_hidden.dtype), (g * d_head).astype(d_head.dtype), None, g * nll
+    d_hidden, d_head, nll = res
+    if isinstance(g, SymbolicZero):
+        return None, None, None, None
+    return ((g * d_hidden).astype(d_hidden.dtype), None if d_head is None else (g * d_head).astype(d_head.dtype),
+            None, g * nll)
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
 
 
 def chunked_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"], targets: Int[Array, " N"],
