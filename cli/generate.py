@@ -31,11 +31,14 @@ from .common import fail, handle_errors
               help="Window / KV-cache size instead of the run's (RoPE models: any; a learned position "
                    "table: at most its rows).")
 @click.option("--latest", is_flag=True, help="Use the latest checkpoint instead of the best one.")
+@click.option("--weights", type=click.Choice(["float32", "bfloat16", "int8"]), default="float32", show_default=True,
+              help="How the weights are stored while generating (weight-only: computed in float32); "
+                   "smaller decodes faster.")
 @handle_errors
 def generate(run_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
              top_p: float | None, seed: int, stop: tuple[str, ...], ignore_eot: bool, stream: bool,
              chat_text: str | None, system: str | None, chat_template: str | None, latest: bool,
-             max_context: int | None) -> None:
+             max_context: int | None, weights: str) -> None:
     """Continue PROMPT with the model of RUN_DIR and print the prompt and the new text; with
     --chat, print the assistant's answer to the question."""
     from dantinox_eqx.infer.generate import Generator
@@ -46,7 +49,8 @@ def generate(run_dir: str, prompt: str, max_new_tokens: int, temperature: float,
     if system is not None and chat_text is None:
         fail("--system: only with --chat (a system message opens a conversation)")
     template = None if chat_template is None else read_template_file(chat_template, "--chat_template")
-    gen = Generator(run_dir, best=not latest, max_context=max_context, chat_template=template)
+    gen = Generator(run_dir, best=not latest, max_context=max_context, chat_template=template,
+                    weights=weights)
     if template is not None:
         gen.template_source = f"--chat_template {chat_template}"
     if chat_text is not None:

@@ -37,6 +37,7 @@ def test_mutation_points_to_replace():
     (dict(tokenizer_type="word"), "tokenizer_type"),
     (dict(dropout_rate=1.5), "dropout_rate"),
     (dict(n_devices=5), "batch_size"),
+    (dict(loss_chunk=-2), "loss_chunk"),
 ])
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as err:

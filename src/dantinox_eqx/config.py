@@ -197,6 +197,10 @@ class Config:
     # GPUs), plain = einsums + softmax; auto = fused on GPU in bfloat16/float16, else plain
     attention_impl: str = "auto"
     scan_unroll: int = 0  # ours: layers per lax.scan iteration; 0 = auto (see effective_scan_unroll)
+    # ours: tokens per chunk of the chunked cross-entropy (nn/cross_entropy.py): the (tokens, vocab)
+    # logits are never whole in training or evaluation. 0 = auto (chunks of 1024 when the float32
+    # logits would exceed 64 MiB, e.g. a 49k vocabulary from ~340 tokens), -1 = never, n = n tokens
+    loss_chunk: int = 0
     # --- logging ---------------------------------------------------------------------------
     log_file: str = "training_log.csv"
     summary_file: str = "model_summary.json"
@@ -470,6 +474,9 @@ def _validate(cfg: Config) -> None:
               "rope_theta", "mlp_hidden", "muon_lr", "logit_softcap")
     _non_negative(cfg, "warmup_steps", "grad_clip", "patience", "weight_decay", "n_devices",
                   "alpha_balance", "capacity_factor", "min_lr_ratio", "scan_unroll", "muon_weight_decay")
+    if cfg.loss_chunk < -1:
+        raise ConfigError(f"loss_chunk: must be -1 (never chunk), 0 (auto) or a positive token count, "
+                          f"got {cfg.loss_chunk}")
     for name in ("dropout_rate", "lora_dropout"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{name}: must be in [0, 1), got {getattr(cfg, name)}")

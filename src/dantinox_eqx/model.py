@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .config import Config, ConfigError
 from .nn.attention import Attention, KVCache, attend, causal_mask, write_cache
+from .nn.cross_entropy import auto_chunk, chunked_cross_entropy
 from .nn.functional import cast_floating, dropout, fold_key, split_key
 from .nn.linear import Linear, matmul, normal_init
 from .nn.mla import MLAttention
@@ -145,6 +146,7 @@ class Transformer(eqx.Module):
     remat: str = eqx.field(static=True)
     scan_unroll: int = eqx.field(static=True)
     logit_softcap: float | None = eqx.field(static=True)  # cap * tanh(logits / cap); None: off
+    loss_chunk: int = eqx.field(static=True, default=0)  # config.loss_chunk (0 auto, -1 never)
 
     def __init__(self, config: Config, *, key: PRNGKeyArray):
         if config.vocab_size is None:
@@ -164,6 +166,7 @@ class Transformer(eqx.Module):
         self.dropout_rate = config.dropout_rate
         self.remat, self.scan_unroll = config.effective_remat, config.effective_scan_unroll
         self.logit_softcap = config.logit_softcap
+        self.loss_chunk = config.loss_chunk
 
     @classmethod
     def build(cls, config: Config, *, key: PRNGKeyArray) -> Transformer:
@@ -188,8 +191,15 @@ class Transformer(eqx.Module):
             x = x + pos.astype(x.dtype)
         return x
 
+    @property
+    def head_weight(self) -> Float[Array, "D V"]:
+        """The output projection as a (D, V) matrix: the head's, or the tied embedding's transpose."""
+        return self.head.weight if self.head is not None else self.embedding.T
+
     def _logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        x = self.norm(x)
+        return self._project(self.norm(x))
+
+    def _project(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         logits = self.head(x) if self.head is not None else matmul(x, self.embedding.T)
         if self.logit_softcap is None:
             return logits
@@ -230,6 +240,15 @@ class Transformer(eqx.Module):
         `positions`), so each example's logits are those it gets alone. Without them (None) the
         program is the plain causal one, unchanged.
         """
+        h, balance = self.features(tokens, key=key, segment_ids=segment_ids, positions=positions)
+        return self._project(h), balance
+
+    def features(self, tokens: Int[Array, "B T"], *, key: PRNGKeyArray | None = None,
+                 segment_ids: Int[Array, "B T"] | None = None, positions: Int[Array, "B T"] | None = None
+                 ) -> tuple[Float[Array, "B T D"], Scalar]:
+        """The full forward up to the final norm (what the head multiplies) and the balance loss:
+        `__call__` without the logits, for losses that never materialise them (`token_loss`).
+        `segment_ids` / `positions` as in `__call__`."""
         if segment_ids is None and positions is None:
             positions = jnp.arange(tokens.shape[1])
         elif positions is None:
@@ -239,7 +258,18 @@ class Transformer(eqx.Module):
         k_emb, k_blocks = split_key(key, 2)
         x = dropout(self.embed(tokens, positions), self.dropout_rate, k_emb)
         x, balance, _ = self._run_blocks(x, positions, None, k_blocks, segment_ids)
-        return self._logits(x), balance
+        return self.norm(x), balance
+    def token_loss(self, features: Float[Array, "B T D"], targets: Int[Array, "B T"],
+                   weights: Float[Array, "B T"] | None = None) -> tuple[Scalar, Scalar]:
+        """(sum of weights * cross-entropy, sum of weights) of the head on `features` (from
+        `features`), float32, chunked by `loss_chunk` (nn/cross_entropy.py) so that the
+        (B, T, V) logits are never whole when they are large. Mean loss = first / second."""
+        D = features.shape[-1]
+        n = features.shape[0] * features.shape[1]
+        chunk = auto_chunk(n, self.vocab_size, self.loss_chunk)
+        return chunked_cross_entropy(features.reshape(n, D), self.head_weight, targets.reshape(n),
+                                     None if weights is None else weights.reshape(n), chunk,
+                                     softcap=self.logit_softcap)
 
     def init_cache(self, batch: int, size: int | None = None, dtype: Any = None) -> Any:
         """An empty cache for `batch` sequences and `size` slots (default max_context), stacked

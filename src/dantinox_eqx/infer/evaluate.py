@@ -22,7 +22,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Bool, Float, Int
 from tokenizers import Tokenizer
 
@@ -71,9 +70,8 @@ def covering_windows(n: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 @eqx.filter_jit
 def _nll_sum(model: Transformer, windows: Int[Array, "B W"], mask: Bool[Array, "B T"]) -> Float[Array, ""]:
-    logits, _ = model(windows[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:])
-    return jnp.sum(jnp.where(mask, nll, 0.0))
+    features, _ = model.features(windows[:, :-1])  # chunked loss: no (B, T, V) logits when V is large
+    return model.token_loss(features, windows[:, 1:], mask.astype(jnp.float32))[0]
 
 
 def evaluate_ids(model: Transformer, ids: np.ndarray, *, batch_size: int = 8, seq_len: int | None = None,

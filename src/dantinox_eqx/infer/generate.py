@@ -50,6 +50,7 @@ from ..run.hf import guess_special_tokens, run_special_tokens
 from ..run.layout import TOKENIZER_FILE
 from ..run.pretrained import from_pretrained, load_config
 from .chat import chat_ids
+from .storage import WEIGHTS, store_weights
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
            "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
@@ -328,10 +329,14 @@ class Generator:
 
     `gen.chat([{"role": "user", "content": "..."}])` renders the run's chat template
     (`chat_template.jinja`, run/chat_template.py) and returns the assistant's answer.
+
+    `weights` is how the projection weights are stored while generating (infer/storage.py):
+    "float32", "bfloat16" or "int8" (weight-only: activations stay float32); smaller weights
+    decode faster, since every token reads all of them.
     """
 
     def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None,
-                 max_context: int | None = None, chat_template: str | None = None):
+                 max_context: int | None = None, chat_template: str | None = None, weights: str = "float32"):
         """`max_context`: the KV-cache size / window instead of the run's (`from_pretrained`).
         `chat_template`: Jinja text used by `chat` instead of the run's (None: the run's, if any)."""
 
@@ -340,9 +345,11 @@ class Generator:
             raise TokenizerError(f"run directory {str(run_dir)!r} has no tokenizer.json; it is not a complete "
                                  "run directory")
         tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
+        if weights not in WEIGHTS:  # before loading anything
+            raise ConfigError(f"weights: unknown value {weights!r}; choose one of {', '.join(WEIGHTS)}")
         model = from_pretrained(run_dir, best, dtype=dtype, inference=True, merge_lora=True,
                                 max_context=max_context)
-        self._setup(model, tokenizer, config)
+        self._setup(model, tokenizer, config, weights)
         if chat_template is None and (found := chat_template_file(run_dir)) is not None:
             chat_template, self.template_source = found.read_text(encoding="utf-8"), str(found)
         self.chat_template = chat_template
@@ -350,20 +357,22 @@ class Generator:
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer: Tokenizer, config: Config | None = None, *,
-                   chat_template: str | None = None, special_tokens: dict[str, str] | None = None) -> Generator:
+                   chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
+                   weights: str = "float32") -> Generator:
         """A Generator for a model in memory. `special_tokens`: {"bos_token": "<s>", ...} as the
         chat template sees them (None: guessed by name from the tokenizer's special tokens)."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, config)
+        self._setup(model, tokenizer, config, weights)
         self.chat_template = chat_template
         self.special_tokens = guess_special_tokens(tokenizer) if special_tokens is None else dict(special_tokens)
         return self
 
-    def _setup(self, model: Transformer, tokenizer: Tokenizer, config: Config | None) -> None:
+    def _setup(self, model: Transformer, tokenizer: Tokenizer, config: Config | None, weights: str) -> None:
         if tokenizer.get_vocab_size() > model.vocab_size:
             raise ConfigError(f"vocab_size: the tokenizer has {tokenizer.get_vocab_size()} tokens but the "
                               f"model only {model.vocab_size}; use the run's own tokenizer.json")
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model, self.tokenizer, self.config = store_weights(model, weights), tokenizer, config
+        self.weights = weights
         self.template_source = "chat_template"
 
     # -- chat

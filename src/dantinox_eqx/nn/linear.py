@@ -23,9 +23,10 @@ class Linear(eqx.Module):
 
     weight: Float[Array, "d_in d_out"]
 
-    def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray, std: float = 0.02,
-                 dtype: Any = jnp.float32):
-        self.weight = normal_init(key, (d_in, d_out), std).astype(dtype)
+    def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray | None, std: float = 0.02,
+                 dtype: Any = jnp.float32, weight: Float[Array, "*L d_in d_out"] | None = None):
+        """Random N(0, std) weights from `key`, or the given `weight` (key None; stacked too), as is."""
+        self.weight = normal_init(key, (d_in, d_out), std).astype(dtype) if weight is None else weight
 
     def __call__(self, x: Float[Array, "*lead d_in"], *, key: PRNGKeyArray | None = None
                  ) -> Float[Array, "*lead d_out"]:

@@ -58,9 +58,12 @@ class StepEvent:
 
 
 class Hook:
-    """Called after a step when `due`; returns the (possibly changed) state."""
+    """Called after a step when `due`; returns the (possibly changed) state. A hook that never
+    reads or changes the state sets `reads_state = False`: the loop then hands it whatever state
+    it has, possibly a step behind, and ignores what it returns (see train/loop.py)."""
 
     every: int = 1
+    reads_state: bool = True
 
     def due(self, event: StepEvent) -> bool:
         return event.step % self.every == 0 or event.last
@@ -143,6 +146,8 @@ class Timer(Hook):
 
 
 class ProgressBar(Hook):
+    reads_state = False  # called every step: it only advances the bar
+
     def __init__(self, progress: Progress):
         self.progress = progress
 

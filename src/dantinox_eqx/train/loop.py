@@ -17,6 +17,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..parallel import distributed
 from .hooks import Checkpointer, Hook, StepEvent
@@ -39,23 +40,41 @@ def train_loop(state: TrainState, step_fn: Callable, hooks: list[Hook], *, total
     TrainingWriteError naming the step, the path and the checkpoint that is still intact."""
     multi = distributed.process_count() > 1
     saved_at = state.step
+    # The loop carries params, opt_state and step as locals and rebuilds the TrainState (an
+    # Equinox Module: building one, or even a bound method of one, costs ~0.5 ms of Python)
+    # only when a hook that reads it is due or training stops: per step, ~1 ms of host time
+    # (3 % of the baby shape's step, on cores the step itself uses) was spent there.
+    params, opt_state, step = state.params, state.opt_state, state.step
     try:
-        while state.step < total:
-            params, opt_state, metrics = step_fn(state.params, state.opt_state, state.step)
-            state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-            event = StepEvent(state.step, total, metrics)
+        while step < total:
+            params, opt_state, metrics = step_fn(params, opt_state, step)
+            step += 1
+            event = StepEvent(step, total, metrics)
             for hook in hooks:
                 if hook.due(event):
-                    state = hook(state, event)
+                    if hook.reads_state:
+                        state = _synced(state, params, opt_state, step)
+                        state = hook(state, event)
+                        params, opt_state = state.params, state.opt_state
+                    else:
+                        hook(state, event)
             if event.saved:
-                saved_at = state.step
+                saved_at = step
             if event.stop_early:
                 break
-            if _should_stop(stop, multi, saved_at == state.step):
-                if saved_at != state.step:
-                    checkpointer.check_finite(state.step, state.params, {})
+            if _should_stop(stop, multi, saved_at == step):
+                state = _synced(state, params, opt_state, step)
+                if saved_at != step:
+                    checkpointer.check_finite(step, params, {})
                     checkpointer.save_latest(state)
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.step, run_dir)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, run_dir)
     except OSError as e:
-        raise TrainingWriteError(state.step, e, run_dir) from e
-    return state
+        raise TrainingWriteError(step, e, run_dir) from e
+    return _synced(state, params, opt_state, step)
+
+
+def _synced(state: TrainState, params: Any, opt_state: Any, step: int) -> TrainState:
+    """`state` holding the loop's current params, optimizer state and step (itself if it does)."""
+    if state.step == step and state.params is params and state.opt_state is opt_state:
+        return state
+    return state.replace(params=params, opt_state=opt_state, step=step)

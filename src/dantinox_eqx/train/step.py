@@ -50,9 +50,13 @@ def cross_entropy(logits: Float[Array, "*B T V"], targets: Int[Array, "*B T"]) -
 
 def loss_fn(model: Any, batch: Int[Array, "B W"], key: PRNGKeyArray | None = None,
             alpha_balance: float = 0.0) -> tuple[Scalar, Metrics]:
-    """LM loss (+ alpha_balance * MoE balance loss) of `model` on windows `batch` (W = T + 1)."""
-    logits, balance = model(batch[:, :-1], key=key)
-    lm = cross_entropy(logits, batch[:, 1:])
+    """LM loss (+ alpha_balance * MoE balance loss) of `model` on windows `batch` (W = T + 1).
+
+    The loss goes through `model.token_loss` (nn/cross_entropy.py): with a large vocabulary the
+    (B, T, V) logits are computed a chunk of tokens at a time and never stored whole."""
+    features, balance = model.features(batch[:, :-1], key=key)
+    loss_sum, weight_sum = model.token_loss(features, batch[:, 1:])
+    lm = loss_sum / weight_sum
     return lm + alpha_balance * balance, {"loss": lm, "bal": balance}
 
 
@@ -69,14 +73,15 @@ def masked_sums(model: Any, batch: tuple[Array, Array], key: PRNGKeyArray | None
     """(sum of the trained tokens' cross-entropies, their count, MoE balance) of `model` on a
     masked batch `(tokens, flags)`, each (B, W = T + 1). The inputs are tokens[:, :-1], split
     into segments at the STARTS bits (`Transformer`'s `segment_ids`); the targets
-    tokens[:, 1:] count where their TRAINED bit is set (the mask is on the predicted token)."""
+    tokens[:, 1:] count where their TRAINED bit is set (the mask is on the predicted token).
+    Through `model.token_loss`, as `loss_fn`: the (B, T, V) logits are never whole when large."""
     tokens, flags = batch
     flags = flags.astype(jnp.int32)
     segments = jnp.cumsum((flags[:, :-1] & STARTS) > 0, axis=-1, dtype=jnp.int32)
-    logits, balance = model(tokens[:, :-1], key=key, segment_ids=segments)
+    features, balance = model.features(tokens[:, :-1], key=key, segment_ids=segments)
     weights = ((flags[:, 1:] & TRAINED) > 0).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
-    return (ce * weights).sum(), weights.sum(), balance
+    loss_sum, weight_sum = model.token_loss(features, tokens[:, 1:], weights)  # chunked, as loss_fn
+    return loss_sum, weight_sum, balance
 
 
 def _as_masked(batch: Any, doc_sep: int | None) -> tuple[Array, Array] | None:

@@ -1,0 +1,202 @@
+"""SmolLM2-135M side by side with transformers (+ peft), interleaved in one process.
+
+    PYTHONPATH=src python benchmarks/smollm2.py MODEL [--repeats 3] [--decode_tokens 32]
+
+MODEL: a GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) or a Hugging Face folder. transformers
+loads it (`from_pretrained(dir, gguf_file=name)` dequantises a GGUF to float32); ours is that
+same model written with `save_pretrained` to a temporary folder and read by `run.hf.from_hf`,
+so both sides hold the same float32 weights. Measured, float32, after warm-up (compilation
+excluded), each repeat timing every entry once in turn (a slow spell of a shared machine hits
+all of them), median over repeats:
+- LoRA r8 on every projection (ours: lora_targets "all"; peft: q, k, v, o, gate, up, down),
+  alpha 16, and the full fine-tune, AdamW, batch 2 x 256: ms per optimizer step;
+- greedy decoding of `--decode_tokens` tokens after a short prompt: tokens/s of ours with
+  weights stored float32 / bfloat16 / int8 (infer/storage.py) and of transformers' `generate`
+  (float32, its KV cache), and whether each greedy continuation equals our float32 one.
+Writes benchmarks/results/smollm2_cpu.json (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from dantinox_eqx.files import atomic_write_text
+from dantinox_eqx.infer.generate import generate_ids
+from dantinox_eqx.infer.storage import store_weights
+from dantinox_eqx.lora import apply_lora, lora_trainable
+from dantinox_eqx.run.hf import from_hf
+from dantinox_eqx.train.step import init_opt_state, make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The three most important things to remember when learning to cook are"
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_both(path: Path, max_context: int):
+    """(transformers model, our model, our tokenizer) of the same float32 weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+    folder = path.parent if path.suffix == ".gguf" else path
+    tf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+    tf_tok = AutoTokenizer.from_pretrained(folder, **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        # save_pretrained refuses a model loaded from a GGUF ("not serializable"): the dequantised
+        # float32 weights and the config are written directly (a tied head only once)
+        from safetensors.torch import save_file
+
+        tf.config.save_pretrained(tmp)
+        sd = {k: v.contiguous() for k, v in tf.state_dict().items()}
+        if tf.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+        tf_tok.save_pretrained(tmp)
+        ours, cfg, tok = from_hf(tmp, max_context=max_context)
+    return tf, tf_tok, ours, tok
+
+
+def ours_step(model, lora: bool, batch: np.ndarray):
+    """A zero-argument callable running one jitted AdamW step (LoRA or full) of our model."""
+    trainable = None
+    if lora:
+        model = apply_lora(model, "all", 8, 16.0, key=jax.random.key(1))
+        trainable = lora_trainable(model)
+    params, static = eqx.partition(model, eqx.is_array)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its buffers: keep `model`'s for decoding
+    opt = optax.adamw(1e-4)
+    state = {"p": params, "s": init_opt_state(opt, params, trainable)}
+    step = make_train_step(static, opt, trainable=trainable)
+    batch = jnp.asarray(batch[None])
+
+    def run():
+        state["p"], state["s"], m = step(state["p"], state["s"], batch, jax.random.key(0))
+        return float(m["loss"])
+
+    return run
+
+
+def torch_step(tf, lora: bool, batch: np.ndarray):
+    """The same step in PyTorch: AdamW on all parameters, or peft LoRA on every projection."""
+    import copy
+
+    model = copy.deepcopy(tf)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=LORA_MODULES))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.from_numpy(batch.astype(np.int64))
+
+    def run():
+        loss = _torch_loss(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return run
+
+
+def _torch_loss(model, ids):
+    """Mean next-token cross-entropy in float32, as ours (`train.step.loss_fn`)."""
+    logits = model(input_ids=ids[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def decode_ours(model, weights: str, prompt_ids: list[int], n: int):
+    stored = store_weights(model, weights)
+
+    def run():
+        ids, _ = generate_ids(stored, [prompt_ids], n, temperature=0.0)
+        return ids[0].tolist()
+
+    return run
+
+
+def decode_torch(tf, prompt_ids: list[int], n: int):
+    tf.eval()
+    ids = torch.tensor([prompt_ids])
+
+    def run():
+        with torch.no_grad():
+            out = tf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--decode_tokens", type=int, default=32)
+    ap.add_argument("--skip_train", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "smollm2_cpu.json")
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    tf, tf_tok, ours, tok = load_both(a.model, max_context=512)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, ours.vocab_size, (2, 257)).astype(np.int32)
+    prompt_ids = tok.encode(PROMPT).ids
+    assert prompt_ids == tf_tok(PROMPT)["input_ids"], "tokenizers disagree"
+    n = a.decode_tokens
+    entries = {}
+    if not a.skip_train:
+        entries |= {"lora_r8_ours": ours_step(ours, True, batch), "lora_r8_torch_peft": torch_step(tf, True, batch),
+                    "full_ours": ours_step(ours, False, batch), "full_torch": torch_step(tf, False, batch)}
+    entries |= {f"decode_{w}_ours": decode_ours(ours, w, prompt_ids, n) for w in ("float32", "bfloat16", "int8")}
+    entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n)
+    outputs, times = {}, {k: [] for k in entries}
+    for name, fn in entries.items():
+        for _ in range(a.warmup):
+            outputs[name] = fn()
+    for _ in range(a.repeats):
+        for name, fn in entries.items():
+            t = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats (compilation excluded)",
+           "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats, "batch": "2 x 256",
+           "decode_tokens": n, "prompt": PROMPT}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        if name.startswith("decode"):
+            res[name] = {"tokens_per_s": round(n / med, 2), "s": [round(t, 3) for t in ts],
+                         "text_equals_ours_float32": outputs[name] == outputs["decode_float32_ours"]}
+        else:
+            res[name] = {"ms_per_step": round(1e3 * med, 1), "ms": [round(1e3 * t, 1) for t in ts]}
+    for kind in ("lora_r8", "full"):
+        if f"{kind}_ours" in res:
+            other = "torch_peft" if kind == "lora_r8" else "torch"
+            res[f"{kind}_ratio_ours_over_torch"] = round(res[f"{kind}_ours"]["ms_per_step"]
+                                                         / res[f"{kind}_{other}"]["ms_per_step"], 3)
+    for w in ("float32", "bfloat16", "int8"):
+        res[f"decode_{w}_speedup_vs_torch"] = round(res[f"decode_{w}_ours"]["tokens_per_s"]
+                                                    / res["decode_float32_torch"]["tokens_per_s"], 3)
+    res["greedy_text_ours_float32"] = tok.decode(outputs["decode_float32_ours"])
+    atomic_write_text(a.out, json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)} |
+                     {k: v.get("ms_per_step", v.get("tokens_per_s")) for k, v in res.items() if isinstance(v, dict)},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Cross-entropy of a linear head without the (tokens, vocab) logits ever existing whole.
+
+    loss_sum, weight_sum = chunked_cross_entropy(hidden, head, targets, weights, chunk)
+    loss = loss_sum / weight_sum
+
+A 49152-token vocabulary at batch 8 x 256 makes float32 logits of 400 MB, plus as much again
+for their gradient. Here the tokens are cut into chunks of `chunk` rows and a `lax.scan` computes
+one chunk's logits, their logsumexp and the target's logit at a time (MaxText's vocabulary
+tiling, Liger-Kernel's fused linear cross-entropy). The gradient is computed in the same pass,
+chunk by chunk (a `custom_vjp` whose forward returns d loss_sum / d hidden and / d head): the
+head's three matmuls (forward, d hidden, d head) run once each, as in the plain computation, with
+no chunk's logits recomputed or stored for the backward. Without differentiation only the loss
+pass runs.
+
+The arithmetic mirrors `Transformer._logits` followed by a float32 softmax cross-entropy: the
+logits are computed in `hidden`'s dtype, the optional soft cap `cap * tanh(z / cap)` in float32
+and rounded back to that dtype, and the softmax in float32; so in float32 every token's loss is
+the plain computation's up to the order of the sums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+from jaxtyping import Array, Float, Int, Scalar
+
+__all__ = ["chunked_cross_entropy", "plain_cross_entropy", "auto_chunk", "CHUNK_THRESHOLD_BYTES"]
+
+# Chunk only when the float32 logits would exceed this: below it the plain computation is one
+# large GEMM and one fused softmax, and the logits fit in cache-friendly sizes anyway (the baby
+# shape's are 12 x 64 x 65 x 4 = 0.2 MB). 64 MiB is SmolLM2's vocabulary at ~340 tokens.
+CHUNK_THRESHOLD_BYTES = 64 * 2**20
+DEFAULT_CHUNK = 1024  # rows per chunk: 1024 x 49152 float32 logits = 192 MiB at most per chunk
+
+
+def auto_chunk(n_tokens: int, vocab: int, setting: int = 0) -> int | None:
+    """The chunk size the loss uses for `n_tokens` rows of a `vocab`-wide head, or None (plain).
+
+    `setting` is `Config.loss_chunk`: 0 = automatic (chunks of DEFAULT_CHUNK rows when the
+    float32 logits exceed CHUNK_THRESHOLD_BYTES), -1 = never chunk, n > 0 = chunks of n rows."""
+    if setting < 0:
+        return None
+    if setting > 0:
+        return setting if setting < n_tokens else None
+    if n_tokens * vocab * 4 <= CHUNK_THRESHOLD_BYTES:
+        return None
+    return min(DEFAULT_CHUNK, n_tokens)
+
+
+def _logits(h: Float[Array, "n D"], head: Float[Array, "D V"], softcap: float | None) -> Array:
+    """The head's logits in h's dtype, soft-capped in float32 (as `Transformer._logits`)."""
+    z = h @ head.astype(h.dtype)
+    if softcap is None:
+        return z
+    return (softcap * jnp.tanh(z.astype(jnp.float32) / softcap)).astype(z.dtype)
+
+
+def _shifted(logits: Array) -> tuple[Float[Array, "n V"], Float[Array, " n"]]:
+    """float32 logits minus their row max, and log sum exp of those: optax's
+    softmax_cross_entropy_with_integer_labels step by step, so the plain path's losses are
+    bitwise what `optax` gave before this module."""
+    z = logits.astype(jnp.float32)
+    z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    return z, jnp.log(jnp.sum(jnp.exp(z), axis=-1))
+
+
+def _token_nll(logits: Array, targets: Int[Array, " n"]) -> Float[Array, " n"]:
+    z, log_norm = _shifted(logits)
+    return log_norm - jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
+
+
+def plain_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"], targets: Int[Array, " N"],
+                        weights: Float[Array, " N"] | None, softcap: float | None = None
+                        ) -> tuple[Scalar, Scalar]:
+    """(sum of weights * token losses, sum of weights), with the (N, V) logits materialised."""
+    nll = _token_nll(_logits(hidden, head, softcap), targets)
+    if weights is None:
+        return jnp.sum(nll), jnp.float32(nll.shape[0])
+    w = weights.astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def _chunks(hidden, targets, weights, chunk):
+    """Pad the rows to whole chunks (padding has weight 0) and cut them: (n_chunks, chunk, ...).
+    Chunk c holds rows c, c + n_chunks, c + 2 n_chunks, ...: rows split over devices on their
+    batch axis (data parallelism) stay split inside every chunk, so each device computes its
+    own rows' share of each chunk instead of the scan visiting one device's rows at a time."""
+    n = hidden.shape[0]
+    pad = -n % chunk
+    w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    targets, w = jnp.pad(targets, (0, pad)), jnp.pad(w, (0, pad))
+    cut = lambda a: a.reshape(chunk, -1, *a.shape[1:]).swapaxes(0, 1)
+    return cut(hidden), cut(targets), cut(w), n
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(hidden, head, targets, w, chunk, softcap):
+    """loss_sum over pre-cut chunks: hidden (C, chunk, D), targets / w (C, chunk)."""
+    def one(total, xs):
+        h, t, wc = xs
+        return total + jnp.sum(_token_nll(_logits(h, head, softcap), t) * wc), None
+
+    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (hidden, targets, w))
+    return total
+
+
+def _chunked_fwd(hidden, head, targets, w, chunk, softcap):
+    """The loss and its gradients, chunk by chunk: d/dlogits = w * (softmax - onehot), times the
+    soft cap's derivative 1 - tanh^2, rounded to the logits' dtype as the plain backward does.
+    The head's gradient is accumulated only when the head is differentiated (`perturbed`;
+    under LoRA it is frozen, and a plain backward would not compute it either)."""
+    want_head = head.perturbed
+    hidden, head, targets, w = hidden.value, head.value, targets.value, w.value
+    dtype = hidden.dtype
+    head_c = head.astype(dtype)
+
+    def one(carry, xs):
+        total, d_head = carry
+        h, t, wc = xs
+        z = h @ head_c
+        if softcap is not None:
+            tanh = jnp.tanh(z.astype(jnp.float32) / softcap)
+            z = (softcap * tanh).astype(dtype)
+        zs, log_norm = _shifted(z)
+        nll = log_norm - jnp.take_along_axis(zs, t[:, None], axis=-1)[:, 0]
+        dz = jnp.exp(zs - log_norm[:, None]) - jax.nn.one_hot(t, zs.shape[-1], dtype=jnp.float32)
+        dz = (dz * wc[:, None]).astype(dtype).astype(jnp.float32)  # the cast's transpose
+        if softcap is not None:
+            dz = dz * (1.0 - tanh * tanh)
+        dz = dz.astype(dtype)
+        d_h = dz @ head_c.T
+        if want_head:
+            d_head = d_head + (h.T @ dz).astype(jnp.float32)
+        return (total + jnp.sum(nll * wc), d_head), (d_h, nll)
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape if want_head else (), jnp.float32))
+    (total, d_head), (d_hidden, nll) = jax.lax.scan(one, init, (hidden, targets, w))
+    return total, (d_hidden, d_head.astype(head.dtype) if want_head else None, nll)
+
+
+def _chunked_bwd(chunk, softcap, res, g):
+    d_hidden, d_head, nll = res
+    if isinstance(g, SymbolicZero):
+        return None, None, None, None
+    return ((g * d_hidden).astype(d_hidden.dtype), None if d_head is None else (g * d_head).astype(d_head.dtype),
+            None, g * nll)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
+
+
+def chunked_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"], targets: Int[Array, " N"],
+                          weights: Float[Array, " N"] | None, chunk: int | None, *,
+                          softcap: float | None = None) -> tuple[Scalar, Scalar]:
+    """(sum over tokens of weights * cross-entropy, sum of weights), both float32 scalars.
+
+    - hidden: the final-normed features, one row per token, in the compute dtype.
+    - head: the output projection (D, V) (the tied embedding's transpose works as is).
+    - targets: int32 token ids; weights: per-token loss weights (None = all 1; 0 = masked).
+    - chunk: rows per chunk; None = the plain computation (`plain_cross_entropy`).
+    - softcap: Gemma 2's logit soft cap, applied to the logits before the softmax.
+    Differentiable in hidden, head and weights; the mean loss is loss_sum / weight_sum.
+    """
+    if chunk is None or chunk >= hidden.shape[0]:
+        return plain_cross_entropy(hidden, head, targets, weights, softcap)
+    h, t, w, _ = _chunks(hidden, targets, weights, chunk)
+    total = _chunked(h, head, t, w, chunk, softcap)
+    weight_sum = jnp.float32(hidden.shape[0]) if weights is None else jnp.sum(weights.astype(jnp.float32))
+    return total, weight_sum

@@ -1,0 +1,81 @@
+"""Weight storage for generation (infer/storage.py, nn/quant.py): bfloat16 and int8 weight-only.
+
+Tolerances come from the formats: a bfloat16 weight is w(1 + d) with |d| <= 2^-9 (8 significant
+bits, round to nearest); an int8 weight is off by at most half its column's scale, absmax / 254.
+For one matmul that bounds every output exactly: |x @ (W' - W)| <= |x| @ |W' - W|, plus the
+float32 rounding of the two sums (~K eps |x| @ |W|, K = d_in). Through a whole model the errors
+of the stacked matmuls add to first order, so the logits move by far less than the gap between
+the best two tokens on the prompts below, and the greedy tokens are float32's.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dantinox_eqx.config import Config, ConfigError
+from dantinox_eqx.infer.generate import Generator, generate_ids
+from dantinox_eqx.infer.storage import store_weights
+from dantinox_eqx.model import Transformer
+from dantinox_eqx.nn.linear import Linear
+from dantinox_eqx.nn.quant import Int8Linear
+
+from .conftest import TINY
+
+EPS = float(np.finfo(np.float32).eps)
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_one_matmul_within_the_formats_bound(weights):
+    lin = Linear(64, 48, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (5, 64))
+    if weights == "int8":
+        stored = Int8Linear.quantize(lin.weight)
+        assert stored.q.dtype == jnp.int8 and stored.scale.shape == (48,)
+        w_err = jnp.broadcast_to(stored.scale / 2, (64, 48))
+    else:
+        stored = Linear(64, 48, key=None, weight=lin.weight.astype(jnp.bfloat16))
+        w_err = jnp.abs(lin.weight) * 2.0**-9
+    bound = jnp.abs(x) @ w_err + 64 * EPS * (jnp.abs(x) @ jnp.abs(lin.weight))
+    diff = jnp.abs(stored(x) - lin(x))
+    assert bool(jnp.all(diff <= bound)), float(jnp.max(diff - bound))
+    assert float(diff.max()) > 0  # the storage really changed the weights
+
+
+@pytest.mark.parametrize("kw", [dict(weight_tying=True), dict(weight_tying=False, kv_heads=2)])
+def test_logits_within_the_formats_bound_and_greedy_tokens_kept(kw):
+    """Teacher-forced on float32's greedy continuation: the stored model's logits stay within the
+    bound, and its greedy token is float32's wherever float32's best-two gap exceeds twice the
+    bound (there no rounding of that size can swap them). A random tiny model has many near
+    ties, so where the gap is smaller the tokens may differ, as they may for any two CPUs."""
+    model = Transformer(Config(**{**TINY, "max_context": 32, **kw}), key=jax.random.key(0))
+    prompt = [1, 5, 9, 2, 30]
+    ref = generate_ids(model, [prompt], 20, temperature=0.0)[0]
+    seq = jnp.asarray([prompt + ref[0].tolist()])
+    ref_logits = np.asarray(model(seq)[0][0])
+    top2 = -np.sort(-ref_logits, axis=-1)[:, :2]
+    for weights, u in (("bfloat16", 2.0**-9), ("int8", 1 / 254)):
+        stored = store_weights(model, weights)
+        if kw["weight_tying"]:
+            assert stored.head is not None  # the tied head gets its own stored copy
+        logits = np.asarray(stored(seq)[0][0])
+        # first order, each of the 2 L + 1 matmuls on a token's path moves the logits by at most u
+        # of their scale; 4x that for the norms' amplification
+        bound = 4 * (2 * model.num_blocks + 1) * u * float(np.abs(ref_logits).max())
+        drift = float(np.abs(logits - ref_logits).max())
+        assert 0 < drift <= bound, (weights, drift, bound)
+        sure = (top2[:, 0] - top2[:, 1]) > 2 * bound
+        assert (logits.argmax(-1)[sure] == ref_logits.argmax(-1)[sure]).all(), weights
+        assert sure.sum() >= 1
+
+
+def test_generator_weights_option_and_bad_value():
+    from dantinox_eqx.data.tokenizer import char_tokenizer
+
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz .,\n!?;:'-ABCDE")
+    model = Transformer(Config(**{**TINY, "vocab_size": tok.get_vocab_size()}), key=jax.random.key(0))
+    texts = {w: Generator.from_model(model, tok, weights=w).generate("abc", 12, temperature=0.0)
+             for w in ("float32", "bfloat16", "int8")}
+    assert len(texts["float32"]) > 0 and texts["bfloat16"] == texts["float32"] and texts["int8"] == texts["float32"]
+    with pytest.raises(ConfigError, match="weights: unknown value 'int4'"):
+        Generator.from_model(model, tok, weights="int4")
