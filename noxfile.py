@@ -1,4 +1,5 @@
-"""nox sessions: tests, hf, lint, typecheck, benchmarks. `nox -s tests` and `nox -s hf` are what CI runs."""
+"""nox sessions: quick, tests, hf, real, docs, lint, typecheck, benchmarks. tests, hf, real and docs are what CI runs
+(.ci/run: one `nox -s NAME` line per session)."""
 
 import os
 
@@ -8,24 +9,40 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
 
+# Test tiers, by marker (pyproject.toml): `quick` is the unit tier (no training loop, no CLI
+# subprocess that trains), `slow` the end-to-end checks, `hf` the transformers round trips.
+# `nox -s quick` while working, `nox -s tests` + `nox -s hf` before pushing (.ci/run runs those).
+QUICK = "not slow and not hf"
+
+
+@nox.session
+def quick(session: nox.Session) -> None:
+    """The unit tier (`-m "not slow and not hf"`): a few minutes on 2 cores. `nox -s quick -- --lf`
+    reruns what failed last time."""
+    _pytest(session, "-m", QUICK)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite (the slow end-to-end tests included), in parallel on 2 workers."""
-    session.install("-e", ".[dev]")
-    _install_test_text(session)
     # The transformers checks (marker hf) need torch: they run in their own session, `nox -s hf`.
-    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "not hf and not real", *session.posargs,
-                env=_test_env(session))
+    _pytest(session, "-m", "not hf and not real", "--durations=20")
 
 
 @nox.session
 def hf(session: nox.Session) -> None:
     """The Hugging Face round trips against transformers itself (tests marked hf): torch (CPU,
     pinned) and transformers are test-only, installed here from the `hf` extra."""
-    session.install("-e", ".[dev,hf]")
+    _pytest(session, "-m", "hf and not real", "--durations=20", extras="dev,hf")
+
+
+def _pytest(session: nox.Session, *args: str, extras: str = "dev", workers: int = 2) -> None:
+    """Install the package with `extras` and the tests' text, then run pytest with `args` on
+    `workers` processes (each test file stays on one worker: its module-scoped runs are built once)
+    and the session's own arguments (`nox -s quick -- tests/test_model.py -x`)."""
+    session.install("-e", f".[{extras}]")
     _install_test_text(session)
-    session.run("pytest", "-n", "2", "--dist", "loadfile", "-m", "hf and not real", *session.posargs,
-                env=_test_env(session))
+    session.run("pytest", "-n", str(workers), "--dist", "loadfile", *args, *session.posargs, env=_test_env(session))
 
 
 def _install_test_text(session: nox.Session) -> None:
@@ -35,9 +52,11 @@ def _install_test_text(session: nox.Session) -> None:
 
 
 def _test_env(session: nox.Session) -> dict[str, str]:
-    # A persistent XLA compilation cache shared by the workers and the CLI subprocesses: the
+    # A persistent XLA compilation cache shared by the workers, the CLI subprocesses and every
+    # session (.nox/jax-cache: `nox -s tests` after `nox -s quick` reuses its programs; entries are
+    # keyed by JAX version and program, so sessions with other packages cannot mix them up): the
     # suite compiles the same tiny programs many times, and compiling dominates its run time.
-    cache = os.path.join(session.virtualenv.location, "jax-cache")
+    cache = os.path.join(os.path.dirname(session.virtualenv.location), "jax-cache")
     return {"WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
 
@@ -71,7 +90,7 @@ def typecheck(session: nox.Session) -> None:
     run the fast tests under it: shapes in annotations are checked, not only documented."""
     session.install("-e", ".[dev]")
     session.run("python", "-c", IMPORT_EVERY_MODULE)
-    session.run("pytest", "-m", "not slow and not hf", "-q", *session.posargs)
+    session.run("pytest", "-m", QUICK, "-q", *session.posargs)
 
 
 @nox.session

@@ -24,6 +24,7 @@ FIXTURE = Path(__file__).parent / "data" / "run_3db2249"
 COLUMNS = ("step", "train_loss", "val_loss", "train_bal", "val_bal", "lr")
 
 
+@pytest.mark.slow
 def test_a_3db2249_run_generates_the_same_text_and_resumes_exactly(tmp_path: Path):
     expected = json.loads((FIXTURE / "expected.json").read_text())
     run = tmp_path / "run"

@@ -135,6 +135,7 @@ def _train(model, cfg, data, steps, trainable, seed):
     return params, static, loss0, float(evaluate(params, val_batches)["loss"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_moves_only_the_adapter_and_lowers_the_loss(small_corpus):
     # A LoRA on a random base cannot lower the loss much: the frozen tied embedding bounds the
     # logits (|logit| <= |e_v| |norm(h)| ~ 0.02 sqrt(D) sqrt(D) = 0.64). So first train the base

@@ -72,6 +72,7 @@ def test_steepest_descent_finds_the_inflection():
     assert steepest_descent(lrs, losses) == pytest.approx(1e-3, rel=0.13)  # one grid step: 10**0.05
 
 
+@pytest.mark.slow
 def test_find_lr_suggests_in_range_and_writes_nothing(small_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = Config(**FINDER)
@@ -87,6 +88,7 @@ def test_find_lr_suggests_in_range_and_writes_nothing(small_corpus, tmp_path, mo
     assert min(losses) < losses[0] - 0.1  # the ramp reaches LRs that learn
 
 
+@pytest.mark.slow
 def test_find_lr_stops_when_the_loss_diverges(small_corpus):
     config = Config(**FINDER)
     data = prepare_config_data(config, small_corpus)
@@ -196,6 +198,7 @@ def test_cli_plot_lr_schedule(tmp_path):
     assert out.returncode == 2 and "--total_steps" in out.stderr
 
 
+@pytest.mark.slow
 def test_given_model_is_used_and_left_unchanged(small_corpus):
     # The fresh model of find_lr is Transformer(config, key=split(key(seed), 3)[0]): passing that
     # same model gives the same curve, and the caller's arrays are not donated or modified.

@@ -52,6 +52,7 @@ def _shards(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.glob("shard_*.bin"))}
 
 
+@pytest.mark.slow
 def test_a_jsonl_source_trains_as_its_prepared_dataset_and_the_cache_is_reused(tmp_path: Path, cache: Path):
     source = _jsonl(tmp_path / "docs.jsonl", _docs())
     config = tiny(max_steps=6, eval_interval=3)
@@ -78,6 +79,7 @@ def test_a_jsonl_source_trains_as_its_prepared_dataset_and_the_cache_is_reused(t
     assert _prepared(cache) == [folder] and index["total_documents"] == 25
 
 
+@pytest.mark.slow
 def test_a_folder_and_a_large_text_file_are_prepared_on_first_use(tmp_path: Path, cache: Path, monkeypatch):
     docs = _docs(6)
     (tmp_path / "texts").mkdir()

@@ -66,6 +66,7 @@ def test_a_logger_that_cannot_start_leaves_no_run_directory(small_corpus: Path, 
     assert empty.is_dir() and list(empty.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_trainer_find_lr_tests_the_model_fit_would_train_and_writes_nothing(small_corpus: Path, tmp_path: Path,
                                                                             monkeypatch):
     monkeypatch.chdir(tmp_path)

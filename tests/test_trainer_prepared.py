@@ -40,6 +40,7 @@ def prepared(tmp_path_factory, text: str) -> Path:
     return write_prepared(out, split_docs(text, 30), char_tokenizer_with_eot(text), shard_tokens=20_000)
 
 
+@pytest.mark.slow
 def test_bits_per_byte_is_loss_over_ln2_times_tokens_per_byte(tmp_path: Path, text: str, prepared: Path):
     # raw text, char tokenizer: a split's tokens are its characters, its bytes their UTF-8 bytes
     corpus = tmp_path / "corpus.txt"
@@ -68,6 +69,7 @@ def test_bits_per_byte_is_loss_over_ln2_times_tokens_per_byte(tmp_path: Path, te
     assert summary["val_bytes"] == round(val_bytes)
 
 
+@pytest.mark.slow
 def test_val_path_and_find_lr_on_a_prepared_dataset(tmp_path: Path, text: str, prepared: Path):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text(text[:5000], encoding="utf-8")  # encoded with the prepared tokenizer
@@ -105,6 +107,7 @@ def _live_bytes() -> int:
     return sum(x.nbytes for x in jax.live_arrays())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feed", ["host", "fused"])
 def test_device_memory_is_O_batch_with_the_host_feed(tmp_path: Path, feed: str, monkeypatch):
     """Bytes of every live device array, measured at each evaluation: the host feed holds the
