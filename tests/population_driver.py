@@ -9,14 +9,13 @@ device count of a CPU process is fixed when JAX starts):
 trains CONFIG with each member's overrides (a JSON list of mappings) as one population, member
 k into OUT_DIR/member_000k, its members split over the devices (one device holds whole
 members; model_summary.json records how many devices the population used), then prints
-`maxrss_bytes N`: this process's peak resident memory (resource.getrusage). The fault seam
+`maxrss_bytes N`: this process's peak resident memory (VmHWM of /proc/self/status). The fault seam
 (DANTINOX_EQX_TEST_FAULT) can kill it inside a member's checkpoint save.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -35,7 +34,17 @@ def main() -> None:
     assert jax.device_count() == devices, jax.devices()
     members = json.loads(Path(members_path).read_text())
     train_population(Config.from_yaml(config_path), members, corpus, out, progress=False)
-    print(f"maxrss_bytes {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")  # Linux: KiB
+    print(f"maxrss_bytes {peak_rss_bytes()}")
+
+
+def peak_rss_bytes() -> int:
+    """This program's own peak resident memory: VmHWM, which exec resets. Not getrusage's
+    ru_maxrss: Linux carries the pre-exec process's high-water mark into it, so a child started
+    from a large pytest worker reported the worker's RSS (2.89 GB for 1 and 4 members alike)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 if __name__ == "__main__":
