@@ -40,9 +40,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a
 # float32 on both sides from the same dequantised weights, summed in different orders (XLA's
 # kernels vs torch's) through 30 blocks. Measured against transformers run in float64 on the same
 # weights (benchmarks/gguf_check.py): our float32 logits are off by up to 1.2e-4, transformers'
-# float32 by 4e-5 (logits of magnitude 27-36, i.e. ~4e-6 relative); so ours vs theirs can differ
-# by their sum, 1.6e-4: the bound is twice that. (The issue's aim is 1e-4: not met, see the note.)
-F32_TOL = 3e-4
+# float32 by 4e-5, on logits of magnitude 27-36 (~4e-6 relative); ours vs theirs measured 8e-5 to
+# 2.2e-4 over these prompts. The bound is twice the largest measured, 5e-4 (1.5e-5 of the logits'
+# magnitude): the issue's aim of 1e-4 is not met, see benchmarks/README.md. Greedy text must match.
+F32_TOL = 5e-4
 
 
 def cli(*args) -> subprocess.CompletedProcess:
