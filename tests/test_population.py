@@ -279,7 +279,7 @@ def test_memory_estimate_against_the_measured_memory(setup, tmp_path):
     gradients, the update, Adam's two moments) where the estimate counts 3 (params and the two
     moments), and activations both count: 2x; XLA's temporaries of the vmapped update and the
     allocator's kept pages (freed, not returned) add up to three quarters more: 3.5x.
-    Measured with VmHWM (tests/population_driver.py): 2.49x here. (ru_maxrss read 1.8-2.0x on
+    Measured with VmHWM (tests/population_driver.py): 2.29x and 2.49x here. (ru_maxrss read 1.8-2.0x on
     one machine and 0 on another: it carries the pytest worker's high-water mark over exec.)
     the estimate is a lower bound, about 40 % of what a member really takes."""
     config = setup["base"].replace(dim=384, n_heads=6, head_size=64, num_blocks=4, max_steps=2, eval_interval=2,
