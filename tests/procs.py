@@ -26,3 +26,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_one_line_refusals(cli, cases) -> None:
+    """Each case (args, named, target): `cli(*args)` exits 2 with one stderr line, "Error: ..."
+    naming `named`, and leaves `target` (a path, or None) not created."""
+    for args, named, target in cases:
+        res = cli(*args)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error:"), (args, res.stderr)
+        assert named in lines[0], (named, lines[0])
+        assert target is None or not target.exists()

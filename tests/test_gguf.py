@@ -28,6 +28,7 @@ from dantinox_eqx.run.gguf import export_gguf, from_gguf, import_gguf
 from dantinox_eqx.run.gguf_format import GGUFFormatError, gguf_vocab, permute
 
 from .hf_runs import TEXT, family_run, logits, tokens
+from .procs import assert_one_line_refusals
 
 EXE = Path(sys.executable).parent / "dantinox-eqx"
 # The round trip is exact in the weights; the metadata stores norm_eps and the RoPE base as
@@ -183,12 +184,7 @@ def test_bad_input_exits_2_naming_the_file_and_writes_nothing(tmp_path, bpe):
              (("import-gguf", wrong, tmp_path / "r4"),
               "'blk.0.ffn_down.weight' has shape (32, 64), the metadata implies (32, 96)", tmp_path / "r4"),
              (("export", run, taken, "--format", "gguf"), "is not an empty file", None)]
-    for args, named, target in cases:
-        res = cli(*args)
-        lines = res.stderr.strip().splitlines()
-        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error:"), (args, res.stderr)
-        assert named in lines[0], (named, lines[0])
-        assert target is None or not target.exists()
+    assert_one_line_refusals(cli, cases)
     assert taken.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["good.gguf", "truncated.gguf", "falcon.gguf", "ints.gguf", "wrong.gguf", "run", "taken.gguf"])
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,22 +257,25 @@ def check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, 
 
 
 # --------------------------------------------------------------------------- bytes of raw text
-def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes that each token id stands for, shape (vocab,), float64: a byte-level BPE
-    token's string has one character per byte; other tokens (a char vocabulary's characters)
-    are measured on their decoded text; special tokens (end of text) stand for 0 bytes."""
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+def _per_token(tok: Tokenizer, alphabet: Collection[str], of_piece: Callable[[str], float],
+               of_text: Callable[[str], float]) -> np.ndarray:
+    """One float64 per token id, shape (vocab,): `of_piece(piece)` for a byte-level BPE token
+    whose string lies in `alphabet`, `of_text(decoded text)` for any other, 0 for special tokens."""
     byte_level = isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     out = np.zeros(tok.get_vocab_size(), np.float64)
     for piece, i in tok.get_vocab().items():
         if piece in special:
             continue
-        if byte_level and set(piece) <= alphabet:
-            out[i] = len(piece)
-        else:
-            out[i] = len(tok.decode([i]).encode("utf-8"))
+        out[i] = of_piece(piece) if byte_level and set(piece) <= alphabet else of_text(tok.decode([i]))
     return out
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes that each token id stands for, shape (vocab,), float64: a byte-level BPE
+    token's string has one character per byte; other tokens (a char vocabulary's characters)
+    are measured on their decoded text; special tokens (end of text) stand for 0 bytes."""
+    return _per_token(tok, set(pre_tokenizers.ByteLevel.alphabet()), len, lambda text: len(text.encode("utf-8")))
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -296,17 +299,7 @@ def token_char_lengths(tok: Tokenizer) -> np.ndarray:
     tokens their decoded text's characters; special tokens 0. Summed over a text's ids: its
     characters, exactly."""
     to_byte = _bytes_to_unicode()
-    byte_level = isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
-    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    out = np.zeros(tok.get_vocab_size(), np.float64)
-    for piece, i in tok.get_vocab().items():
-        if piece in special:
-            continue
-        if byte_level and set(piece) <= to_byte.keys():
-            out[i] = sum(1 for c in piece if to_byte[c] & 0xC0 != 0x80)
-        else:
-            out[i] = len(tok.decode([i]))
-    return out
+    return _per_token(tok, to_byte.keys(), lambda piece: sum(1 for c in piece if to_byte[c] & 0xC0 != 0x80), len)
 
 
 def count_bytes(ids: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 22) -> float:
