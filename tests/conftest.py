@@ -129,3 +129,26 @@ def tiny_config() -> Config:
 def small_corpus(tmp_path: Path) -> Path:
     """A 20 kB slice of the plays in a writable folder (for the token cache)."""
     return plays_slice(tmp_path / "corpus.txt", 20_000)
+
+
+# ------------------------------------------------------------------ the unit tier stays quick
+# `nox -s quick` (the unit tier, no `slow` mark) is meant to finish in about 3 minutes on 2 cores
+# (issue 24). A unit test that grows past UNIT_TEST_BUDGET_S (setup + call, wall clock) is named
+# at the end of the run, so its author marks it `slow` or makes it cheaper; advisory only, since
+# wall time depends on the machine's load.
+UNIT_TEST_BUDGET_S = 5.0
+_unit_test_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    if "slow" not in report.keywords and report.when in ("setup", "call"):
+        _unit_test_seconds[report.nodeid] = _unit_test_seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    over = sorted(((s, n) for n, s in _unit_test_seconds.items() if s > UNIT_TEST_BUDGET_S), reverse=True)
+    if over:
+        terminalreporter.write_sep("-", f"unit tests over {UNIT_TEST_BUDGET_S:.0f} s (mark them slow or make them "
+                                        "cheaper)")
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")

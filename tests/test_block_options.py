@@ -96,6 +96,7 @@ def test_zero_init_proj_makes_every_block_the_identity():
     assert not jnp.any(moe.blocks.mlp.down.weight)
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_the_full_forward_with_the_options():
     model = _model(qk_norm=True, logit_softcap=3.0, activation="relu2", use_swiglu=False, kv_heads=2)
     full, _ = model(_tokens())
@@ -103,6 +104,7 @@ def test_cached_decoding_equals_the_full_forward_with_the_options():
 
 
 @pytest.mark.parametrize("name", [*OPTIONS, "all"])
+@pytest.mark.slow
 def test_a_short_run_with_each_option_learns(name):
     kw = {k: v for o in OPTIONS.values() for k, v in o.items()} if name == "all" else OPTIONS[name]
     if name == "logit_softcap":

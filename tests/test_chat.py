@@ -120,6 +120,7 @@ def test_end_of_turn_token_by_rendering():
     assert end_of_turn("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", SPECIALS, **TOKENS) == "</s>"
 
 
+@pytest.mark.slow
 def test_generator_chat_stops_at_the_end_of_turn_token():
     tok = chat_tokenizer()
     cfg, model = forced_model(tok)
@@ -149,6 +150,7 @@ def test_generator_chat_without_a_template_is_refused(tmp_path):
         Generator.from_model(model, tok, cfg).chat([{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.slow
 def test_generate_chat_and_the_chat_loop_on_a_run(tmp_path, chat_run):
     res = cli("generate", chat_run, "--chat", "hello", "--temperature", "0")
     assert res.returncode == 0, res.stderr
@@ -165,6 +167,7 @@ def test_generate_chat_and_the_chat_loop_on_a_run(tmp_path, chat_run):
     assert res.returncode == 0 and res.stdout == "hi\n", res.stderr
 
 
+@pytest.mark.slow
 def test_bad_chat_input_exits_2_with_one_line(tmp_path, chat_run):
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% for m in messages %}{{ m['content'] }", encoding="utf-8")

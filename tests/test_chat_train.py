@@ -69,6 +69,7 @@ def test_training_on_chat_data_packs_and_learns_the_answers(tmp_path: Path, monk
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5, rows  # the answers' loss falls
 
 
+@pytest.mark.slow
 def test_bad_chat_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path):
     data, tok, template = chat_files(tmp_path / "in", n=30)
     exe = Path(__import__("sys").executable).parent / "dantinox-eqx"

@@ -116,6 +116,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: str, tmp_path: Path, corpus: Path,
                                                             config_file: Path):
     (tmp_path / "busy").mkdir()

@@ -109,6 +109,7 @@ def test_rope_fine_tune_at_a_shorter_context(tmp_path, corpora, rope_base, lora)
     assert len(gen.encode(gen.generate("ROMEO:", max_new_tokens=40, temperature=0.0))) == 40
 
 
+@pytest.mark.slow
 def test_learned_table_shorter_uses_its_first_rows(table_base):
     full = from_pretrained(table_base)
     short = from_pretrained(table_base, max_context=SHORT)
@@ -139,6 +140,7 @@ def test_learned_table_fine_tune_shorter_trains_longer_is_refused(tmp_path, corp
         from_pretrained(ft, max_context=SHORT + 1)
 
 
+@pytest.mark.slow
 def test_resume_keeps_its_window(rope_base):
     saved = Config.from_yaml(rope_base / "config.yaml")
     check_resumable(saved, saved, rope_base)  # the same window resumes

@@ -59,6 +59,7 @@ def test_chunked_equals_plain_loss_and_gradients(softcap, weighted):
 
 
 @pytest.mark.parametrize("kw", [dict(weight_tying=False), dict(weight_tying=True, logit_softcap=3.0)])
+@pytest.mark.slow
 def test_model_loss_and_gradients_equal_unchunked(kw):
     """The training loss of a tiny model with a larger vocabulary: chunks of 16 tokens vs none."""
     batch = jax.random.randint(jax.random.key(1), (3, 17), 0, 512)  # 48 tokens: 3 chunks of 16

@@ -170,6 +170,7 @@ def test_eval_on_a_prepared_directory_equals_eval_on_its_text(tmp_path, text, ba
     assert want["n_tokens"] == 3 * 8 * 16
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_bad_source(tmp_path, base_run, text):
     other = write_prepared(tmp_path / "other", split_docs(text, 4), char_tokenizer_with_eot(text + "\u00e9"))
     out = CliRunner().invoke(app, ["eval", str(base_run), "--data_path", str(other)])

@@ -149,6 +149,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=dict(os.environ), timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_export_refuses_a_non_empty_out_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

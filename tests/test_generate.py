@@ -132,6 +132,7 @@ def test_no_recompilation_per_token_prompt_length_or_setting(caplog):
     assert compiled == []
 
 
+@pytest.mark.slow
 def test_a_batch_of_prompts_equals_each_prompt_alone():
     model = _model(kv_heads=2)
     prompts = [_prompt(3, 1), _prompt(14, 2), _prompt(9, 3)]
@@ -146,6 +147,7 @@ def test_a_batch_of_prompts_equals_each_prompt_alone():
     assert s_batch[0].tolist() == s_alone[0].tolist()
 
 
+@pytest.mark.slow
 def test_seeds_streaming_and_batches_of_text():
     gen = Generator.from_model(_model(), TOK)
     a = gen.generate("First", max_new_tokens=40, stop_at_eot=False, seed=0)
@@ -203,6 +205,7 @@ def test_generation_ends_at_the_end_of_text_token():
     assert gen.generate("First", max_new_tokens=40, seed=seed, stop=before[-1]) == before[:before.index(before[-1])]
 
 
+@pytest.mark.slow
 def test_streaming_byte_level_bpe_never_splits_a_character():
     text = "café naïve — 東京 🙂 " * 40 + TEXT
     tok = bpe_tokenizer(text, 300)
@@ -246,6 +249,7 @@ def test_sampling_past_max_context(kw):
     assert np.abs(logits[0, -1] - logits[0, -2]).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_sliding_window_cache_is_exact_beyond_max_context():
     """With a window smaller than the cache (no sink), the ring buffer holds every key a query
     may read, so cached decoding equals the full windowed forward even past max_context."""
@@ -265,6 +269,7 @@ def _random_run(tmp_path: Path, dtype=jnp.float32, **kw) -> tuple[Path, Transfor
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.slow
 def test_a_run_round_trips_in_its_saved_dtype(tmp_path, dtype):
     run, model = _random_run(tmp_path, dtype)
     for best in (True, False):
@@ -311,6 +316,7 @@ def test_broken_run_directories_give_clear_errors(tmp_path):
         Generator(run)
 
 
+@pytest.mark.slow
 def test_mla_runs_load_in_inference_mode(tmp_path):
     run, model = _random_run(tmp_path, mla=True, down_dim_q=16, down_dim_kv=16, rope_dim=4)
     trained = from_pretrained(run)
@@ -368,6 +374,7 @@ def test_covering_windows_score_every_token_once():
         assert (starts + t + 1 <= n).all()
 
 
+@pytest.mark.slow
 def test_evaluation_equals_the_training_loss_on_the_same_windows():
     model = _model(max_context=16)
     ids = np.asarray(jax.random.randint(jax.random.key(9), (16 * 6 + 1,), 0, TOK.get_vocab_size()))

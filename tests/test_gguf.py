@@ -61,6 +61,7 @@ def _diff(a, b) -> float:
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_export_import_round_trip(tmp_path, bpe, case):
     family, overrides = CASES[case]
     run, model = family_run(tmp_path / "run", family, bpe, **overrides)
@@ -165,6 +166,7 @@ def test_quantised_file_imports_as_dequantised_numpy(tmp_path, bpe):
     assert isinstance(model, Transformer) and tok.get_vocab_size() == V
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_naming_the_file_and_writes_nothing(tmp_path, bpe):
     V = bpe.get_vocab_size()
     good = _write(tmp_path / "good.gguf", bpe, _llama_tensors(V))

@@ -65,6 +65,7 @@ def _arrays(tree) -> dict[str, np.ndarray]:
     ("mlp", {"blocks.mlp.up", "blocks.mlp.down"}),
     ("all", {"blocks.attn.qkv", "blocks.attn.o", "blocks.mlp.up", "blocks.mlp.down"}),
 ])
+@pytest.mark.slow
 def test_targets_and_identity_at_init(targets, adapted):
     base = _base()
     tuned = apply_lora(base, targets, rank=4, key=jax.random.key(1))
@@ -84,6 +85,7 @@ def test_targets_and_identity_at_init(targets, adapted):
     assert set(tuned_arrays) - set(base_arrays) == {f"{a}.lora_{x}" for a in adapted for x in "ab"}
 
 
+@pytest.mark.slow
 def test_merged_equals_unmerged_and_leaves_a_plain_model():
     base = _base()
     tuned = _perturb_b(apply_lora(base, "all", rank=4, alpha=8.0, key=jax.random.key(1)))
@@ -174,6 +176,7 @@ def _expected_base(cfg: Config) -> int:
     return V * D + cfg.num_blocks * block + D + (0 if cfg.weight_tying else D * V)
 
 
+@pytest.mark.slow
 def test_trainable_share_rank8_attention():
     """The seed: "with lora_rank=8 and lora_targets="attention", only ~0.1-0.5 % of parameters
     are trained". Default config (dim 128, 4 blocks): 24,576 of 820,480 = 3.00 %. The original's
@@ -242,6 +245,7 @@ def test_load_adapter_rejects_a_mismatch():
         load_adapter(_base(), adapter)
 
 
+@pytest.mark.slow
 def test_lora_dropout_needs_a_key_and_then_acts():
     tuned = _perturb_b(apply_lora(_base(), "all", rank=4, dropout=0.5, key=jax.random.key(1)))
     plain = _perturb_b(apply_lora(_base(), "all", rank=4, dropout=0.0, key=jax.random.key(1)))
@@ -308,6 +312,7 @@ _VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(_VARIANTS))
+@pytest.mark.slow
 def test_other_blocks_adapt_generically(variant):
     _, kw = _VARIANTS[variant]
     base = _base(**kw)

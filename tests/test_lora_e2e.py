@@ -232,6 +232,7 @@ def test_unknown_target_and_missing_base_are_config_errors(tmp_path: Path, corpo
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_lora_dropout_acts_in_the_train_step_and_a_given_adapted_model_needs_use_lora(tmp_path, corpora):
     cfg = Config(**{**BASE, "num_blocks": 1, "max_context": 16}, vocab_size=40)
     base = Transformer(cfg, key=jax.random.key(0))

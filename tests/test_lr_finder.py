@@ -175,6 +175,7 @@ def test_cli_find_lr_plot(small_corpus, tmp_path):
     _check_png(made / "lr_finder.png")
 
 
+@pytest.mark.slow
 def test_cli_find_lr_bad_input(small_corpus, tmp_path):
     cfg = _tiny_yaml(tmp_path)
     out = _cli("find-lr", "--config", str(cfg), "--data_path", str(small_corpus), "--min_lr", "1e-2",
@@ -185,6 +186,7 @@ def test_cli_find_lr_bad_input(small_corpus, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_cli_plot_lr_schedule(tmp_path):
     cfg = _tiny_yaml(tmp_path)
     out = _cli("plot-lr-schedule", "--config", str(cfg), "--out", "s.png", "--lr_schedule", "wsd", cwd=tmp_path)

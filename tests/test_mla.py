@@ -52,6 +52,7 @@ _forward = eqx.filter_jit(lambda m, t: m(t)[0])
                                 {"sliding_window": True, "context_window": 5, "no_sink": True},
                                 {"rope_scale_factor": 4.0}, {"kv_heads": 2, "norm_type": "layernorm"},
                                 {"use_rotary_pos": False, "absolute_pos": True}])
+@pytest.mark.slow
 def test_naive_and_absorbed_logits_match(kw):
     cfg = _cfg(**kw)
     naive = _model(cfg)
@@ -80,6 +81,7 @@ def test_inference_flag_changes_computation_not_parameters():
 
 
 @pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.slow
 def test_kv_cache_decode_equals_full_forward(inference):
     model = for_inference(_model(_cfg()), inference)
     toks = _tokens()
@@ -106,6 +108,7 @@ def _greedy(model: Transformer, prompt, n_new: int):
     return np.asarray(jnp.concatenate(out, 1))
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_identical_in_both_forms():
     naive = _model(_cfg(sliding_window=True, context_window=6, weight_tying=False))
     prompt = _tokens(t=4, seed=5)
@@ -170,6 +173,7 @@ def test_causal_in_both_forms(inference):
     assert float(jnp.abs(out[:, t:] - base[:, t:]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_attention_module_shapes_and_projections():
     attn = make_attention(_cfg(), key=jax.random.key(0))
     assert attn.q_down.weight.shape == (32, 16) and attn.q_up.weight.shape == (16, 4 * (8 + 4))
@@ -180,6 +184,7 @@ def test_attention_module_shapes_and_projections():
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.slow
 def test_mla_trains_with_grad_accum_dropout_and_bf16(dtype):
     n = 12 if dtype is None else 3  # bfloat16 matmuls are slow on CPU: check finiteness only
     cfg = _cfg(grad_accum=2, lr=1e-2, warmup_steps=0, max_steps=n, dropout_rate=0.1)
@@ -215,6 +220,7 @@ class _LowRankDelta(eqx.Module):
         return self.base(x) + x @ self.a.astype(x.dtype) @ self.b.astype(x.dtype)
 
 
+@pytest.mark.slow
 def test_absorbed_form_with_a_wrapped_kv_up():
     model = _model(_cfg())
     kv_up = model.blocks.attn.kv_up  # stacked: weight (L, C, 2HE)

@@ -65,6 +65,7 @@ def test_gqa_kv_heads_equal_n_heads_matches_repeated_kv():
     assert logits.shape == (2, 16, 37) and bool(jnp.isfinite(logits).all())
 
 
+@pytest.mark.slow
 def test_blocks_are_stacked_and_scanned():
     model = _model(num_blocks=3)
     assert model.blocks.attn.qkv.weight.shape == (3, 32, 96)
@@ -74,6 +75,7 @@ def test_blocks_are_stacked_and_scanned():
     assert len(jaxpr8) == len(jaxpr)  # program size does not grow with depth
 
 
+@pytest.mark.slow
 def test_kv_cache_equals_full_forward():
     model = _model(kv_heads=2)
     toks = _tokens(t=16)
@@ -107,6 +109,7 @@ def test_bf16_cast_keeps_float32_softmax():
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.slow
 def test_unrolled_layers_equal_the_rolled_scan(remat):
     """scan_unroll only changes how XLA runs the layer loop: loss and gradients agree."""
     assert Config(**{**TINY, "num_blocks": 3}).effective_scan_unroll == 3  # auto: unrolled
@@ -132,6 +135,7 @@ def _reference_attention(q, k, v, mask):
 
 
 @pytest.mark.parametrize("batched_mask", [False, True])
+@pytest.mark.slow
 def test_attention_backward_equals_autodiff(batched_mask):
     B, T, K, G, E = 2, 7, 2, 3, 8
     kq, kk, kv, kg = jax.random.split(jax.random.key(3), 4)
@@ -151,6 +155,7 @@ def test_attention_backward_equals_autodiff(batched_mask):
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_gelu_backward_equals_autodiff():
     from dantinox_eqx.model import gelu
 
@@ -163,6 +168,7 @@ def test_gelu_backward_equals_autodiff():
 
 
 @pytest.mark.parametrize("kw", [{}, {"kv_heads": 2}, {"sliding_window": True, "context_window": 5, "no_sink": True}])
+@pytest.mark.slow
 def test_fused_attention_equals_plain(kw):
     """attention_impl fused (jax.nn.dot_product_attention: cuDNN on GPUs, XLA here) computes what
     the einsum path does, forward and backward; auto picks plain on CPU."""

@@ -32,6 +32,7 @@ def _with_router(moe: MoE, weight) -> MoE:
 
 
 @pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.slow
 def test_one_expert_top_one_equals_dense_mlp(swiglu):
     cfg = _cfg(n_experts=1, top_k_mlp=1, use_swiglu=swiglu)
     mlp = make_mlp(cfg.replace(use_moe=False), key=jax.random.key(0))
@@ -46,6 +47,7 @@ def test_one_expert_top_one_equals_dense_mlp(swiglu):
     np.testing.assert_allclose(bal, 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_expert_model_equals_dense_model():
     moe_model = Transformer(_cfg(n_experts=1, top_k_mlp=1), key=jax.random.key(0))
     dense = Transformer(Config(**TINY), key=jax.random.key(0))
@@ -58,6 +60,7 @@ def test_one_expert_model_equals_dense_model():
     np.testing.assert_allclose(bal, 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_balance_is_one_for_uniform_routing():
     E = 4
     moe = make_mlp(_cfg(n_experts=E, top_k_mlp=1), key=jax.random.key(0))
@@ -133,6 +136,7 @@ def test_shared_expert_adds_a_dense_mlp():
     np.testing.assert_allclose(moe(x)[0], routed_only(x)[0] + moe.shared(x)[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_no_python_loop_over_experts():
     """The traced program has the same number of operations whatever n_experts is."""
     x = _x()
@@ -141,6 +145,7 @@ def test_no_python_loop_over_experts():
     assert n_ops[0] == n_ops[1]
 
 
+@pytest.mark.slow
 def test_kv_cache_equals_full_forward_with_moe():
     model = Transformer(_cfg(), key=jax.random.key(0))
     toks = jax.random.randint(jax.random.key(1), (2, 16), 0, 37)
@@ -154,6 +159,7 @@ def test_kv_cache_equals_full_forward_with_moe():
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_expert_counts_sum_to_assignments_and_match_the_router():
     cfg = _cfg(num_blocks=1)
     model = Transformer(cfg, key=jax.random.key(0))
@@ -219,6 +225,7 @@ def test_moe_model_trains_on_shakespeare(small_corpus):
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.slow
 def test_moe_with_grad_accum_and_bf16(dtype):
     n = 12 if dtype is None else 3  # bfloat16 matmuls are slow on CPU: check finiteness only
     cfg = _cfg(grad_accum=2, lr=1e-2, warmup_steps=0, max_steps=n, capacity_factor=1.25)

@@ -292,7 +292,8 @@ def test_lora_attention_on_mla_trains_and_generates_in_both_forms():
     np.testing.assert_array_equal(g1, g2)
 
 
-@pytest.mark.parametrize("shared", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False])
 def test_lora_mlp_on_moe_adapts_every_expert(shared):
     cfg = Config(**{**TINY, **MOE, "shared_expert": shared})
     base = Transformer(cfg, key=jax.random.key(0))

@@ -95,6 +95,7 @@ def _check(get, grads, updates, split=None, lrs=None):
                 np.testing.assert_allclose(x, w, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_update_equals_reference_newton_schulz_per_layer_and_projection():
     cfg, params, _ = _setup(use_swiglu=True, kv_heads=2)
     grads, updates = _run_updates(cfg, params)
@@ -107,6 +108,7 @@ def test_update_equals_reference_newton_schulz_per_layer_and_projection():
     _check(lambda t: t.blocks.mlp.up.weight, grads, updates, split=[(0, F), (F, 2 * F)])
 
 
+@pytest.mark.slow
 def test_muon_lr_follows_the_schedule_scaled_to_muon_lr():
     """Warmup then cosine: Muon's lr at update s is schedule(s) * muon_lr / lr."""
     cfg, params, _ = _setup(lr=1e-3, lr_schedule="cosine", warmup_steps=2)
@@ -134,6 +136,7 @@ def test_stacked_blocks_are_orthogonalised_per_layer_not_as_one_matrix():
     assert np.abs(fused - np.asarray(updates[0].blocks.attn.qkv.weight)[0]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_moe_experts_are_orthogonalised_per_expert_and_the_router_is_adamw():
     cfg, params, _ = _setup(use_moe=True, n_experts=4, use_swiglu=False)
     grads, updates = _run_updates(cfg, params, n_steps=2)
@@ -144,6 +147,7 @@ def test_moe_experts_are_orthogonalised_per_expert_and_the_router_is_adamw():
     assert "blocks.mlp.router.weight" in groups["adamw"]["params"]
 
 
+@pytest.mark.slow
 def test_everything_else_is_exactly_adamw():
     """The AdamW group of muon gets the updates that optimizer adamw gives the same leaves."""
     cfg, params, _ = _setup(weight_tying=False, weight_decay=0.1)
@@ -166,6 +170,7 @@ def test_muon_params_attention_leaves_the_mlp_on_adamw():
     assert {"blocks.mlp.up.weight", "blocks.mlp.down.weight"} <= set(groups["adamw"]["params"])
 
 
+@pytest.mark.slow
 def test_lora_factors_are_muon_matrices():
     cfg, params, static = _setup(lora_targets="all")
     model = apply_lora(eqx.combine(params, static), "all", rank=4, key=jax.random.key(3))
@@ -185,12 +190,14 @@ def test_lora_factors_are_muon_matrices():
 
 @pytest.mark.parametrize("kw", [{}, {"use_moe": True, "use_swiglu": False}, {"mla": True, "rope_dim": 4,
                                                                              "down_dim_q": 16, "down_dim_kv": 16}])
+@pytest.mark.slow
 def test_muon_lowers_the_loss(kw):
     cfg = _setup(lr=3e-3, grad_clip=1.0, lr_schedule="cosine", warmup_steps=5, **kw)[0]
     losses = one_batch_losses(cfg, 40, alpha_balance=cfg.alpha_balance if cfg.use_moe else 0.0)
     assert losses[-1] < losses[0] - 1.0
 
 
+@pytest.mark.slow
 def test_grad_accumulation_with_muon_equals_the_concatenated_batch():
     cfg, params, static = _setup(grad_clip=1.0)
     opt = make_optimizer(cfg, 10)
@@ -296,6 +303,7 @@ def test_resume_with_muon_is_bitwise_exact(tmp_path: Path):
     assert "embedding" in summary["optimizer_groups"]["adamw"]["params"]
 
 
+@pytest.mark.slow
 def test_muon_with_pure_bfloat16_params_and_moments():
     """use_bf16 without master weights: bfloat16 params, gradients and Muon momentum."""
     from dantinox_eqx.model import cast_floating

@@ -51,6 +51,7 @@ def test_segment_positions_restart_at_each_example():
 
 
 @pytest.mark.parametrize("extra", [{}, {"sliding_window": True, "context_window": 3}])
+@pytest.mark.slow
 def test_packed_logits_equal_each_example_alone(extra):
     _, model = _model(**extra)
     examples = _examples([5, 9, 4, 7])
@@ -67,6 +68,7 @@ def test_packed_logits_equal_each_example_alone(extra):
     assert float(jnp.abs(plain[0, 5:14] - packed[0, 5:14]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_masked_loss_is_token_weighted_mean_of_example_losses():
     _, model = _model()
     examples = _examples([6, 11, 3, 8])
@@ -101,6 +103,7 @@ def _params_static(model):
     return eqx.partition(model, eqx.is_array)
 
 
+@pytest.mark.slow
 def test_accumulation_1x8_equals_4x2_with_uneven_answers():
     _, model = _model()
     params, static = _params_static(model)
@@ -124,6 +127,7 @@ def test_accumulation_1x8_equals_4x2_with_uneven_answers():
     assert abs(float(four[2]["loss"]) - np.mean(means)) > 1e-4
 
 
+@pytest.mark.slow
 def test_prompt_only_perturbation_leaves_gradient_unchanged():
     _, model = _model()
     params, static = _params_static(model)
@@ -147,6 +151,7 @@ def test_prompt_only_perturbation_leaves_gradient_unchanged():
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(leaves(base), leaves(grad(params, (answer, flags))))) > 1e-6
 
 
+@pytest.mark.slow
 def test_document_mask_from_end_of_text():
     _, model = _model()
     params, static = _params_static(model)

@@ -270,6 +270,7 @@ def test_given_tokenizers_gpt2_style_old_char_and_unknown_chars(tmp_path, monkey
     np.testing.assert_array_equal(stream(out), expected)
 
 
+@pytest.mark.slow
 def test_killed_prepare_resumes_byte_identical(tmp_path):
     """kill -9 (a real SIGKILL, at a reproducible point: a test-only variable) half-way; the
     rerun resumes and ends with the files of an uninterrupted prepare."""

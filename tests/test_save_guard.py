@@ -55,6 +55,7 @@ print(json.dumps({"error": error, "reached": reached, "before": before, "after":
 """
 
 
+@pytest.mark.slow
 def test_a_failing_save_holds_back_only_its_own_reports(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu",
            "DANTINOX_EQX_TEST_FAULT": "latest:5:start:fsize"}

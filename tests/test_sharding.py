@@ -48,6 +48,7 @@ def test_fsdp_spec_picks_largest_divisible_dimension():
     assert sh.fsdp_spec((8, 3, 6), 4, stacked=True) == P()
 
 
+@pytest.mark.slow
 def test_param_sharding_marks_stacked_blocks():
     cfg = Config(**{**TINY, "num_blocks": 4})
     params = eqx.filter(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)
@@ -79,6 +80,7 @@ def test_place_and_bytes_on_one_device():
         sh.param_sharding(params, mesh, "zero3")
 
 
+@pytest.mark.slow
 def test_sharded_step_on_one_device_equals_plain_step():
     cfg = Config(**TINY, sharding="fsdp")  # the model the Trainer builds for fsdp (rolled scan)
     params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)

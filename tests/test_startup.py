@@ -33,6 +33,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("kw", [{}, {"use_moe": True, "weight_tying": False},
                                 {"absolute_pos": True, "trainable_pos": True, "qk_norm": True}])
+@pytest.mark.slow
 def test_build_in_one_program_equals_the_eager_constructor_bitwise(kw):
     cfg = Config(**{**TINY, **kw})
     eager, built = Transformer(cfg, key=jax.random.key(5)), Transformer.build(cfg, key=jax.random.key(5))
@@ -83,6 +84,7 @@ print("trainer:", sorted(m for m in {heavy} if m in sys.modules))
 """
 
 
+@pytest.mark.slow
 def test_help_imports_nothing_heavy_and_training_no_optional_module():
     proc = subprocess.run([sys.executable, "-c", IMPORTS.format(heavy=HEAVY)], env=_env(), capture_output=True,
                           text=True, timeout=300)

@@ -19,6 +19,7 @@ def _setup(**kw):
     return cfg, params, static
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_concatenated_batch():
     _, params, static = _setup()
     sgd = optax.sgd(0.5)
@@ -33,6 +34,7 @@ def test_grad_accumulation_equals_concatenated_batch():
     assert moved > 1e-3  # the step did something
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     cfg, params, static = _setup(lr=1e-2, warmup_steps=10, max_steps=300, grad_clip=1.0)
     opt = make_optimizer(cfg, 300)
@@ -46,6 +48,7 @@ def test_overfits_one_batch():
     assert first > 3.0 and float(metrics["loss"]) < 0.1
 
 
+@pytest.mark.slow
 def test_eval_step_matches_mean_of_batches():
     _, params, static = _setup()
     ev = make_eval_step(static)
@@ -55,6 +58,7 @@ def test_eval_step_matches_mean_of_batches():
     np.testing.assert_allclose(m["loss"], np.mean(per), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_frozen_leaves_are_untouched_and_have_no_optimizer_state():
     cfg, params, static = _setup()
     trainable = jax.tree.map(lambda _: False, params)
@@ -94,12 +98,14 @@ def test_weight_decay_only_on_matrices():
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "adafactor", "lion", "adam", "muon"])
+@pytest.mark.slow
 def test_every_optimizer_lowers_the_loss(opt_name):
     lr = 1e-3 if opt_name == "lion" else 3e-3  # lion takes ~3x smaller steps
     losses = one_batch_losses(Config(**{**TINY, "optimizer": opt_name, "lr": lr, "warmup_steps": 0, "max_steps": 40}))
     assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.slow
 def test_float32_master_weights_keep_updates_that_bfloat16_rounds_away():
     """With a tiny LR, pure bf16 params round most updates to nothing; f32 masters with bf16
     compute keep them (the compute itself still runs in bf16)."""

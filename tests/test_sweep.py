@@ -137,6 +137,7 @@ def test_bad_sweep_keys_raise(over, message):
         parse_sweep_config(_spec(**over))
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_bad_sweep_before_any_trial(small_corpus, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_spec(parameters={"lrr": {"values": [1e-3]}})))
@@ -209,6 +210,7 @@ def test_gqa_rule_skips(base, values, reason):
 
 
 # ------------------------------------------------------------------------------ local backend
+@pytest.mark.slow
 def test_local_sweep_resumes_and_sorts(small_corpus, tmp_path):
     spec = parse_sweep_config(_spec(method="bayes", parameters={
         "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
@@ -238,6 +240,7 @@ def test_local_sweep_resumes_and_sorts(small_corpus, tmp_path):
     assert image.ndim == 3 and image.shape[0] > 200
 
 
+@pytest.mark.slow
 def test_local_sweep_maximize_sorts_descending(small_corpus, tmp_path):
     spec = parse_sweep_config(_spec(metric={"name": "tokens_per_s", "goal": "maximize"}))
     sw.run_local_sweep(spec, Config(**BASE), small_corpus, tmp_path / "s", 5,

@@ -151,6 +151,7 @@ Path(out).write_text(json.dumps(log))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_preparing_one_source_at_once_prepare_it_once(tmp_path: Path):
     """The cross-process lock of data/cached.py: two preparers started together (a barrier
     file each, so both call prepared_source within milliseconds of each other) on one source:

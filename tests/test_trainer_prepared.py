@@ -126,6 +126,7 @@ def test_device_memory_is_O_batch_with_the_host_feed(tmp_path: Path, feed: str, 
         assert min(seen) > ids.nbytes
 
 
+@pytest.mark.slow
 def test_a_prepared_dataset_of_another_tokenizer_exits_2_naming_the_files(tmp_path: Path, text: str,
                                                                          prepared: Path):
     other = tmp_path / "other.json"

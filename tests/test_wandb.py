@@ -35,6 +35,7 @@ def _run_files(run_dir):
     return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 
+@pytest.mark.slow
 def test_offline_run_writes_the_rows_config_and_summary(tmp_path):
     config = Config(**TINY).replace(wandb=True)
     logger = make_wandb_logger(config, tmp_path / "run")

@@ -43,6 +43,7 @@ def test_one_matmul_within_the_formats_bound(weights):
 
 
 @pytest.mark.parametrize("kw", [dict(weight_tying=True), dict(weight_tying=False, kv_heads=2)])
+@pytest.mark.slow
 def test_logits_within_the_formats_bound_and_greedy_tokens_kept(kw):
     """Teacher-forced on float32's greedy continuation: the stored model's logits stay within the
     bound, and its greedy token is float32's wherever float32's best-two gap exceeds twice the
@@ -69,6 +70,7 @@ def test_logits_within_the_formats_bound_and_greedy_tokens_kept(kw):
         assert sure.sum() >= 1
 
 
+@pytest.mark.slow
 def test_generator_weights_option_and_bad_value():
     from dantinox_eqx.data.tokenizer import char_tokenizer
 
