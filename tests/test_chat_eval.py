@@ -168,3 +168,45 @@ def test_eval_with_document_mask_scores_each_document_alone():
     plain = evaluate_tokens(model, tok, ids, batch_size=1)  # separators unscored, attention across them
     # a random model's losses differ little (measured 7.6e-4 relative), yet 76x the tolerance
     assert abs(plain.loss - got.loss) > 10 * RTOL * got.loss
+
+
+def test_a_separate_chat_validation_set_is_rendered_and_masked_as_training(tmp_path):
+    """`val_path` for chat training data: a chat JSONL rendered with the run's template and
+    train_on into the same token / flag streams as the training data; all training rows train."""
+    from tokenizers import Tokenizer
+
+    from dantinox_eqx.data.sampling import DataError
+    from dantinox_eqx.data.tokens import open_splits
+
+    data, tok_file, template = chat_files(tmp_path / "in", n=30)
+    rows = data.read_text().splitlines(keepends=True)
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(rows[:20]), encoding="utf-8")
+    val.write_text("".join(rows[20:]), encoding="utf-8")
+    tok = Tokenizer.from_file(str(tok_file))
+    config = Config(**{**TINY, "vocab_size": None, "max_context": 256, "val_path": str(val)})
+    splits = open_splits(train, config, tok, "tok", cache_dir=tmp_path / "cache", chat_template=CHATML)
+    want = [encode_example(tok, *render_spans(parse_row(r, "v"), CHATML, "v", special_tokens(tok)), "assistant", "v")
+            for r in rows[20:]]
+    assert np.array_equal(splits.val.array(), np.concatenate([w[0] for w in want]))
+    assert np.array_equal(splits.val_flags.array(), np.concatenate([w[1] for w in want]))
+    assert splits.chat["train_packing"]["examples"] == 20 and splits.chat["val_packing"]["examples"] == 10
+    assert splits.val.tokens_per_byte == sum(int((w[1] & TRAINED).sum()) for w in want) / sum(w[2] for w in want)
+    # the same validation set prepared beforehand serves too; with another train_on it is refused
+    prepared = prepare_chat(val, tmp_path / "val_ds", tok, CHATML, "assistant")
+    again = open_splits(train, config.replace(val_path=str(prepared)), tok, "tok", cache_dir=tmp_path / "cache",
+                        chat_template=CHATML)
+    assert np.array_equal(again.val.array(), splits.val.array())
+    other = prepare_chat(val, tmp_path / "val_all", tok, CHATML, "all")
+    refusals = [(config.replace(val_path=str(other)), train, "val_path: .* another train_on"),
+                (config.replace(val_path=str(tmp_path / "in" / "tokenizer.json")), train, "val_path: .* not chat"),
+                (config, rows_as_text(tmp_path, rows), "val_path: chat data .* validates chat training data only")]
+    for cfg, source, message in refusals:
+        with pytest.raises(DataError, match=message):
+            open_splits(source, cfg, tok, "tok", cache_dir=tmp_path / "cache", chat_template=CHATML)
+
+
+def rows_as_text(tmp_path: Path, rows: list[str]) -> Path:
+    text = tmp_path / "plain.txt"
+    text.write_text("".join(json.loads(r).get("prompt", "x") * 20 for r in rows), encoding="utf-8")
+    return text

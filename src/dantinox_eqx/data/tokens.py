@@ -341,13 +341,15 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
     into windows (packing.py; its numbers in `Splits.chat`).
     """
     path = Path(data_path)
+    val_is_chat = config.val_path is not None and _is_chat_source(Path(config.val_path))
+    if val_is_chat and not _is_chat_source(path, "data_path"):
+        raise DataError("val_path: chat data (conversations / prompt-completion) validates chat training data "
+                        "only; pass plain-text validation data, or train on chat data")
     if is_chat_jsonl(path):
         if tokenizer is None:
             raise DataError("data_path: chat data trains a model with its tokenizer: fine-tune a run (init_from) "
                             "or set tokenizer_path to the model's tokenizer.json")
-        root = Path(cache_dir if cache_dir is not None else default_cache_dir())
-        path = prepare_chat(path, chat_cache_dir(path, root, tokenizer, chat_template, config.train_on), tokenizer,
-                            chat_template, config.train_on)
+        path = _prepared_chat(path, tokenizer, chat_template, config, cache_dir, "data_path")
     elif needs_prepare(path):
         path = prepared_source(path, cache_dir if cache_dir is not None else default_cache_dir(), config, tokenizer)
     prepared = path.is_dir()
@@ -358,7 +360,9 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
         tokenizer = tokenizer or own
         chat = open_flags(path)
         if chat is not None:
-            return _chat_splits(stream, *chat, tokenizer, config)
+            val = None if config.val_path is None else _open_chat_val(
+                Path(config.val_path), chat[1], tokenizer, tokenizer_source, chat_template, config, cache_dir)
+            return _chat_splits(stream, *chat, tokenizer, config, val)
     elif config.val_path is None:  # today's path, unchanged: a cached token array beside the text
         ds = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
                           val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
@@ -401,13 +405,51 @@ def open_tokens(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
 
 
 def _chat_splits(stream: TokenStream, flags: TokenStream, chat: dict[str, Any], tokenizer: Tokenizer,
-                 config: Config) -> Splits:
-    """A chat dataset's splits, cut at example starts and packed (`packing.chat_splits`)."""
-    if config.val_path is not None:
-        raise DataError("val_path: a separate validation set is not supported for chat data yet; leave it unset "
-                        "(val_fraction holds out the last examples)")
-    train, val, train_flags, val_flags, packs, info = chat_splits(stream, flags, chat, config)
+                 config: Config, val: tuple[TokenStream, TokenStream] | None = None) -> Splits:
+    """A chat dataset's splits, cut at example starts and packed (`packing.chat_splits`); `val`
+    (tokens, flags): a separate validation set (`val_path`)."""
+    train, val, train_flags, val_flags, packs, info = chat_splits(stream, flags, chat, config, val)
     return Splits(train, val, tokenizer, True, train_flags, val_flags, info, packs)
+
+
+def _prepared_chat(path: Path, tokenizer: Tokenizer, template: str | None, config: Config, cache_dir: Any,
+                   field: str) -> Path:
+    """The prepared cache directory of the chat JSONL `path` (rendered with `template` and
+    config.train_on; prepared on first use). DataError naming `field` for a bad row."""
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    return prepare_chat(path, chat_cache_dir(path, root, tokenizer, template, config.train_on), tokenizer, template,
+                        config.train_on, field)
+
+
+def _is_chat_source(path: Path, field: str = "val_path") -> bool:
+    """A chat JSONL, or a prepared directory with a loss-mask stream (index version 2 "chat")."""
+    if is_chat_jsonl(path):
+        return True
+    return (path / INDEX_FILE).is_file() and open_flags(path, field) is not None
+
+
+def _open_chat_val(path: Path, chat: dict[str, Any], tokenizer: Tokenizer, source: str | None,
+                   template: str | None, config: Config, cache_dir: Any) -> tuple[TokenStream, TokenStream]:
+    """(tokens, flags) of the separate validation set of chat training data: a chat JSONL
+    (rendered and masked as the training data: the run's template and train_on) or a prepared
+    chat directory made with the same tokenizer, template and train_on as the training data."""
+    if is_chat_jsonl(path):
+        path = _prepared_chat(path, tokenizer, template, config, cache_dir, "val_path")
+    elif not (path / INDEX_FILE).is_file():
+        raise DataError(f"val_path: {str(path)!r} is not chat data; chat training data validates on a chat .jsonl "
+                        "(conversations or prompt/completion rows) or a prepared chat directory")
+    stream, own = open_prepared(path, "val_path")
+    check_same_tokenizer(path, own, tokenizer, source or "the training data's tokenizer", "val_path")
+    found = open_flags(path, "val_path")
+    if found is None:
+        raise DataError(f"val_path: {str(path)!r} is a plain-text dataset; chat training data validates on a chat "
+                        ".jsonl or a prepared chat directory")
+    flags, val_chat = found
+    for key, what in (("train_on", "train_on"), ("template_sha256", "chat template")):
+        if val_chat.get(key) != chat.get(key):
+            raise DataError(f"val_path: {str(path)!r} was prepared with another {what} than the training data "
+                            f"({val_chat.get(key)!r}, not {chat.get(key)!r}); prepare both the same way")
+    return stream, flags
 
 
 def _open_val(path: Path, tokenizer: Tokenizer, source: str | None, cache_dir: Any,
