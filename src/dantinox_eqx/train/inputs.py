@@ -23,7 +23,8 @@ from ..run import finetune
 from ..run.chat_template import read_chat_template, read_template_file
 from ..run.layout import TOKENIZER_FILE, read_cursor
 
-__all__ = ["training_data", "chat_template", "resolve_vocab", "initial_model", "trainable_mask"]
+__all__ = ["training_data", "chat_template", "chat_template_text", "resolve_vocab", "absolute_paths", "initial_model",
+           "trainable_mask"]
 
 
 def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
@@ -91,6 +92,15 @@ def resolve_vocab(config: Config, vocab: int) -> Config:
     if config.vocab_size < vocab:
         raise ConfigError(f"vocab_size: {config.vocab_size} is smaller than the tokenizer's {vocab} "
                           "tokens; leave vocab_size unset (null) to take it from the tokenizer")
+    return config
+
+
+def absolute_paths(config: Config) -> Config:
+    """`config` with init_from, val_path and chat_template made absolute: recorded so in the run's
+    config.yaml, resume and loading work from any directory (`fit` and a population's members)."""
+    for name in ("init_from", "val_path", "chat_template"):
+        if getattr(config, name):
+            config = config.replace(**{name: str(Path(getattr(config, name)).expanduser().resolve())})
     return config
 
 
