@@ -210,3 +210,26 @@ def rows_as_text(tmp_path: Path, rows: list[str]) -> Path:
     text = tmp_path / "plain.txt"
     text.write_text("".join(json.loads(r).get("prompt", "x") * 20 for r in rows), encoding="utf-8")
     return text
+
+
+@pytest.mark.slow
+def test_training_with_a_chat_validation_set(tmp_path, monkeypatch):
+    """`train` with val_path on chat data: the validation loss is over the separate set's packed
+    answers; every training row trains."""
+    from dantinox_eqx.train.trainer import Trainer, read_log
+
+    from .test_chat_train import chat_config
+
+    monkeypatch.setenv("DANTINOX_EQX_CACHE", str(tmp_path / "cache"))
+    data, tok, template = chat_files(tmp_path / "in", n=40)
+    rows = data.read_text().splitlines(keepends=True)
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(rows[:30]), encoding="utf-8")
+    val.write_text("".join(rows[30:]), encoding="utf-8")
+    config = chat_config(tok, template, max_steps=4, eval_interval=2, val_path=str(val), max_context=256)
+    out = Trainer(config, progress=False).fit(train, run_dir=tmp_path / "run")
+    chat = json.loads((out / "model_summary.json").read_text())["data"]["chat"]
+    assert chat["train_packing"]["examples"] == 30 and chat["val_packing"]["examples"] == 10
+    log = read_log(out / "training_log.csv")
+    assert [r["step"] for r in log] == [2, 4] and all(math.isfinite(r["val_loss"]) for r in log)
+    assert Config.from_yaml(out / "config.yaml").val_path == str(val.resolve())
