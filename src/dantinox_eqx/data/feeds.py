@@ -26,7 +26,7 @@ from .tokens import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, FUSED_MAX_BYTES, TRAIN_S
 
 __all__ = ["philox_key", "draw_starts", "read_batch", "global_windows", "Prefetcher", "fused_train_batch",
            "fused_eval_batches", "FusedFeed", "HostFeed", "MemberBatches", "PackedFeed", "packed_windows",
-           "choose_feed", "make_feed"]
+           "packed_batch", "choose_feed", "make_feed"]
 
 
 # --------------------------------------------------------------------------- host-side batches
@@ -217,9 +217,10 @@ class MemberBatches:
     """The host feed of a population (train/population.py): member k's windows are exactly those
     `HostFeed(splits, config, mesh, data_keys[k], eval_keys[k])` makes for its step (the same
     `draw_starts` counters and keys), read whole in this process and stacked on a leading member
-    axis, (N, n, batch, max_context + 1) int32, then `place`d (on the members' devices). Training
-    batches are read and placed ahead by a `Prefetcher` over the population's iterations i:
-    member k at step starts[k] + i."""
+    axis, (N, n, batch, max_context + 1) int32, then `place`d (on the members' devices); chat
+    data: `PackedFeed`'s packed bins, a pair (tokens, flags) of such arrays (`packed_batch`).
+    Training batches are read and placed ahead by a `Prefetcher` over the population's
+    iterations i: member k at step starts[k] + i."""
 
     kind = "host"
 
@@ -232,21 +233,26 @@ class MemberBatches:
         self._starts: np.ndarray | None = None
         self._next = 0
 
-    def _stack(self, stream: TokenStream, keys: list[np.ndarray], steps: np.ndarray, stream_id: int,
-               n: int) -> Any:  # placed: Int[Array, "members n batch window"]
+    def _stack(self, split: str, keys: list[np.ndarray], steps: np.ndarray, stream_id: int,
+               n: int) -> Any:  # placed: Int[Array, "members n batch window"], or a (tokens, flags) pair of them
         c = self.config
+        if self.splits.train_flags is not None:
+            pairs = [packed_batch(self.splits, split, key, int(s), stream_id, (n, c.batch_size))
+                     for key, s in zip(keys, steps)]
+            return tuple(self.place(np.stack([p[i] for p in pairs]).astype(np.int32)) for i in range(2))
+        stream = self.splits.train if split == "train" else self.splits.val
         return self.place(np.stack([read_batch(stream, key, int(s), stream_id, (n, c.batch_size), c.max_context)
                                     for key, s in zip(keys, steps)]).astype(np.int32))
 
     def train_batches(self, steps: np.ndarray) -> Any:
         """Each member's training batch of its step `steps[k]`, placed."""
-        return self._stack(self.splits.train, self.data_keys, steps, TRAIN_STREAM, self.config.grad_accum)
+        return self._stack("train", self.data_keys, steps, TRAIN_STREAM, self.config.grad_accum)
 
     def eval_batches(self, steps: np.ndarray) -> tuple[Any, Any]:
         """Each member's evaluation batches (train, val) after `steps[k]` updates, placed."""
         n = self.config.eval_iters
-        return (self._stack(self.splits.train, self.eval_keys, steps, EVAL_TRAIN_STREAM, n),
-                self._stack(self.splits.val, self.eval_keys, steps, EVAL_VAL_STREAM, n))
+        return (self._stack("train", self.eval_keys, steps, EVAL_TRAIN_STREAM, n),
+                self._stack("val", self.eval_keys, steps, EVAL_VAL_STREAM, n))
 
     def start(self, steps: np.ndarray, total: int) -> None:
         """Read ahead from the members' `steps`, for as many iterations as the furthest behind needs."""
@@ -289,6 +295,16 @@ def packed_windows(tokens: TokenStream, flags: TokenStream, packing: Packing, bi
 
     shape, where = (n, batch, packing.window), sharding.batch_sharding(mesh, 1)
     return tuple(jax.make_array_from_callback(shape, where, fetch(i)) for i in range(2))
+
+
+def packed_batch(splits: Splits, split: str, key: np.ndarray, step: int, stream_id: int, shape: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The packed batch of `step` of chat data's `split` ("train" / "val") read whole in this
+    process: the bins `PackedFeed` draws (`draw_starts(key, step, stream_id, shape, bins)`),
+    read and padded (packing.read_bins): (tokens, flags) int32, each (*shape, max_context + 1)."""
+    packing = splits.packing[split]
+    tokens, flags = (splits.train, splits.train_flags) if split == "train" else (splits.val, splits.val_flags)
+    return read_bins(tokens, flags, packing, draw_starts(key, step, stream_id, shape, len(packing)))
 
 
 class PackedFeed(HostFeed):

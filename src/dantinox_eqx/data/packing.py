@@ -128,17 +128,23 @@ def _next_start(flags: TokenStream, at: int, chunk: int = 1 << 16) -> int:
     return len(flags)
 
 
-def chat_splits(stream: TokenStream, flags: TokenStream, chat: dict[str, Any], config: Any) -> tuple:
+def chat_splits(stream: TokenStream, flags: TokenStream, chat: dict[str, Any], config: Any,
+                val: tuple[TokenStream, TokenStream] | None = None) -> tuple:
     """(train, val, train_flags, val_flags, {"train", "val"}: Packing, the summary's "chat" entry)
     of a chat dataset: validation is the examples of its last `val_fraction` of tokens (cut at an
-    example start), training the rest capped at `max_train_tokens` (whole examples); each split
-    packed into windows of max_context + 1."""
-    cut = _next_start(flags, len(stream) - int(len(stream) * config.val_fraction))
+    example start), or `val` (tokens, flags: a separate chat dataset, `val_path`), training the
+    rest capped at `max_train_tokens` (whole examples); each split packed into windows of
+    max_context + 1."""
+    cut = len(stream) if val is not None else _next_start(flags, len(stream) - int(len(stream) * config.val_fraction))
     top = _next_start(flags, config.max_train_tokens) if config.max_train_tokens < cut else cut
     top = min(top, cut)
-    views = stream.view(0, top), stream.view(cut, len(stream)), flags.view(0, top), flags.view(cut, len(stream))
+    val_tokens, val_flags = val if val is not None else (stream.view(cut, len(stream)), flags.view(cut, len(stream)))
+    views = stream.view(0, top), val_tokens, flags.view(0, top), val_flags
     packs = {"train": pack(views[2], config.max_context + 1), "val": pack(views[3], config.max_context + 1)}
     for name, p in packs.items():
+        if len(p) == 0 and name == "val" and val is not None:
+            raise DataError(f"val_path: the chat validation data has no example that fits a window of "
+                            f"{config.max_context + 1} tokens with a trained token; use other validation data")
         if len(p) == 0:
             raise DataError(f"data_path: the chat data's {name} split has no example (val_fraction "
                             f"{config.val_fraction}, {chat['examples']} examples); use more data or another "

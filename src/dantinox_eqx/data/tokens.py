@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from jaxtyping import Int
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from ..config import Config
 from ..files import cache_dir as default_cache_dir
@@ -53,6 +53,7 @@ from .chat_prepare import chat_cache_dir, is_chat_jsonl, prepare_chat
 from .index import DTYPES, FORMAT, INDEX_FILE, TOKENIZER_FILE, VERSION, read_index
 from .packing import chat_splits
 from .sampling import DataError, encode_corpus, prepare_data, read_corpus
+from .token_lengths import count_bytes, token_byte_lengths, token_char_lengths
 
 __all__ = ["INDEX_FILE", "TOKENIZER_FILE", "FORMAT", "VERSION", "FUSED_MAX_BYTES", "ShardFile", "TokenStream", "Splits",
            "read_index", "open_prepared", "open_splits", "open_tokens", "check_same_tokenizer", "token_byte_lengths",
@@ -256,60 +257,6 @@ def check_same_tokenizer(path: Path, prepared: Tokenizer, tokenizer: Tokenizer, 
                         f", not with {source}; prepare it again with --tokenizer_path {source}")
 
 
-# --------------------------------------------------------------------------- bytes of raw text
-def _per_token(tok: Tokenizer, alphabet: Collection[str], of_piece: Callable[[str], float],
-               of_text: Callable[[str], float]) -> np.ndarray:
-    """One float64 per token id, shape (vocab,): `of_piece(piece)` for a byte-level BPE token
-    whose string lies in `alphabet`, `of_text(decoded text)` for any other, 0 for special tokens."""
-    byte_level = isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
-    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    out = np.zeros(tok.get_vocab_size(), np.float64)
-    for piece, i in tok.get_vocab().items():
-        if piece in special:
-            continue
-        out[i] = of_piece(piece) if byte_level and set(piece) <= alphabet else of_text(tok.decode([i]))
-    return out
-
-
-def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes that each token id stands for, shape (vocab,), float64: a byte-level BPE
-    token's string has one character per byte; other tokens (a char vocabulary's characters)
-    are measured on their decoded text; special tokens (end of text) stand for 0 bytes."""
-    return _per_token(tok, set(pre_tokenizers.ByteLevel.alphabet()), len, lambda text: len(text.encode("utf-8")))
-
-
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the character that stands for each byte, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def token_char_lengths(tok: Tokenizer) -> np.ndarray:
-    """Characters each token id stands for, shape (vocab,), float64, counted at their first
-    UTF-8 byte: a byte-level BPE token counts its bytes that begin a character (so a
-    character split over two tokens counts once, in the token that holds its lead byte); other
-    tokens their decoded text's characters; special tokens 0. Summed over a text's ids: its
-    characters, exactly."""
-    to_byte = _bytes_to_unicode()
-    return _per_token(tok, to_byte.keys(), lambda piece: sum(1 for c in piece if to_byte[c] & 0xC0 != 0x80), len)
-
-
-def count_bytes(ids: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 22) -> float:
-    """UTF-8 bytes of the text behind token `ids` (chunked: O(chunk) extra memory)."""
-    total = 0.0
-    for a in range(0, len(ids), chunk):
-        total += float(np.bincount(np.asarray(ids[a:a + chunk]), minlength=len(lengths))[:len(lengths)] @ lengths)
-    return total
-
-
 def _text_stream(ids: np.ndarray, lengths: np.ndarray) -> TokenStream:
     return TokenStream([ids], [count_bytes(ids, lengths)])
 
@@ -341,13 +288,15 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
     into windows (packing.py; its numbers in `Splits.chat`).
     """
     path = Path(data_path)
+    val_is_chat = config.val_path is not None and _is_chat_source(Path(config.val_path))
+    if val_is_chat and not _is_chat_source(path, "data_path"):
+        raise DataError("val_path: chat data (conversations / prompt-completion) validates chat training data "
+                        "only; pass plain-text validation data, or train on chat data")
     if is_chat_jsonl(path):
         if tokenizer is None:
             raise DataError("data_path: chat data trains a model with its tokenizer: fine-tune a run (init_from) "
                             "or set tokenizer_path to the model's tokenizer.json")
-        root = Path(cache_dir if cache_dir is not None else default_cache_dir())
-        path = prepare_chat(path, chat_cache_dir(path, root, tokenizer, chat_template, config.train_on), tokenizer,
-                            chat_template, config.train_on)
+        path = _prepared_chat(path, tokenizer, chat_template, config, cache_dir, "data_path")
     elif needs_prepare(path):
         path = prepared_source(path, cache_dir if cache_dir is not None else default_cache_dir(), config, tokenizer)
     prepared = path.is_dir()
@@ -358,7 +307,9 @@ def open_splits(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
         tokenizer = tokenizer or own
         chat = open_flags(path)
         if chat is not None:
-            return _chat_splits(stream, *chat, tokenizer, config)
+            val = None if config.val_path is None else _open_chat_val(
+                Path(config.val_path), chat[1], tokenizer, tokenizer_source, chat_template, config, cache_dir)
+            return _chat_splits(stream, *chat, tokenizer, config, val)
     elif config.val_path is None:  # today's path, unchanged: a cached token array beside the text
         ds = prepare_data(path, tokenizer_type=config.tokenizer_type, max_context=config.max_context,
                           val_fraction=config.val_fraction, max_train_tokens=config.max_train_tokens,
@@ -401,13 +352,51 @@ def open_tokens(data_path: str | os.PathLike, config: Config, tokenizer: Tokeniz
 
 
 def _chat_splits(stream: TokenStream, flags: TokenStream, chat: dict[str, Any], tokenizer: Tokenizer,
-                 config: Config) -> Splits:
-    """A chat dataset's splits, cut at example starts and packed (`packing.chat_splits`)."""
-    if config.val_path is not None:
-        raise DataError("val_path: a separate validation set is not supported for chat data yet; leave it unset "
-                        "(val_fraction holds out the last examples)")
-    train, val, train_flags, val_flags, packs, info = chat_splits(stream, flags, chat, config)
+                 config: Config, val: tuple[TokenStream, TokenStream] | None = None) -> Splits:
+    """A chat dataset's splits, cut at example starts and packed (`packing.chat_splits`); `val`
+    (tokens, flags): a separate validation set (`val_path`)."""
+    train, val, train_flags, val_flags, packs, info = chat_splits(stream, flags, chat, config, val)
     return Splits(train, val, tokenizer, True, train_flags, val_flags, info, packs)
+
+
+def _prepared_chat(path: Path, tokenizer: Tokenizer, template: str | None, config: Config, cache_dir: Any,
+                   field: str) -> Path:
+    """The prepared cache directory of the chat JSONL `path` (rendered with `template` and
+    config.train_on; prepared on first use). DataError naming `field` for a bad row."""
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    return prepare_chat(path, chat_cache_dir(path, root, tokenizer, template, config.train_on), tokenizer, template,
+                        config.train_on, field)
+
+
+def _is_chat_source(path: Path, field: str = "val_path") -> bool:
+    """A chat JSONL, or a prepared directory with a loss-mask stream (index version 2 "chat")."""
+    if is_chat_jsonl(path):
+        return True
+    return (path / INDEX_FILE).is_file() and open_flags(path, field) is not None
+
+
+def _open_chat_val(path: Path, chat: dict[str, Any], tokenizer: Tokenizer, source: str | None,
+                   template: str | None, config: Config, cache_dir: Any) -> tuple[TokenStream, TokenStream]:
+    """(tokens, flags) of the separate validation set of chat training data: a chat JSONL
+    (rendered and masked as the training data: the run's template and train_on) or a prepared
+    chat directory made with the same tokenizer, template and train_on as the training data."""
+    if is_chat_jsonl(path):
+        path = _prepared_chat(path, tokenizer, template, config, cache_dir, "val_path")
+    elif not (path / INDEX_FILE).is_file():
+        raise DataError(f"val_path: {str(path)!r} is not chat data; chat training data validates on a chat .jsonl "
+                        "(conversations or prompt/completion rows) or a prepared chat directory")
+    stream, own = open_prepared(path, "val_path")
+    check_same_tokenizer(path, own, tokenizer, source or "the training data's tokenizer", "val_path")
+    found = open_flags(path, "val_path")
+    if found is None:
+        raise DataError(f"val_path: {str(path)!r} is a plain-text dataset; chat training data validates on a chat "
+                        ".jsonl or a prepared chat directory")
+    flags, val_chat = found
+    for key, what in (("train_on", "train_on"), ("template_sha256", "chat template")):
+        if val_chat.get(key) != chat.get(key):
+            raise DataError(f"val_path: {str(path)!r} was prepared with another {what} than the training data "
+                            f"({val_chat.get(key)!r}, not {chat.get(key)!r}); prepare both the same way")
+    return stream, flags
 
 
 def _open_val(path: Path, tokenizer: Tokenizer, source: str | None, cache_dir: Any,

@@ -23,7 +23,8 @@ from ..run import finetune
 from ..run.chat_template import read_chat_template, read_template_file
 from ..run.layout import TOKENIZER_FILE, read_cursor
 
-__all__ = ["training_data", "chat_template", "resolve_vocab", "initial_model", "trainable_mask"]
+__all__ = ["training_data", "chat_template", "chat_template_text", "resolve_vocab", "absolute_paths", "initial_model",
+           "trainable_mask"]
 
 
 def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: Path | None,
@@ -72,10 +73,13 @@ def training_data(config: Config, data_path: str | os.PathLike | None, run_dir: 
 
 
 def chat_template(config: Config, run_dir: Path | None, resume: bool) -> str | None:
-    """The chat template that renders chat data: the file `chat_template` names, else a resumed
-    run's own, else a fine-tune's base run's (chat_template.jinja), else None."""
+    """The chat template that renders chat data: the file `chat_template` names (checked: it
+    must compile; ChatTemplateError names the file), else a resumed run's own, else a
+    fine-tune's base run's (chat_template.jinja), else None."""
     if config.chat_template:
-        return read_template_file(config.chat_template)
+        text = read_template_file(config.chat_template)
+        compile_template(text, f"chat_template: {config.chat_template}")
+        return text
     for folder in ([run_dir] if resume and run_dir is not None else []) + (
             [finetune.base_dir(config.init_from)] if config.init_from else []):
         found = read_chat_template(folder)
@@ -91,6 +95,15 @@ def resolve_vocab(config: Config, vocab: int) -> Config:
     if config.vocab_size < vocab:
         raise ConfigError(f"vocab_size: {config.vocab_size} is smaller than the tokenizer's {vocab} "
                           "tokens; leave vocab_size unset (null) to take it from the tokenizer")
+    return config
+
+
+def absolute_paths(config: Config) -> Config:
+    """`config` with init_from, val_path and chat_template made absolute: recorded so in the run's
+    config.yaml, resume and loading work from any directory (`fit` and a population's members)."""
+    for name in ("init_from", "val_path", "chat_template"):
+        if getattr(config, name):
+            config = config.replace(**{name: str(Path(getattr(config, name)).expanduser().resolve())})
     return config
 
 
@@ -134,14 +147,10 @@ def trainable_mask(model: Transformer) -> Any:
 
 
 def chat_template_text(config: Config, resume: bool) -> str | None:
-    """The chat template to write into the run directory: the file `config.chat_template`
-    (checked: it must compile; ChatTemplateError names the file), else for a new fine-tune its
-    base's (`read_chat_template(init_from)`, copied so the run is complete without the base),
-    else None (a resumed run keeps the file it has)."""
-    if config.chat_template:
-        text = read_template_file(config.chat_template)
-        compile_template(text, f"chat_template: {config.chat_template}")
-        return text
-    if config.init_from and not resume:
-        return read_chat_template(finetune.base_dir(config.init_from))
-    return None
+    """The chat template to write into the run directory: `chat_template`'s for a new run (the
+    file `config.chat_template`, else a fine-tune's base's, copied so the run is complete
+    without the base), and on resume only a file `config.chat_template` names (a resumed run
+    keeps the file it has; None = write none)."""
+    if resume and not config.chat_template:
+        return None
+    return chat_template(config, None, resume=False)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config, ConfigError
-from ..data.feeds import choose_feed, philox_key, read_batch
+from ..data.feeds import choose_feed, packed_batch, philox_key, read_batch
 from ..data.sampling import Dataset, prepare_data, sample_batch
 from ..data.tokens import TRAIN_STREAM, Splits
 from ..model import Transformer, cast_floating
@@ -44,10 +44,10 @@ from .population import (
     population_mesh,
     stack,
 )
-from .programs import run_keys
+from .programs import document_separator, run_keys
 from .step import init_opt_state, make_train_step
 
-__all__ = ["find_lr", "exponential_ramp", "smooth_losses", "steepest_descent",
+__all__ = ["find_lr", "batches", "exponential_ramp", "smooth_losses", "steepest_descent",
            "prepare_config_data", "find_lr_population", "find_lr_population_on_path", "PopulationLR"]
 
 
@@ -136,8 +136,9 @@ def find_lr(config: Config, data: Dataset | Splits, min_lr: float = 1e-6, max_lr
     schedule = exponential_ramp(min_lr, max_lr, num_steps)
     optimizer = make_optimizer(config, num_steps, schedule=schedule)
     opt_state = init_opt_state(optimizer, params, trainable)
-    step = make_train_step(static, optimizer, alpha_balance=config.alpha_balance, trainable=trainable)
-    batch_of = _batches(config, data, data_key)
+    step = make_train_step(static, optimizer, alpha_balance=config.alpha_balance, trainable=trainable,
+                           doc_sep=document_separator(config, data))  # document_mask: fit's masks
+    batch_of = batches(config, data, data_key)
 
     lrs, smoothed = [], []
     avg, best = 0.0, math.inf
@@ -162,13 +163,14 @@ def find_lr(config: Config, data: Dataset | Splits, min_lr: float = 1e-6, max_lr
     return suggested, lrs, smoothed
 
 
-def _batches(config: Config, data: Dataset | Splits, data_key: Any) -> Any:
+def batches(config: Config, data: Dataset | Splits, data_key: Any) -> Any:
     """`step -> batch` as training draws them: sampled on the device from the whole array, or
-    (issue 14: a prepared dataset, or tokens over FUSED_MAX_BYTES) read on the host."""
+    (issue 14: a prepared dataset, or tokens over FUSED_MAX_BYTES) read on the host; chat data:
+    the packed (tokens, flags) bins PackedFeed draws (data/feeds.packed_batch)."""
     shape = (config.grad_accum, config.batch_size)
-    if (isinstance(data, Splits) and data.train_flags is not None) or config.document_mask:  # issue 23
-        raise ConfigError("data_path: find-lr on chat data or with document_mask is not supported yet (its "
-                          "batches carry loss masks); run it on plain text")
+    if isinstance(data, Splits) and choose_feed(data) == "packed":  # issue 23: the masked loss
+        key = philox_key(data_key)
+        return lambda s: tuple(jnp.asarray(x) for x in packed_batch(data, "train", key, s, TRAIN_STREAM, shape))
     if isinstance(data, Splits) and choose_feed(data) == "host":
         key = philox_key(data_key)
         return lambda s: jnp.asarray(read_batch(data.train, key, s, TRAIN_STREAM, shape, config.max_context))

@@ -30,6 +30,8 @@ the step from each split placed whole on every device (data/feeds.fused_train_ba
 FusedFeed); "host" (a prepared dataset, or token arrays over FUSED_MAX_BYTES) reads member k's
 windows on the host exactly as its run's HostFeed does and places the stacked (N, ...) batches
 with the members, read ahead of the step (data/feeds.MemberBatches): device memory O(batch).
+"packed" (chat data) is the host feed of PackedFeed's bins: (tokens, flags) pairs, the masked
+loss of train/step.py; `document_mask` masks plain batches as `fit` does (programs.document_separator).
 
 By default `data_roots` are the members' own roots, so member k sees exactly the batches it would
 see alone: that is what makes member k a separate run of its config, comparable with any other
@@ -71,7 +73,7 @@ from .expert_log import make_counts_fn
 from .hooks import all_finite
 from .inputs import initial_model
 from .optim import HYPERPARAMETERS, make_optimizer
-from .programs import run_keys
+from .programs import document_separator, run_keys
 from .step import init_opt_state, make_eval_step, make_train_step
 
 __all__ = ["POPULATION_FIELDS", "HOST_FIELDS", "check_members", "structure_key", "member_values",
@@ -177,7 +179,7 @@ class PopulationPrograms:
     step(params, opt_state, values, roots, steps, active) -> (params, opt_state, metrics)
     evaluate(params, steps) -> (train, val, finite, counts), each (N, ...)
     start(steps, total) / close(): the host feed reads ahead from `steps` (a no-op when fused).
-    feed: "fused" or "host" (data/feeds.choose_feed of the data, as `fit` chooses it)."""
+    feed: "fused", "host" or "packed" (data/feeds.choose_feed of the data, as `fit` chooses it)."""
 
     step: Callable
     evaluate: Callable
@@ -201,7 +203,8 @@ def build_population_programs(config: Config, static: Any, trainable: Any, datas
     stacked batches with the members (device memory O(batch) per member)."""
     c = config
     compute = jnp.bfloat16 if c.use_bf16 and c.master_weights else None
-    eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute)
+    doc_sep = document_separator(c, dataset)
+    eval_fn = make_eval_step(static, alpha_balance=c.alpha_balance, compute_dtype=compute, doc_sep=doc_sep)
     counts_fn = make_counts_fn(static) if c.use_moe else None
     members, rep = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
     feed = choose_feed(dataset) if isinstance(dataset, Splits) else "fused"
@@ -212,7 +215,7 @@ def build_population_programs(config: Config, static: Any, trainable: Any, datas
     def member_step(params, opt_state, values, root, data_key, step, data):
         optimizer = make_optimizer(c, total, mu_dtype=mu_dtype, values={k: values[k] for k in HYPERPARAMETERS})
         step_fn = make_train_step(static, optimizer, alpha_balance=c.alpha_balance, trainable=trainable,
-                                  donate=False, compute_dtype=compute)
+                                  donate=False, compute_dtype=compute, doc_sep=doc_sep)
         batch = fused_train_batch(data, data_key, step, c) if feed == "fused" else data
         with keep_probability(values["keep"]):
             return step_fn(params, opt_state, batch, jax.random.fold_in(run_keys(root)[2], step))
@@ -229,7 +232,8 @@ def build_population_programs(config: Config, static: Any, trainable: Any, datas
 
     def member_eval(params, eval_key, step, train, val):
         batches = fused_eval_batches((train, val), eval_key, step, c) if feed == "fused" else [train, val]
-        counts = None if counts_fn is None else counts_fn(params, batches[1])
+        tokens = batches[1][0] if isinstance(batches[1], tuple) else batches[1]  # packed: (tokens, flags)
+        counts = None if counts_fn is None else counts_fn(params, tokens)
         return eval_fn(params, batches[0]), eval_fn(params, batches[1]), all_finite(params), counts
 
     def evaluate(params, eval_keys, steps, train, val):
@@ -301,9 +305,10 @@ def data_bytes(config: Config, dataset: Dataset | Splits) -> tuple[int, int]:
     host feed each member's batches (a training batch in use and two read ahead, plus the
     evaluation batches), with the fused feed each split's ids whole on every device."""
     c = config
-    if isinstance(dataset, Splits) and choose_feed(dataset) == "host":
+    if isinstance(dataset, Splits) and choose_feed(dataset) != "fused":
         windows = (3 * c.grad_accum + 2 * c.eval_iters) * c.batch_size * (c.max_context + 1)
-        return windows * np.dtype(np.int32).itemsize, 0
+        arrays = 2 if choose_feed(dataset) == "packed" else 1  # packed: tokens and flags
+        return arrays * windows * np.dtype(np.int32).itemsize, 0
     return 0, sum(np.asarray(_ids(split)).nbytes if not isinstance(split, TokenStream) else split.nbytes
                   for split in (dataset.train, dataset.val))
 

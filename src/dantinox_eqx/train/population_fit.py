@@ -53,7 +53,7 @@ from ..run.rundir import check_resumable, is_empty_dir
 from . import hooks
 from . import population as pop
 from .expert_log import ExpertCountsLog
-from .inputs import initial_model, resolve_vocab, trainable_mask, training_data
+from .inputs import absolute_paths, chat_template_text, initial_model, resolve_vocab, trainable_mask, training_data
 from .optim import make_optimizer, make_schedule
 from .programs import run_keys
 from .progress import Progress, StopFlag, TrainingDiverged, TrainingInterrupted
@@ -187,12 +187,7 @@ def _fit_locked(configs: list[Config], data_path: str | os.PathLike | None, run_
         _check_run_dir(d, r, resume)
     source = next((d for d, r in zip(run_dirs, resuming) if r), None)  # one tokenizer for every member
     data_path, dataset = training_data(configs[0], data_path, source, source is not None)
-    if dataset.train_flags is not None or configs[0].document_mask:  # issue 23: masked batches
-        raise ConfigError("backend: a population sweep trains on plain text only for now; sweep chat data or "
-                          "document_mask with --backend sequential")
-    configs = [resolve_vocab(c, dataset.vocab_size) for c in configs]
-    if configs[0].init_from:
-        configs = [c.replace(init_from=str(Path(c.init_from).expanduser().resolve())) for c in configs]
+    configs = [absolute_paths(resolve_vocab(c, dataset.vocab_size)) for c in configs]
     for c, d, r in zip(configs, run_dirs, resuming):
         if r:
             check_resumable(Config.from_yaml(d / CONFIG_FILE), c, d)
@@ -218,12 +213,14 @@ class _Population:
         self.progress_start = total
         self.members = [self._member(k, c, d, r, mu_dtype)
                         for k, (c, d, r) in enumerate(zip(configs, run_dirs, resuming))]
+        templates = [chat_template_text(c, r) for c, r in zip(configs, resuming)]  # checked before writing
         for k, m in enumerate(self.members):  # every member built (restored, checked): now write
             m.summary["data"] = dataset.describe(feed)
             m.summary["population"] = {"members": len(configs), "member": k, "devices": int(mesh.devices.size)}
             m.run_dir.mkdir(parents=True, exist_ok=True)
             locks[k].acquire()  # locked once it exists (held already: only records pid and host)
-            write_run_files(m.run_dir, m.config, dataset, m.summary, m.rows, resume=resuming[k])
+            write_run_files(m.run_dir, m.config, dataset, m.summary, m.rows, resume=resuming[k],
+                            chat_template=templates[k])  # as fit writes it
         states = [m.state for m in self.members]
         data_roots = [states[0].key if shared_batches else s.key for s in states]
         self.programs = pop.build_population_programs(first, self.static, self.trainable, dataset, mesh, total,

@@ -47,10 +47,11 @@ def run_keys(root: Any) -> tuple[Any, Any, Any, Any]:
 
 
 
-def document_separator(config: Config, dataset: Splits) -> int | None:
+def document_separator(config: Config, dataset: Any) -> int | None:
     """The end-of-text id that cuts plain windows into documents with `document_mask` (None
-    without it; chat data carries its own example boundaries)."""
-    if not config.document_mask or dataset.train_flags is not None:
+    without it; chat data carries its own example boundaries). `dataset`: `tokens.Splits` or a
+    `prepare_data` Dataset (its tokenizer)."""
+    if not config.document_mask or getattr(dataset, "train_flags", None) is not None:
         return None
     eot = eot_id(dataset.tokenizer)
     if eot is None:

@@ -56,7 +56,7 @@ from ..run.save_guard import fault
 from ..run.summary import model_summary
 from . import hooks
 from .expert_log import ExpertCountsLog
-from .inputs import chat_template_text, initial_model, resolve_vocab, trainable_mask, training_data
+from .inputs import absolute_paths, chat_template_text, initial_model, resolve_vocab, trainable_mask, training_data
 from .loop import train_loop
 from .lr_finder import _check_args, find_lr
 from .muon import param_groups
@@ -170,12 +170,7 @@ class Trainer:
         saved = Config.from_yaml(run_dir / CONFIG_FILE) if resume and (run_dir / CONFIG_FILE).is_file() else None
         data_path, dataset = training_data(config, data_path, run_dir, resume)
         config = resolve_vocab(config, dataset.vocab_size)
-        if config.init_from:  # recorded absolute: resume and loading work from any directory
-            config = config.replace(init_from=str(Path(config.init_from).expanduser().resolve()))
-        if config.val_path:  # the same for a separate validation set
-            config = config.replace(val_path=str(Path(config.val_path).expanduser().resolve()))
-        if config.chat_template:  # and a chat template file
-            config = config.replace(chat_template=str(Path(config.chat_template).expanduser().resolve()))
+        config = absolute_paths(config)  # recorded absolute: resume and loading work from any directory
         chat_template = chat_template_text(config, resume)
         if saved is not None:
             check_resumable(saved, config, run_dir)
