@@ -27,7 +27,8 @@ from tokenizers import Tokenizer
 
 from ..files import atomic_dir
 from . import tokenizer as tk
-from .chat_data import TRAIN_ON, encode_examples, parse_row, render_spans, special_tokens
+from .chat_data import TRAIN_ON, encode_examples, parse_row, special_tokens
+from .chat_spans import SpanFinder
 from .sampling import DataError
 
 __all__ = ["CHAT_VERSION", "prepare_chat", "is_chat_jsonl", "chat_cache_dir"]
@@ -106,7 +107,7 @@ def prepare_chat(source: str | os.PathLike, out_dir: str | os.PathLike, tokenize
         raise DataError(f"train_on: {train_on!r} is not one of {', '.join(TRAIN_ON)}")
     vocab = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= 65535 else np.uint32
-    special = special_tokens(tokenizer)
+    spans_of = SpanFinder(template, special_tokens(tokenizer))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         writer = _Writer(tmp, dtype)
@@ -117,7 +118,7 @@ def prepare_chat(source: str | os.PathLike, out_dir: str | os.PathLike, tokenize
                     if not line.strip():
                         continue
                     where = f"{field}: {source.name} line {lineno}"
-                    text, spans = render_spans(parse_row(line, where), template, where, special)
+                    text, spans = spans_of(parse_row(line, where), where)
                     batch.append((text, spans, where))
                     size += len(text)
                     if size >= BATCH_CHARS:
