@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken
@@ -72,13 +72,13 @@ def conversations() -> Iterator[list[dict[str, str]]]:
                    {"role": "user", "content": next(text)}, {"role": "assistant", "content": next(text)}]
 
 
-def _write(path: Path, size_mb: float, row: callable) -> Path:
+def _write(path: Path, size_mb: float, row: Callable[[list[dict[str, str]]], dict]) -> Path:
+    """Rows `row(conversation)` for as many conversations as fill `size_mb` MB of chat JSONL."""
     want, written = int(size_mb * 1e6), 0
     with open(path, "w", encoding="utf-8") as f:
         for messages in conversations():
-            line = json.dumps(row(messages), ensure_ascii=False) + "\n"
-            f.write(line)
-            written += len(line.encode("utf-8"))
+            f.write(json.dumps(row(messages), ensure_ascii=False) + "\n")
+            written += len((json.dumps({"messages": messages}, ensure_ascii=False) + "\n").encode("utf-8"))
             if written >= want:
                 break
     return path
@@ -90,14 +90,6 @@ def write_chat_jsonl(path: Path, size_mb: float) -> Path:
 
 
 def write_plain_jsonl(path: Path, size_mb: float) -> Path:
-    """The same conversations as write_chat_jsonl (as many rows as fit `size_mb` of chat JSONL),
-    each row {"text": its ChatML rendering}."""
-    chat_mb = size_mb
-    want, written = int(chat_mb * 1e6), 0
-    with open(path, "w", encoding="utf-8") as f:
-        for messages in conversations():
-            written += len((json.dumps({"messages": messages}, ensure_ascii=False) + "\n").encode("utf-8"))
-            f.write(json.dumps({"text": render_chat(CHATML, messages)}, ensure_ascii=False) + "\n")
-            if written >= want:
-                break
-    return path
+    """The same conversations as write_chat_jsonl(path, size_mb), each row {"text": its ChatML
+    rendering} (the text chat `prepare` encodes)."""
+    return _write(path, size_mb, lambda m: {"text": render_chat(CHATML, m)})
