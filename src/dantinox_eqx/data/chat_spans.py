@@ -16,8 +16,8 @@ row is rendered ONCE: when that rendering equals the layout with the row's conte
 the spans are the layout's, moved by the contents' lengths; otherwise (a template that changes
 a content, e.g. `| trim` of a content with outer spaces, or lays out by content) the row takes
 the per-turn rendering. A layout is also checked against the per-turn rendering of the first
-real row of its role sequence (and dropped if they disagree), which catches a template whose
-generation prompt, absent from the whole text, depends on what the contents say.
+real row it fits (and dropped if they disagree), which catches a template whose generation
+prompt, absent from the whole text, depends on what the contents say.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class SpanFinder:
 
     def __init__(self, template: str | None, special: dict[str, str], max_layouts: int = 1024):
         self.template, self.special, self.max_layouts = template, special, max_layouts
-        self.layouts: OrderedDict[tuple[str, ...], _Layout | None] = OrderedDict()
+        self.layouts: OrderedDict[tuple[str, ...], list] = OrderedDict()
         self.renders = 0
 
     def _render(self, messages: list[dict[str, str]], where: str, **kw: Any) -> str:
@@ -152,21 +152,18 @@ class SpanFinder:
         if isinstance(messages, tuple):
             return messages
         roles = tuple(m["role"] for m in messages)
-        first = roles not in self.layouts
-        if first:
-            self.layouts[roles] = self._layout(roles)
+        if roles not in self.layouts:
+            self.layouts[roles] = [self._layout(roles), False]  # [layout or None, confirmed by a real row]
             if len(self.layouts) > self.max_layouts:
                 self.layouts.popitem(last=False)
-        layout = self.layouts.get(roles)
+        entry = self.layouts[roles]
         text = self._render(messages, where)
-        if layout is not None:
-            filled, spans = layout.fill([m["content"] for m in messages])
-            if filled == text and not first:
-                return text, spans
-            if filled == text and first:  # the layout's first real row: its spans by per-turn rendering too
-                checked = _turn_spans(messages, text, self._render, where)
-                if checked == spans:
+        if entry[0] is not None:
+            filled, spans = entry[0].fill([m["content"] for m in messages])
+            if filled == text:
+                if entry[1]:
                     return text, spans
-                self.layouts[roles] = None
+                checked = _turn_spans(messages, text, self._render, where)  # the first real row it fits
+                entry[:] = [entry[0], True] if checked == spans else [None, False]
                 return text, checked
         return text, _turn_spans(messages, text, self._render, where)
