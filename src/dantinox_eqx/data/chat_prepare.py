@@ -8,9 +8,10 @@ the bits TRAINED (the token is a trained target) and STARTS (the token starts an
 segment boundaries of packed windows). index.json is version 2: version 1's fields, each shard
 with "flags_file" and "trained_tokens", its "bytes" the UTF-8 bytes of the TRAINED text (bits
 per byte are over the trained tokens), and "chat": {"train_on", "template_sha256", "examples",
-"trained_tokens"}. Memory: one batch of rendered rows (`BATCH_CHARS` of text) and its ids
-(measured: 9 MB of chat JSONL, 321 MB peak RSS; the same text as plain JSONL through
-`prepare_dataset`, 389 MB). The whole dataset is written in a temporary folder renamed at the
+"trained_tokens"}. Each row is rendered once where the template's layout allows (chat_spans.py).
+Memory: one batch of rendered rows (`BATCH_CHARS` of text) and its ids (benchmarks/
+chat_prepare_memory.py: 400 MB of chat JSONL, 236 MB peak RSS; the same text as plain JSONL,
+281 MB). The whole dataset is written in a temporary folder renamed at the
 end: a malformed row (DataError naming its line and field) leaves nothing behind.
 """
 
