@@ -57,9 +57,10 @@ def _passages(size: int = 700) -> Iterator[str]:
                 doc, n = [], 0
 
 
-def conversations() -> Iterator[list[dict[str, str]]]:
-    """Conversations of three shapes, in a fixed order, forever."""
-    text = _passages()
+def conversations(passage_chars: int = 700) -> Iterator[list[dict[str, str]]]:
+    """Conversations of three shapes, in a fixed order, forever; contents of about
+    `passage_chars` characters."""
+    text = _passages(passage_chars)
     for i in itertools.count():
         shape = i % 3
         if shape == 0:
@@ -72,11 +73,12 @@ def conversations() -> Iterator[list[dict[str, str]]]:
                    {"role": "user", "content": next(text)}, {"role": "assistant", "content": next(text)}]
 
 
-def _write(path: Path, size_mb: float, row: Callable[[list[dict[str, str]]], dict]) -> Path:
+def _write(path: Path, size_mb: float, row: Callable[[list[dict[str, str]]], dict], passage_chars: int = 700
+           ) -> Path:
     """Rows `row(conversation)` for as many conversations as fill `size_mb` MB of chat JSONL."""
     want, written = int(size_mb * 1e6), 0
     with open(path, "w", encoding="utf-8") as f:
-        for messages in conversations():
+        for messages in conversations(passage_chars):
             f.write(json.dumps(row(messages), ensure_ascii=False) + "\n")
             written += len((json.dumps({"messages": messages}, ensure_ascii=False) + "\n").encode("utf-8"))
             if written >= want:
@@ -84,9 +86,9 @@ def _write(path: Path, size_mb: float, row: Callable[[list[dict[str, str]]], dic
     return path
 
 
-def write_chat_jsonl(path: Path, size_mb: float) -> Path:
-    """About `size_mb` MB of {"messages": [...]} rows."""
-    return _write(path, size_mb, lambda m: {"messages": m})
+def write_chat_jsonl(path: Path, size_mb: float, passage_chars: int = 700) -> Path:
+    """About `size_mb` MB of {"messages": [...]} rows, contents of about `passage_chars` characters."""
+    return _write(path, size_mb, lambda m: {"messages": m}, passage_chars)
 
 
 def write_plain_jsonl(path: Path, size_mb: float) -> Path:

