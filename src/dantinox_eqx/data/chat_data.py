@@ -11,7 +11,8 @@ whatever the template (never transformers' `{% generation %}` tag, which most hu
 lack): the span of turn i runs from the end of render(messages[:i], add_generation_prompt=True)
 to the end of render(messages[:i+1]), so it holds the answer and the template's end-of-turn
 token(s) (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`), and both prefixes must be prefixes
-of the whole rendering. `train_on: all` trains every token.
+of the whole rendering (chat_spans.py; its SpanFinder renders a row once where the template's
+layout allows). `train_on: all` trains every token.
 
 Tokens: the rendered text is cut at the span boundaries and each piece encoded on its own,
 without the tokenizer's added special tokens (the template renders BOS if the model wants one:
@@ -30,7 +31,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import tokenizer as tk
-from .chat import render_chat
+from .chat_spans import render_spans
 from .sampling import DataError
 
 __all__ = ["ROLES", "TRAIN_ON", "TRAINED", "STARTS", "parse_row", "is_chat_row", "render_spans",
@@ -95,41 +96,6 @@ def special_tokens(tok: Tokenizer) -> dict[str, str]:
     return out
 
 
-def _render(template: str, messages: list[dict[str, str]], where: str, special: dict[str, str], **kw: Any) -> str:
-    try:
-        return render_chat(template, messages, **kw, **special)
-    except Exception as e:  # noqa: BLE001 - any failure of the user's template is bad input (whose error type
-        # is chat.py's business: jinja's, or its own for raise_exception)
-        raise DataError(f"{where}: the chat template failed: {e}") from None
-
-
-def render_spans(row: list[dict[str, str]] | tuple[str, str], template: str | None, where: str,
-                 special: dict[str, str]) -> tuple[str, list[tuple[int, int]]]:
-    """(the example's text, the character spans [a, b) of its assistant turns). See the
-    module docstring for how the spans are found."""
-    if isinstance(row, tuple):
-        if template is None:
-            prompt, completion = row
-            eos = special.get("eos_token", "")
-            return prompt + completion + eos, [(len(prompt), len(prompt) + len(completion) + len(eos))]
-        row = [{"role": "user", "content": row[0]}, {"role": "assistant", "content": row[1]}]
-    if template is None:
-        raise DataError(f"{where}: a conversation needs a chat template: this run has none; pass "
-                        "--chat_template FILE (a Jinja chat template)")
-    text = _render(template, row, where, special)
-    spans = []
-    for i, m in enumerate(row):
-        if m["role"] != "assistant":
-            continue
-        before = _render(template, row[:i], where, special, add_generation_prompt=True)
-        after = _render(template, row[:i + 1], where, special)
-        if not (after.startswith(before) and text.startswith(after)):
-            raise DataError(f"{where}: the chat template does not render the conversation up to message {i} as a "
-                            "prefix of the whole; its assistant turns cannot be found by rendering")
-        spans.append((len(before), len(after)))
-    return text, spans
-
-
 def encode_example(tok: Tokenizer, text: str, spans: list[tuple[int, int]], train_on: str, where: str
                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """(ids int32 (n,), flags uint8 (n,), UTF-8 bytes of the trained text). DataError when the
@@ -147,21 +113,26 @@ def encode_examples(tok: Tokenizer, items: list[tuple[str, list[tuple[int, int]]
         pieces = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
         cut_items.append(pieces)
         texts.extend(text[a:b] for a, b in pieces)
-    encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
+    fast = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: less work, less memory
+    encoded = iter(fast(texts, add_special_tokens=False))
     out = []
     for (text, spans, where), pieces in zip(items, cut_items):
-        ids, flags, trained_bytes = [], [], 0
+        trained = set(spans)  # the spans are disjoint and the pieces cut at their ends: a span is one piece
+        ids: list[int] = []
+        lengths, inside, trained_bytes = [], [], 0
         for a, b in pieces:
-            enc = next(encoded)
-            inside = train_on == "all" or any(s <= a and b <= e for s, e in spans)
-            ids.extend(enc.ids)
-            flags.extend([TRAINED if inside else 0] * len(enc.ids))
-            trained_bytes += len(text[a:b].encode("utf-8")) if inside else 0
+            piece_ids = next(encoded).ids
+            within = train_on == "all" or (a, b) in trained
+            ids += piece_ids
+            lengths.append(len(piece_ids))
+            inside.append(within)
+            trained_bytes += len(text[a:b].encode("utf-8")) if within else 0
+        flags = np.repeat(np.where(inside, TRAINED, 0).astype(np.uint8), lengths)
         if not ids:
             raise DataError(f"{where}: the example renders to no tokens")
         flags[0] = STARTS  # the first token is never a target (no prediction reads across examples)
-        if not any(f & TRAINED for f in flags):
+        if not (flags & TRAINED).any():
             raise DataError(f"{where}: the answer gets no trained token (an empty assistant turn, or no assistant "
                             "turn); give each example a non-empty answer")
-        out.append((np.asarray(ids, np.int32), np.asarray(flags, np.uint8), trained_bytes))
+        out.append((np.asarray(ids, np.int32), flags, trained_bytes))
     return out

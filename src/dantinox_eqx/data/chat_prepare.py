@@ -8,9 +8,10 @@ the bits TRAINED (the token is a trained target) and STARTS (the token starts an
 segment boundaries of packed windows). index.json is version 2: version 1's fields, each shard
 with "flags_file" and "trained_tokens", its "bytes" the UTF-8 bytes of the TRAINED text (bits
 per byte are over the trained tokens), and "chat": {"train_on", "template_sha256", "examples",
-"trained_tokens"}. Memory: one batch of rendered rows (`BATCH_CHARS` of text) and its ids
-(measured: 9 MB of chat JSONL, 321 MB peak RSS; the same text as plain JSONL through
-`prepare_dataset`, 389 MB). The whole dataset is written in a temporary folder renamed at the
+"trained_tokens"}. Each row is rendered once where the template's layout allows (chat_spans.py).
+Memory: one batch of rendered rows (`BATCH_CHARS` of text) and its ids (benchmarks/
+chat_prepare_memory.py: 400 MB of chat JSONL, 236 MB peak RSS; the same text as plain JSONL,
+281 MB). The whole dataset is written in a temporary folder renamed at the
 end: a malformed row (DataError naming its line and field) leaves nothing behind.
 """
 
@@ -27,7 +28,8 @@ from tokenizers import Tokenizer
 
 from ..files import atomic_dir
 from . import tokenizer as tk
-from .chat_data import TRAIN_ON, encode_examples, parse_row, render_spans, special_tokens
+from .chat_data import TRAIN_ON, encode_examples, parse_row, special_tokens
+from .chat_spans import SpanFinder
 from .sampling import DataError
 
 __all__ = ["CHAT_VERSION", "prepare_chat", "is_chat_jsonl", "chat_cache_dir"]
@@ -106,7 +108,7 @@ def prepare_chat(source: str | os.PathLike, out_dir: str | os.PathLike, tokenize
         raise DataError(f"train_on: {train_on!r} is not one of {', '.join(TRAIN_ON)}")
     vocab = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= 65535 else np.uint32
-    special = special_tokens(tokenizer)
+    spans_of = SpanFinder(template, special_tokens(tokenizer))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         writer = _Writer(tmp, dtype)
@@ -117,7 +119,7 @@ def prepare_chat(source: str | os.PathLike, out_dir: str | os.PathLike, tokenize
                     if not line.strip():
                         continue
                     where = f"{field}: {source.name} line {lineno}"
-                    text, spans = render_spans(parse_row(line, where), template, where, special)
+                    text, spans = spans_of(parse_row(line, where), where)
                     batch.append((text, spans, where))
                     size += len(text)
                     if size >= BATCH_CHARS:

@@ -154,6 +154,9 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
         n = batch[0].shape[0]
         total = _trained_count(batch[1])  # the whole batch's (all micro-batches, all devices)
         keys = jax.random.split(key, n)
+        if n == 1:  # no accumulation: no scan (as the plain step), so a chat step costs a plain one
+            (_, metrics), grads = masked_grad(train_p, frozen_p, (batch[0][0], batch[1][0]), keys[0], total, n)
+            return _apply(grads, metrics, train_p, frozen_p, opt_state)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_p)
 
         def micro_step(acc, xs):  # summed, not averaged: each term is already divided by `total`
@@ -165,7 +168,10 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
 
         init = (zeros, {"loss": jnp.zeros(()), "bal": jnp.zeros(())})
         (grads, metrics), _ = jax.lax.scan(micro_step, init, (batch, keys))
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train_p)
+        return _apply(jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train_p), metrics, train_p, frozen_p,
+                      opt_state)
+
+    def _apply(grads, metrics, train_p, frozen_p, opt_state):
         metrics["grad_norm"] = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, train_p)
         train_p = eqx.apply_updates(train_p, updates)
