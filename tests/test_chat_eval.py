@@ -80,6 +80,7 @@ def chat_run(tmp_path_factory) -> tuple[Path, Path, Transformer]:
     return run, data, model
 
 
+@pytest.mark.slow
 def test_eval_on_chat_data_scores_the_answer_tokens_only(tmp_path, monkeypatch, chat_run):
     from tokenizers import Tokenizer
 
@@ -140,6 +141,7 @@ def test_eval_of_chat_data_without_a_template_is_one_line_exit_2(tmp_path, monke
     assert with_file == _eval(run, data, "--batch_size", "4")
 
 
+@pytest.mark.slow
 def test_eval_with_document_mask_scores_each_document_alone():
     """A run trained with document_mask: eval cuts the windows into documents as training does:
     the separator is scored (it ends its document), the first token after it is not, and no
