@@ -44,7 +44,7 @@ from tokenizers import Tokenizer
 
 from ..config import Config, ConfigError
 from ..data.tokenizer import TokenizerError, encode, eot_id, load_tokenizer
-from ..model import Transformer
+from ..model import Transformer, unstack_blocks
 from ..run.chat_template import chat_template_file
 from ..run.hf import guess_special_tokens, run_special_tokens
 from ..run.layout import TOKENIZER_FILE
@@ -172,6 +172,7 @@ def decode_steps(model: Transformer, state: DecodeState, n: Int[Array, ""], key:
     """
     B, V = state.logits.shape
     valid = jnp.arange(V) < sampling.n_valid
+    static = eqx.filter(model, eqx.is_array, inverse=True)
 
     def body(i, carry):
         state, out, seen = carry
@@ -181,7 +182,11 @@ def decode_steps(model: Transformer, state: DecodeState, n: Int[Array, ""], key:
         out = out.at[:, i].set(tok)
         if seen is not None:
             seen = seen.at[:, i].set(state.logits)
-        logits, cache = model.decode(tok[:, None], state.pos[:, None], state.cache)
+        # The barrier ties the weights to this iteration's step: without it XLA hoists each
+        # int8 / bfloat16 weight's conversion to float32 out of the loop (loop-invariant code
+        # motion), and every token then reads float32 copies, as many bytes as float32 weights.
+        params = jax.lax.optimization_barrier((eqx.filter(model, eqx.is_array), state.step))[0]
+        logits, cache = eqx.combine(params, static).decode(tok[:, None], state.pos[:, None], state.cache)
         state = DecodeState(cache, logits[:, 0].astype(jnp.float32), state.pos + 1, state.step + 1)
         return state, out, seen
 
@@ -228,6 +233,7 @@ def _chunks(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
     if chunk < 1:
         raise ConfigError(f"chunk: must be >= 1 token per call, got {chunk}")
     prompts = [_fit_context(list(p), model.max_context) for p in prompts]
+    model = unstack_blocks(model)  # a no-op for store_weights' models (Generator's)
     tokens, positions = left_pad(prompts, bucket(max(map(len, prompts)), model.max_context))
     state = prefill(model, jnp.asarray(tokens), jnp.asarray(positions))
     key, capacity, done = jax.random.key(seed), bucket(chunk), 0
