@@ -5,15 +5,23 @@ The loop: the prompts are left-padded into one (B, P) batch and prefilled in one
 `lax.fori_loop` (a `while_loop`) over a fixed-size KV cache. Nothing is recomputed per token,
 and nothing is re-traced per token, per prompt or per request: prompt lengths are padded to
 powers of two, the number of steps is a traced value, and the sampling settings (temperature,
-top-k, top-p) are traced arrays. Compiled shapes are (batch, padded prompt length) for the
-prefill and (batch, chunk capacity) for the decode loop.
+top-k, top-p) are traced arrays. Compiled shapes are (batch, padded prompt length, cache size)
+for the prefill and (batch, chunk capacity, cache size) for the decode loop. The cache has
+`cache_size` slots: prompt + new tokens rounded up to a power of two, at most max_context
+(attention reads every slot per token, so a short generation reads a short cache).
+
+Speed (issue 25, benchmarks/decode_profile.py): decoding one token reads every weight, so it is
+bound by memory. The model runs with its blocks unstacked (`store_weights`, `unstack_blocks`:
+no per-layer copies of weight slices) and weights stored transposed for `rows_matmul`; an
+optimization barrier keeps int8 / bfloat16 weights converted inside the loop, not once
+before it as float32 copies.
 
 Positions and the context window:
 - Left padding has position -1: `model.decode` neither writes nor attends to it, so a prompt in
   a batch gives the same tokens as alone (greedy; sampled tokens use a key per row, see
   `sample_logits`).
 - A prompt longer than `max_context` tokens is cut to its last `max_context` tokens (warned).
-- Generation past `max_context` slides: the cache is a ring buffer of `max_context` slots and
+- Generation past `max_context` slides: the cache is then a ring buffer of `max_context` slots and
   position p overwrites the slot of p - max_context, so each new token attends to the last
   `max_context` tokens (itself included), whose keys and values were computed when they were
   generated (as in StreamingLLM; not a re-encoding of the window from position 0). With
@@ -53,7 +61,7 @@ from .chat import chat_ids
 from .storage import WEIGHTS, store_weights
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
-           "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
+           "decode_steps", "left_pad", "cache_size", "generate_ids", "naive_generate", "bucket"]
 
 STREAM_CHUNK = 16  # tokens per jitted call when streaming
 STOP_CHUNK = 64  # tokens per call when stop strings may end generation early
@@ -148,13 +156,15 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
 
 
 @eqx.filter_jit
-def prefill(model: Transformer, tokens: Int[Array, "B P"], positions: Int[Array, "B P"]) -> DecodeState:
-    """Run the left-padded prompts through the model in one call, filling a fresh cache.
+def prefill(model: Transformer, tokens: Int[Array, "B P"], positions: Int[Array, "B P"],
+            size: int | None = None) -> DecodeState:
+    """Run the left-padded prompts through the model in one call, filling a fresh cache of
+    `size` slots (default max_context; `cache_size`).
 
     The last column holds every row's last prompt token (left padding), so its logits
     predict each row's first new token.
     """
-    cache = model.init_cache(tokens.shape[0])
+    cache = model.init_cache(tokens.shape[0], size)
     logits, cache = model.decode(tokens, positions, cache)
     return DecodeState(cache, logits[:, -1].astype(jnp.float32), positions.max(axis=-1) + 1,
                        jnp.zeros((), jnp.int32))
@@ -201,6 +211,14 @@ def bucket(n: int, cap: int | None = None) -> int:
     return b if cap is None else max(n, min(b, cap))
 
 
+def cache_size(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
+    """KV-cache slots for a generation: every position it reaches (prompt + new tokens),
+    bucketed to a power of two, at most max_context (then the ring buffer slides). Attention
+    reads every slot each token, so a short generation reads a short cache; the tokens are
+    the same as with max_context slots (no slot is overwritten either way)."""
+    return min(model.max_context, bucket(prompt_len + max_new_tokens))
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad id lists into (B, length) int32 tokens and positions (-1 on padding)."""
     tokens = np.zeros((len(prompts), length), np.int32)
@@ -235,7 +253,8 @@ def _chunks(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
     prompts = [_fit_context(list(p), model.max_context) for p in prompts]
     model = unstack_blocks(model)  # a no-op for store_weights' models (Generator's)
     tokens, positions = left_pad(prompts, bucket(max(map(len, prompts)), model.max_context))
-    state = prefill(model, jnp.asarray(tokens), jnp.asarray(positions))
+    size = cache_size(model, max(map(len, prompts)), max_new_tokens)
+    state = prefill(model, jnp.asarray(tokens), jnp.asarray(positions), size)
     key, capacity, done = jax.random.key(seed), bucket(chunk), 0
     while done < max_new_tokens:
         n = min(chunk, max_new_tokens - done)
