@@ -13,7 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 __all__ = ["Linear", "matmul", "rows_matmul", "add_bias", "normal_init", "ROWS_MAX"]
 
@@ -43,7 +43,7 @@ def matmul(x: Float[Array, "*lead d_in"], w: Float[Array, "d_in d_out"]) -> Floa
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def rows_matmul(x: Float[Array, "*lead d_in"], wt: Float[Array, "d_out d_in"],
+def rows_matmul(x: Float[Array, "*lead d_in"], wt: Shaped[Array, "d_out d_in"],
                 scale: Float[Array, " d_out"] | None = None) -> Float[Array, "*lead d_out"]:
     """x @ wt.T (* scale), for a weight stored transposed, each output's weights contiguous
     (`wt`: float32, bfloat16 or int8; converted to x's dtype where it is read).
