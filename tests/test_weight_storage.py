@@ -97,13 +97,14 @@ def test_rows_matmul_equals_the_gemm(rows):
 
 
 def test_stored_models_are_unstacked_and_decode_as_float32():
-    """store_weights("float32") changes only the layout (one Block per layer, transposed
-    weights, the tied head reading the embedding itself): logits within float32 rounding of the
-    stacked model's (a few ulps of the logits' scale through 2 blocks), the same greedy tokens."""
+    """store_weights("float32") changes only the layout (one Block per layer, the same
+    arrays): logits within float32 rounding of the stacked model's (XLA may order the sums of
+    the unrolled layers differently: a few ulps of the logits' scale through 2 blocks), the
+    same greedy tokens."""
     model = Transformer(Config(**{**TINY, "max_context": 32}), key=jax.random.key(0))
     stored = store_weights(model, "float32")
     assert isinstance(stored.blocks, tuple) and len(stored.blocks) == model.num_blocks == stored.num_blocks
-    assert stored.head.wt is stored.embedding  # no copy of the tied head
+    assert stored.head is None and stored.embedding is model.embedding  # no copy of the tied head
     assert unstack_blocks(stored) is stored
     prompt = [1, 5, 9, 2, 30]
     ids, logits = generate_ids(model, [prompt], 12, temperature=0.0, return_logits=True)

@@ -3,15 +3,16 @@
 Decoding reads every weight once per token (a 135M-parameter model: 540 MB in float32), so
 smaller weights decode faster. Only storage changes; activations, norms, the KV cache and the
 softmax stay float32:
-- float32: every `Linear` becomes `nn.quant.RowsLinear` with the same float32 values, stored
-  transposed (exact: only the order of the float32 sums changes).
+- float32: the weights as they are (`Linear`, a plain dot: on XLA:CPU it beat the
+  multiply-and-sum form of `rows_matmul` for float32 weights, 63 vs 109 ms per token at best in
+  an interleaved A/B; benchmarks/README.md).
 - bfloat16: `RowsLinear` in bfloat16, converted to float32 where the matmul reads it. Each
   weight is rounded to 8 significant bits: relative error <= 2^-9 = 0.2 %.
 - int8: every `Linear` replaced by `nn.quant.Int8Linear` (int8, one float32 scale per output
   channel): error <= absmax / 254 per column.
-The embedding table stays float32 (one row is read per token). A tied head (`weight_tying`)
-gets the embedding as the model's `head` (float32: the same array, no copy; otherwise a
-stored copy), since the head is read whole every token. MoE experts (`ExpertLinear`) stay
+The embedding table stays float32 (one row is read per token). With bfloat16 / int8 a tied
+head (`weight_tying`) gets a stored copy of the embedding as the model's `head`, since the
+head is read whole every token. MoE experts (`ExpertLinear`) stay
 float32. The blocks are unstacked (`model.unstack_blocks`): one Block per layer, so the
 decode loop reads each layer's weights in place instead of copying slices of the stacks.
 """
@@ -33,10 +34,7 @@ WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 def _convert(weights: str):
-    if weights == "int8":
-        return Int8Linear.quantize
-    dtype = jnp.float32 if weights == "float32" else jnp.bfloat16
-    return lambda w: RowsLinear.store(w, dtype)
+    return Int8Linear.quantize if weights == "int8" else lambda w: RowsLinear.store(w, jnp.bfloat16)
 
 
 def store_weights(model: Transformer, weights: str) -> Transformer:
@@ -45,10 +43,11 @@ def store_weights(model: Transformer, weights: str) -> Transformer:
     stacked `Linear`s."""
     if weights not in WEIGHTS:
         raise ConfigError(f"weights: unknown value {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights == "float32":
+        return unstack_blocks(model)
     convert = _convert(weights)
     is_linear = lambda x: isinstance(x, Linear)
     model = jax.tree.map(lambda x: convert(x.weight) if is_linear(x) else x, model, is_leaf=is_linear)
     if model.head is None:  # tied: the head is the embedding, read whole every token
-        head = RowsLinear(model.embedding) if weights == "float32" else convert(model.embedding.T)
-        model = eqx.tree_at(lambda m: m.head, model, head, is_leaf=lambda x: x is None)
+        model = eqx.tree_at(lambda m: m.head, model, convert(model.embedding.T), is_leaf=lambda x: x is None)
     return unstack_blocks(model)

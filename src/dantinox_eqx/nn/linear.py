@@ -51,9 +51,11 @@ def rows_matmul(x: Float[Array, "*lead d_in"], wt: Shaped[Array, "d_out d_in"],
     Decoding multiplies one row per sequence by every weight. There XLA:CPU runs a dot whose
     weight needs a conversion (bfloat16, int8) or a transpose as a loop over the weight's
     columns, ~10x slower than reading the weight once (30 x 576 x 3072 int8: 282 vs 20 ms of
-    float32's dot; benchmarks/decode_profile.py); as a multiply-and-sum over each contiguous
-    row of `wt` the conversion fuses into one pass over the weight's bytes. With more than
-    ROWS_MAX rows (prefill, training) it is one GEMM on the converted weight. The sum runs in
+    float32's dot in an interleaved micro-benchmark, benchmarks/README.md); as a
+    multiply-and-sum over each contiguous row of `wt` the conversion fuses into one pass over
+    the weight's bytes. With more than
+    ROWS_MAX rows (prefill, training) it is one GEMM on the converted weight. Float32 weights
+    decode faster as a plain `Linear` dot (infer/storage.py). The sum runs in
     a different order than the GEMM's: float32 rounding differs, by ~d_in ulps at most."""
     lead, d_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, d_in)
