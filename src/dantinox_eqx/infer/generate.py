@@ -6,15 +6,9 @@ The loop: the prompts are left-padded into one (B, P) batch and prefilled in one
 and nothing is re-traced per token, per prompt or per request: prompt lengths are padded to
 powers of two, the number of steps is a traced value, and the sampling settings (temperature,
 top-k, top-p) are traced arrays. Compiled shapes are (batch, padded prompt length, cache size)
-for the prefill and (batch, chunk capacity, cache size) for the decode loop. The cache has
-`cache_size` slots: prompt + new tokens rounded up to a power of two, at most max_context
-(attention reads every slot per token, so a short generation reads a short cache).
-
-Speed (issue 25, benchmarks/decode_profile.py): decoding one token reads every weight, so it is
-bound by memory. The model runs with its blocks unstacked (`store_weights`, `unstack_blocks`:
-no per-layer copies of weight slices) and weights stored transposed for `rows_matmul`; an
-optimization barrier keeps int8 / bfloat16 weights converted inside the loop, not once
-before it as float32 copies.
+for the prefill and (batch, chunk capacity, cache size) for the decode loop; `cache_size`
+slots (issue 25, benchmarks/decode_profile.py: attention reads every slot per token). The
+model decodes with its blocks unstacked (`unstack_blocks`: no copies of weight slices).
 
 Positions and the context window:
 - Left padding has position -1: `model.decode` neither writes nor attends to it, so a prompt in
@@ -159,11 +153,8 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
 def prefill(model: Transformer, tokens: Int[Array, "B P"], positions: Int[Array, "B P"],
             size: int | None = None) -> DecodeState:
     """Run the left-padded prompts through the model in one call, filling a fresh cache of
-    `size` slots (default max_context; `cache_size`).
-
-    The last column holds every row's last prompt token (left padding), so its logits
-    predict each row's first new token.
-    """
+    `size` slots (default max_context). The last column holds every row's last prompt token
+    (left padding), so its logits predict each row's first new token."""
     cache = model.init_cache(tokens.shape[0], size)
     logits, cache = model.decode(tokens, positions, cache)
     return DecodeState(cache, logits[:, -1].astype(jnp.float32), positions.max(axis=-1) + 1,
@@ -182,7 +173,6 @@ def decode_steps(model: Transformer, state: DecodeState, n: Int[Array, ""], key:
     """
     B, V = state.logits.shape
     valid = jnp.arange(V) < sampling.n_valid
-    static = eqx.filter(model, eqx.is_array, inverse=True)
 
     def body(i, carry):
         state, out, seen = carry
@@ -192,11 +182,10 @@ def decode_steps(model: Transformer, state: DecodeState, n: Int[Array, ""], key:
         out = out.at[:, i].set(tok)
         if seen is not None:
             seen = seen.at[:, i].set(state.logits)
-        # The barrier ties the weights to this iteration's step: without it XLA hoists each
-        # int8 / bfloat16 weight's conversion to float32 out of the loop (loop-invariant code
-        # motion), and every token then reads float32 copies, as many bytes as float32 weights.
+        # Tied to the step, or XLA hoists each int8 / bfloat16 weight's conversion out of the
+        # loop and every token reads float32 copies (as many bytes as float32 weights).
         params = jax.lax.optimization_barrier((eqx.filter(model, eqx.is_array), state.step))[0]
-        logits, cache = eqx.combine(params, static).decode(tok[:, None], state.pos[:, None], state.cache)
+        logits, cache = eqx.combine(params, model).decode(tok[:, None], state.pos[:, None], state.cache)
         state = DecodeState(cache, logits[:, 0].astype(jnp.float32), state.pos + 1, state.step + 1)
         return state, out, seen
 
@@ -212,10 +201,7 @@ def bucket(n: int, cap: int | None = None) -> int:
 
 
 def cache_size(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
-    """KV-cache slots for a generation: every position it reaches (prompt + new tokens),
-    bucketed to a power of two, at most max_context (then the ring buffer slides). Attention
-    reads every slot each token, so a short generation reads a short cache; the tokens are
-    the same as with max_context slots (no slot is overwritten either way)."""
+    """KV slots: prompt + new tokens as a power of two, at most max_context (the ring slides)."""
     return min(model.max_context, bucket(prompt_len + max_new_tokens))
 
 
@@ -269,9 +255,7 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
                  seed: int = 0, return_logits: bool = False
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """Token-level sampling: (new ids (B, max_new_tokens), their logits (B, n, V) or None).
-
-    `prompts` are lists of token ids (any lengths). One prefill call, one decode call.
-    """
+    `prompts` are lists of token ids (any lengths). One prefill call, one decode call."""
     sampling = Sampling.make(temperature, top_k, top_p, model.vocab_size)
     parts = list(_chunks(model, prompts, max_new_tokens, sampling, seed, max(1, max_new_tokens),
                          return_logits))
