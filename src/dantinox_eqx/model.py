@@ -285,13 +285,14 @@ class Transformer(eqx.Module):
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
         return jax.vmap(lambda p: eqx.combine(p, static).attn.init_cache(batch, size, dtype))(dynamic)
 
-    def decode(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Any
-               ) -> tuple[Float[Array, "B T V"], Any]:
+    def decode(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Any, last: bool = False
+               ) -> tuple[Float[Array, "B To V"], Any]:
         """Cached forward: run T new tokens at absolute `positions` (-1 = padding), reading and
-        extending `cache`. Prefill is one call with the prompt; decoding calls it with T = 1."""
+        extending `cache`. Prefill is one call with the prompt; decoding calls it with T = 1.
+        To = T, or 1 with `last`: only the last column's logits (a prefill needs no others)."""
         x = self.embed(tokens, positions)
         x, _, cache = self._run_blocks(x, positions, cache, None)
-        return self._logits(x), cache
+        return self._logits(x[:, -1:] if last else x), cache
 
     def expert_counts(self, tokens: Int[Array, "B T"]) -> Int[Array, "L E"]:
         """MoE models: tokens routed to each expert in each block by a full dropout-free forward

@@ -156,7 +156,7 @@ def prefill(model: Transformer, tokens: Int[Array, "B P"], positions: Int[Array,
     `size` slots (default max_context). The last column holds every row's last prompt token
     (left padding), so its logits predict each row's first new token."""
     cache = model.init_cache(tokens.shape[0], size)
-    logits, cache = model.decode(tokens, positions, cache)
+    logits, cache = model.decode(tokens, positions, cache, last=True)
     return DecodeState(cache, logits[:, -1].astype(jnp.float32), positions.max(axis=-1) + 1,
                        jnp.zeros((), jnp.int32))
 
