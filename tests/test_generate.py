@@ -22,13 +22,19 @@ from dantinox_eqx.data.tokenizer import TokenizerError, bpe_tokenizer, char_toke
 from dantinox_eqx.infer.evaluate import covering_windows, evaluate, evaluate_ids
 from dantinox_eqx.infer.generate import (
     Generator,
+    Sampling,
     bucket,
+    cache_size,
+    decode_steps,
     generate_ids,
+    left_pad,
     naive_generate,
+    prefill,
     sample_logits,
     top_k_filter,
     top_p_filter,
 )
+from dantinox_eqx.infer.storage import store_weights
 from dantinox_eqx.model import Transformer, cast_floating
 from dantinox_eqx.run.checkpoint import CheckpointError
 from dantinox_eqx.run.pretrained import from_pretrained, load_config
@@ -322,7 +328,7 @@ def test_mla_runs_load_in_inference_mode(tmp_path):
     trained = from_pretrained(run)
     sampler = Generator(run).model
     leaves = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))
-    for a, b in zip(leaves(trained), leaves(sampler)):
+    for a, b in zip(leaves(store_weights(trained, "float32")), leaves(sampler)):  # the decode layout
         np.testing.assert_array_equal(a, b)
     toks = jnp.asarray([_prompt(9)])
     full, _ = trained(toks)
@@ -414,3 +420,23 @@ def test_a_trained_run_samples_and_beats_a_random_model(tmp_path):
     trained = evaluate(gen.model, gen.tokenizer, held_out)
     random = evaluate(Transformer(load_config(run), key=jax.random.key(5)), gen.tokenizer, held_out)
     assert trained.loss < random.loss - 0.5, (trained.loss, random.loss)
+
+
+def test_the_cache_is_sized_to_the_generation():
+    """A short generation gets a short cache (prompt + new tokens, a power of two, at most
+    max_context), with the tokens and logits of a max_context cache: no slot is overwritten
+    in either, the extra slots are masked (their softmax weight is exactly 0)."""
+    model = _model(max_context=64)
+    assert [cache_size(model, p, n) for p, n in ((7, 5), (7, 9), (30, 30), (60, 60))] == [16, 16, 64, 64]
+    prompt = _prompt(7)
+    tokens, positions = left_pad([prompt], 16)
+    sampling = Sampling.make(0.0, None, None, model.vocab_size)
+    runs = []
+    for size in (16, None):
+        state = prefill(model, jnp.asarray(tokens), jnp.asarray(positions), size)
+        assert jax.tree.leaves(state.cache)[0].shape[2] == (size or 64)  # (blocks, B, S, K, E)
+        _, out, seen = decode_steps(model, state, jnp.int32(9), jax.random.key(0), sampling, 16, True)
+        runs.append((np.asarray(out)[0, :9], np.asarray(seen)[0, :9]))
+    greedy = generate_ids(model, [prompt], 9, temperature=0.0)[0][0]  # through _chunks: a 16-slot cache
+    assert runs[0][0].tolist() == runs[1][0].tolist() == greedy.tolist()
+    assert np.abs(runs[0][1] - runs[1][1]).max() <= 1e-5 * np.abs(runs[1][1]).max()  # sum order only

@@ -16,9 +16,9 @@ import pytest
 from dantinox_eqx.config import Config, ConfigError
 from dantinox_eqx.infer.generate import Generator, generate_ids
 from dantinox_eqx.infer.storage import store_weights
-from dantinox_eqx.model import Transformer
-from dantinox_eqx.nn.linear import Linear
-from dantinox_eqx.nn.quant import Int8Linear
+from dantinox_eqx.model import Transformer, unstack_blocks
+from dantinox_eqx.nn.linear import Linear, rows_matmul
+from dantinox_eqx.nn.quant import Int8Linear, RowsLinear
 
 from .conftest import TINY
 
@@ -81,3 +81,38 @@ def test_generator_weights_option_and_bad_value():
     assert len(texts["float32"]) > 0 and texts["bfloat16"] == texts["float32"] and texts["int8"] == texts["float32"]
     with pytest.raises(ConfigError, match="weights: unknown value 'int4'"):
         Generator.from_model(model, tok, weights="int4")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 1 and 3: multiply-and-sum (<= ROWS_MAX); 9: the GEMM
+def test_rows_matmul_equals_the_gemm(rows):
+    """`rows_matmul` on a transposed float32 weight is x @ W up to the order of the float32 sums:
+    each output differs by at most K eps (|x| @ |W|) (K = d_in terms, each rounding once)."""
+    lin = Linear(64, 48, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (rows, 64))
+    stored = RowsLinear.store(lin.weight, jnp.float32)
+    assert stored.wt.shape == (48, 64) and bool(jnp.all(stored.weight == lin.weight))
+    bound = 64 * EPS * (jnp.abs(x) @ jnp.abs(lin.weight))
+    assert bool(jnp.all(jnp.abs(stored(x) - lin(x)) <= bound))
+    q = Int8Linear.quantize(lin.weight)  # int8: the scale after the sum, x . (q s) = (x . q) s
+    assert bool(jnp.all(jnp.abs(q(x) - x @ q.weight) <= 2 * bound))
+    assert rows_matmul(x[None], stored.wt).shape == (1, rows, 48)
+
+
+def test_stored_models_are_unstacked_and_decode_as_float32():
+    """store_weights("float32") changes only the layout (one Block per layer, the same
+    arrays): logits within float32 rounding of the stacked model's (XLA may order the sums of
+    the unrolled layers differently: a few ulps of the logits' scale through 2 blocks), the
+    same greedy tokens."""
+    model = Transformer(Config(**{**TINY, "max_context": 32}), key=jax.random.key(0))
+    stored = store_weights(model, "float32")
+    assert isinstance(stored.blocks, tuple) and len(stored.blocks) == model.num_blocks == stored.num_blocks
+    assert stored.head is None and stored.embedding is model.embedding  # no copy of the tied head
+    assert unstack_blocks(stored) is stored
+    prompt = [1, 5, 9, 2, 30]
+    ids, logits = generate_ids(model, [prompt], 12, temperature=0.0, return_logits=True)
+    ids_s, logits_s = generate_ids(stored, [prompt], 12, temperature=0.0, return_logits=True)
+    assert ids_s.tolist() == ids.tolist()
+    assert np.abs(logits_s - logits).max() <= 1e-5 * np.abs(logits).max()
+    seq = jnp.asarray([prompt + ids[0].tolist()])
+    assert np.abs(np.asarray(stored(seq)[0]) - np.asarray(model(seq)[0])).max() <= 1e-5 * np.abs(logits).max()
+    assert isinstance(stored.init_cache(2), tuple)

@@ -39,7 +39,7 @@ from .parallel.sharding import GATHERED_NOT_SAVED, constrain_layer, layers_gathe
 # The layers are re-exported: `from dantinox_eqx.model import Linear, attend, ...` keeps working.
 __all__ = ["Transformer", "Block", "Attention", "MLP", "Linear", "Norm", "KVCache", "rope", "attend", "gelu",
            "matmul", "write_cache", "causal_mask", "dropout", "cast_floating", "residual_std", "segment_positions",
-           "make_attention", "make_mlp", "param_counts", "expert_counts", "with_max_context"]
+           "make_attention", "make_mlp", "param_counts", "expert_counts", "with_max_context", "unstack_blocks"]
 
 
 def residual_std(cfg: Config) -> float:
@@ -136,7 +136,7 @@ class Transformer(eqx.Module):
 
     embedding: Float[Array, "V D"]
     pos_embedding: Float[Array, "C D"] | None  # learned absolute positions (trainable_pos)
-    blocks: Block  # stacked: each array has a leading num_blocks axis
+    blocks: Block | tuple[Block, ...]  # stacked: each array has a leading num_blocks axis (see unstack_blocks)
     norm: Norm
     head: Linear | None  # None with weight tying: logits = h @ embedding.T
     vocab_size: int = eqx.field(static=True)
@@ -178,6 +178,8 @@ class Transformer(eqx.Module):
 
     @property
     def num_blocks(self) -> int:
+        if isinstance(self.blocks, tuple):
+            return len(self.blocks)
         return jax.tree.leaves(eqx.filter(self.blocks, eqx.is_array))[0].shape[0]
 
     # -- pieces shared by the full and the cached forward
@@ -208,6 +210,8 @@ class Transformer(eqx.Module):
 
     def _run_blocks(self, x: Array, positions: Array, caches: Any, key: PRNGKeyArray | None,
                     segment_ids: Array | None = None) -> tuple[Array, Scalar, Any]:
+        if isinstance(self.blocks, tuple):  # unstack_blocks: one Block per layer, a Python loop
+            return _run_unstacked(self.blocks, x, positions, caches, key, segment_ids)
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
         keys = None if key is None else jax.random.split(key, self.num_blocks)
 
@@ -276,16 +280,19 @@ class Transformer(eqx.Module):
         over blocks. Its type is the attention's (KVCache, or the MLA latent cache)."""
         size = self.max_context if size is None else size
         dtype = self.embedding.dtype if dtype is None else dtype
+        if isinstance(self.blocks, tuple):
+            return tuple(block.attn.init_cache(batch, size, dtype) for block in self.blocks)
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
         return jax.vmap(lambda p: eqx.combine(p, static).attn.init_cache(batch, size, dtype))(dynamic)
 
-    def decode(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Any
-               ) -> tuple[Float[Array, "B T V"], Any]:
+    def decode(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Any, last: bool = False
+               ) -> tuple[Float[Array, "B To V"], Any]:
         """Cached forward: run T new tokens at absolute `positions` (-1 = padding), reading and
-        extending `cache`. Prefill is one call with the prompt; decoding calls it with T = 1."""
+        extending `cache`. Prefill is one call with the prompt; decoding calls it with T = 1.
+        To = T, or 1 with `last`: only the last column's logits (a prefill needs no others)."""
         x = self.embed(tokens, positions)
         x, _, cache = self._run_blocks(x, positions, cache, None)
-        return self._logits(x), cache
+        return self._logits(x[:, -1:] if last else x), cache
 
     def expert_counts(self, tokens: Int[Array, "B T"]) -> Int[Array, "L E"]:
         """MoE models: tokens routed to each expert in each block by a full dropout-free forward
@@ -306,6 +313,34 @@ def segment_positions(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
     starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
                               segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
+def _run_unstacked(blocks: tuple[Block, ...], x: Array, positions: Array, caches: Any, key: PRNGKeyArray | None,
+                   segment_ids: Array | None) -> tuple[Array, Scalar, Any]:
+    """`_run_blocks` over a tuple of Blocks (`unstack_blocks`): the loop unrolled in Python,
+    each layer's weights and cache separate arrays. `caches`: a tuple (one per block) or None."""
+    keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
+    caches = [None] * len(blocks) if caches is None else list(caches)
+    balances, out = [], []
+    for block, cache, k in zip(blocks, caches, keys):
+        x, balance, cache = block(x, positions, cache, key=k, segment_ids=segment_ids)
+        balances.append(balance)
+        out.append(cache)
+    return x, jnp.mean(jnp.stack(balances)), None if out[0] is None else tuple(out)
+
+
+def unstack_blocks(model: Transformer) -> Transformer:
+    """`model` with its stacked blocks split into a tuple of one Block per layer (the same
+    values), for decoding: a scanned layer loop slices every layer's weights out of the stacks
+    and XLA:CPU copies those slices each token (SmolLM2-135M: ~45 % of a decoded token's time,
+    benchmarks/decode_profile.py), while separate arrays are read in place by the matmuls. The
+    KV cache (`init_cache`) becomes a tuple of per-layer caches too. Idempotent. For inference:
+    training code (LoRA surgery, sharding, checkpoints) expects the stacked form."""
+    if isinstance(model.blocks, tuple):
+        return model
+    dynamic, static = eqx.partition(model.blocks, eqx.is_array)
+    layers = tuple(eqx.combine(jax.tree.map(lambda a, i=i: a[i], dynamic), static) for i in range(model.num_blocks))
+    return eqx.tree_at(lambda m: m.blocks, model, layers)
 
 
 _build = eqx.filter_jit(lambda config, key: Transformer(config, key=key))  # Transformer.build

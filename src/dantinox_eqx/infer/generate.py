@@ -5,15 +5,17 @@ The loop: the prompts are left-padded into one (B, P) batch and prefilled in one
 `lax.fori_loop` (a `while_loop`) over a fixed-size KV cache. Nothing is recomputed per token,
 and nothing is re-traced per token, per prompt or per request: prompt lengths are padded to
 powers of two, the number of steps is a traced value, and the sampling settings (temperature,
-top-k, top-p) are traced arrays. Compiled shapes are (batch, padded prompt length) for the
-prefill and (batch, chunk capacity) for the decode loop.
+top-k, top-p) are traced arrays. Compiled shapes are (batch, padded prompt length, cache size)
+for the prefill and (batch, chunk capacity, cache size) for the decode loop; `cache_size`
+slots (issue 25, benchmarks/decode_profile.py: attention reads every slot per token). The
+model decodes with its blocks unstacked (`unstack_blocks`: no copies of weight slices).
 
 Positions and the context window:
 - Left padding has position -1: `model.decode` neither writes nor attends to it, so a prompt in
   a batch gives the same tokens as alone (greedy; sampled tokens use a key per row, see
   `sample_logits`).
 - A prompt longer than `max_context` tokens is cut to its last `max_context` tokens (warned).
-- Generation past `max_context` slides: the cache is a ring buffer of `max_context` slots and
+- Generation past `max_context` slides: the cache is then a ring buffer of `max_context` slots and
   position p overwrites the slot of p - max_context, so each new token attends to the last
   `max_context` tokens (itself included), whose keys and values were computed when they were
   generated (as in StreamingLLM; not a re-encoding of the window from position 0). With
@@ -44,7 +46,7 @@ from tokenizers import Tokenizer
 
 from ..config import Config, ConfigError
 from ..data.tokenizer import TokenizerError, encode, eot_id, load_tokenizer
-from ..model import Transformer
+from ..model import Transformer, unstack_blocks
 from ..run.chat_template import chat_template_file
 from ..run.hf import guess_special_tokens, run_special_tokens
 from ..run.layout import TOKENIZER_FILE
@@ -53,7 +55,7 @@ from .chat import chat_ids
 from .storage import WEIGHTS, store_weights
 
 __all__ = ["Generator", "top_k_filter", "top_p_filter", "sample_logits", "DecodeState", "prefill",
-           "decode_steps", "left_pad", "generate_ids", "naive_generate", "bucket"]
+           "decode_steps", "left_pad", "cache_size", "generate_ids", "naive_generate", "bucket"]
 
 STREAM_CHUNK = 16  # tokens per jitted call when streaming
 STOP_CHUNK = 64  # tokens per call when stop strings may end generation early
@@ -148,14 +150,13 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
 
 
 @eqx.filter_jit
-def prefill(model: Transformer, tokens: Int[Array, "B P"], positions: Int[Array, "B P"]) -> DecodeState:
-    """Run the left-padded prompts through the model in one call, filling a fresh cache.
-
-    The last column holds every row's last prompt token (left padding), so its logits
-    predict each row's first new token.
-    """
-    cache = model.init_cache(tokens.shape[0])
-    logits, cache = model.decode(tokens, positions, cache)
+def prefill(model: Transformer, tokens: Int[Array, "B P"], positions: Int[Array, "B P"],
+            size: int | None = None) -> DecodeState:
+    """Run the left-padded prompts through the model in one call, filling a fresh cache of
+    `size` slots (default max_context). The last column holds every row's last prompt token
+    (left padding), so its logits predict each row's first new token."""
+    cache = model.init_cache(tokens.shape[0], size)
+    logits, cache = model.decode(tokens, positions, cache, last=True)
     return DecodeState(cache, logits[:, -1].astype(jnp.float32), positions.max(axis=-1) + 1,
                        jnp.zeros((), jnp.int32))
 
@@ -181,7 +182,10 @@ def decode_steps(model: Transformer, state: DecodeState, n: Int[Array, ""], key:
         out = out.at[:, i].set(tok)
         if seen is not None:
             seen = seen.at[:, i].set(state.logits)
-        logits, cache = model.decode(tok[:, None], state.pos[:, None], state.cache)
+        # Tied to the step, or XLA hoists each int8 / bfloat16 weight's conversion out of the
+        # loop and every token reads float32 copies (as many bytes as float32 weights).
+        params = jax.lax.optimization_barrier((eqx.filter(model, eqx.is_array), state.step))[0]
+        logits, cache = eqx.combine(params, model).decode(tok[:, None], state.pos[:, None], state.cache)
         state = DecodeState(cache, logits[:, 0].astype(jnp.float32), state.pos + 1, state.step + 1)
         return state, out, seen
 
@@ -194,6 +198,11 @@ def bucket(n: int, cap: int | None = None) -> int:
     """The power of two >= n (at least MIN_BUCKET), at most `cap`: compiled lengths are reused."""
     b = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
     return b if cap is None else max(n, min(b, cap))
+
+
+def cache_size(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
+    """KV slots: prompt + new tokens as a power of two, at most max_context (the ring slides)."""
+    return min(model.max_context, bucket(prompt_len + max_new_tokens))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,8 +237,10 @@ def _chunks(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
     if chunk < 1:
         raise ConfigError(f"chunk: must be >= 1 token per call, got {chunk}")
     prompts = [_fit_context(list(p), model.max_context) for p in prompts]
+    model = unstack_blocks(model)  # a no-op for store_weights' models (Generator's)
     tokens, positions = left_pad(prompts, bucket(max(map(len, prompts)), model.max_context))
-    state = prefill(model, jnp.asarray(tokens), jnp.asarray(positions))
+    size = cache_size(model, max(map(len, prompts)), max_new_tokens)
+    state = prefill(model, jnp.asarray(tokens), jnp.asarray(positions), size)
     key, capacity, done = jax.random.key(seed), bucket(chunk), 0
     while done < max_new_tokens:
         n = min(chunk, max_new_tokens - done)
@@ -244,9 +255,7 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
                  seed: int = 0, return_logits: bool = False
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """Token-level sampling: (new ids (B, max_new_tokens), their logits (B, n, V) or None).
-
-    `prompts` are lists of token ids (any lengths). One prefill call, one decode call.
-    """
+    `prompts` are lists of token ids (any lengths). One prefill call, one decode call."""
     sampling = Sampling.make(temperature, top_k, top_p, model.vocab_size)
     parts = list(_chunks(model, prompts, max_new_tokens, sampling, seed, max(1, max_new_tokens),
                          return_logits))
