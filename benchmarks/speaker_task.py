@@ -202,14 +202,18 @@ def greedy_answers(gen, rows: list[dict], max_new_tokens: int, batch: int = 32) 
     from dantinox_eqx.infer.generate import generate_ids
 
     prompts = [gen.chat_prompt(conversation(r, with_answer=False)) for r in rows]
-    answers = []
-    for a in range(0, len(prompts), batch):
-        part = [ids for ids, _ in prompts[a:a + batch]]
+    # shortest first: a batch is padded to its longest prompt's power-of-two bucket, so sorted
+    # batches mostly stay in the smaller one (the prefill is most of the time)
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i][0]))
+    answers = [""] * len(rows)
+    for a in range(0, len(order), batch):
+        at = order[a:a + batch]
+        part = [prompts[i][0] for i in at]
         part = part + [part[-1]] * (batch - len(part))  # one compiled batch shape; repeats dropped below
         new, _ = generate_ids(gen.model, part, max_new_tokens, temperature=0.0)
-        for (_, end_ids), row in zip(prompts[a:a + batch], new.tolist()):
-            cut = next((i for i, t in enumerate(row) if t in end_ids), len(row))
-            answers.append(gen.tokenizer.decode(row[:cut]))
+        for i, row in zip(at, new.tolist()):
+            cut = next((j for j, t in enumerate(row) if t in prompts[i][1]), len(row))
+            answers[i] = gen.tokenizer.decode(row[:cut])
     return answers
 
 
@@ -291,13 +295,15 @@ def main() -> None:
     t_import = cli("import-gguf", gguf, base)
     before = measure(base, held, args.max_new_tokens, args.max_context * 2, best=True)
     print(f"before: accuracy {before['accuracy']:.3f}, answer loss {before['answer_loss']:.3f}", flush=True)
-    # val_fraction: train's own validation split is the tail of train.jsonl (the held-out set is
-    # never seen by training, not even to pick a checkpoint: the latest is measured).
-    t_train = cli("train", "--init_from", base, "--use_lora", "True", "--lora_rank", args.lora_rank,
-                  "--lora_targets", args.lora_targets, "--data_path", work / "train.jsonl", "--train_on", "assistant",
-                  "--max_context", args.max_context, "--batch_size", args.batch_size, "--max_steps", args.steps,
-                  "--lr", args.lr, "--warmup_steps", max(1, args.steps // 10), "--eval_interval", args.steps,
-                  "--eval_iters", 4, "--val_fraction", 0.05, "--seed", args.seed, "--run_dir", tuned)
+    # --config: the base's own (the packaged default config is another shape); val_fraction:
+    # train's validation split is the tail of train.jsonl (the held-out set is never seen by
+    # training, not even to pick a checkpoint: the latest is measured).
+    t_train = cli("train", "--config", base / "config.yaml", "--init_from", base, "--use_lora", "True",
+                  "--lora_rank", args.lora_rank, "--lora_targets", args.lora_targets,
+                  "--data_path", work / "train.jsonl", "--train_on", "assistant", "--max_context", args.max_context,
+                  "--batch_size", args.batch_size, "--max_steps", args.steps, "--lr", args.lr,
+                  "--warmup_steps", max(1, args.steps // 10), "--eval_interval", args.steps, "--eval_iters", 4,
+                  "--val_fraction", 0.05, "--seed", args.seed, "--run_dir", tuned)
     after = measure(tuned, held, args.max_new_tokens, args.max_context * 2, best=False)
     print(f"after: accuracy {after['accuracy']:.3f}, answer loss {after['answer_loss']:.3f}", flush=True)
 
