@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--held_out_fraction", type=float, default=0.15)
     ap.add_argument("--max_held_out", type=int, default=150, help="held-out passages measured (the first N)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_context", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
