@@ -56,6 +56,11 @@ def plays_text() -> str:
                              for i, n in enumerate(names))
 
 
+def play_text(stem: str) -> str:
+    """One play's text as the package ships it (`romeo_and_juliet` for romeo_and_juliet_gut.txt)."""
+    return _texts()[f"{stem}_gut.txt"]
+
+
 @functools.cache
 def poems_text() -> str:
     """The poems (about 200 kB): text the plays' model has not seen, in the plays' alphabet."""
