@@ -422,6 +422,7 @@ def test_a_trained_run_samples_and_beats_a_random_model(tmp_path):
     assert trained.loss < random.loss - 0.5, (trained.loss, random.loss)
 
 
+@pytest.mark.slow
 def test_the_cache_is_sized_to_the_generation():
     """A short generation gets a short cache (prompt + new tokens, a power of two, at most
     max_context), with the tokens and logits of a max_context cache: no slot is overwritten

@@ -98,6 +98,7 @@ def test_rows_matmul_equals_the_gemm(rows):
     assert rows_matmul(x[None], stored.wt).shape == (1, rows, 48)
 
 
+@pytest.mark.slow
 def test_stored_models_are_unstacked_and_decode_as_float32():
     """store_weights("float32") changes only the layout (one Block per layer, the same
     arrays): logits within float32 rounding of the stacked model's (XLA may order the sums of
