@@ -14,8 +14,10 @@ step runs it), interleaved over `--repeats` rounds, medians:
 - optimizer (AdamW update + apply on the trainable leaves, and the gradient norm);
 - "rest": the step minus the sum (the layer loop's bookkeeping: weight slices out of the stacked
   blocks, stacking per-layer gradients and residuals, host dispatch).
-Also reads the compiled LoRA step's HLO: how many dots have a frozen base weight's shape (a dW
-of a frozen matrix) against the forward's. MODEL defaults to the cached SmolLM2 GGUF; its
+Then one step of each under `jax.profiler`: the CPU time of its XLA ops by kind (GEMM fusions
+`ynn_fusion`, zero-fills `wrapped_broadcast`, layer-loop slices `dynamic-slice...`, transposes
+`copy...`), which the sub-programs cannot show. Also reads the compiled LoRA step's HLO: how
+many dots have a frozen base weight's shape (a dW of a frozen matrix). MODEL defaults to the cached SmolLM2 GGUF; its
 weights only matter for realism, the shapes decide the time. Writes results/step_profile.json.
 """
 
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import statistics
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -167,6 +170,36 @@ def components(model, cfg, lora_parts):
     return out
 
 
+def trace_ops(run, where: str) -> dict:
+    """CPU time of one step's XLA ops by kind, from a `jax.profiler` trace: each event on XLA's
+    worker threads is one thunk (a fusion, dot, copy, ...), named `<kind>.<n>`; summed over both
+    threads, so this is CPU time, not wall time."""
+    import collections
+    import glob
+
+    from jax._src.lib import _profile_data
+
+    jax.profiler.start_trace(where)
+    jax.block_until_ready(run())
+    jax.profiler.stop_trace()
+    data = _profile_data.ProfileData.from_file(sorted(glob.glob(f"{where}/**/*.xplane.pb", recursive=True))[-1])
+    kinds, counts = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:
+                continue
+            for ev in line.events:
+                if ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool", "end: ")):
+                    continue
+                kind = re.sub(r"\.\d+$", "", ev.name)
+                kinds[kind] += ev.duration_ns
+                counts[kind] += 1
+    total = sum(kinds.values())
+    return {"total_op_cpu_ms": round(total / 1e6, 1),
+            "by_kind": {k: {"ms": round(v / 1e6, 1), "pct": round(100 * v / total, 1), "count": counts[k]}
+                        for k, v in kinds.most_common(16)}}
+
+
 def frozen_dw_dots(hlo: str, cfg) -> dict:
     """Dots in the compiled LoRA step whose result has a frozen base weight's (d_in, d_out) shape."""
     D, H, K, E, F = cfg.dim, cfg.n_heads, cfg.effective_kv_heads, cfg.head_size, cfg.mlp_width
@@ -196,12 +229,15 @@ def main() -> None:
     print(f"built and lowered the steps in {time.perf_counter() - t0:.1f} s", flush=True)
     entries = {"step_lora": (lora_run, 1), "step_full": (full_run, 1)}
     entries |= components(model, cfg, {"lora": lora_parts, "full": full_parts})
-    for f, _ in entries.values():  # compile + warm up
-        jax.block_until_ready(f())
+    for n, (f, _) in entries.items():  # compile + warm up (steps: until the malloc heap is at its size)
+        for _ in range(3 if n.startswith("step") else 1):
+            jax.block_until_ready(f())
     times = {n: [] for n in entries}
     for _ in range(a.repeats):
         for n, (f, _) in entries.items():
             times[n].append(_timed(f))
+    with tempfile.TemporaryDirectory() as tmp:
+        traces = {"lora": trace_ops(lora_run, f"{tmp}/lora"), "full": trace_ops(full_run, f"{tmp}/full")}
     ms = {n: 1e3 * statistics.median(v) * entries[n][1] for n, v in times.items()}
     parts = {"lora": ["head_ce_lora", "attention_core", "projections_lora", "lora_paths", "norms_rope_swiglu",
                       "optimizer_lora"],
@@ -218,7 +254,7 @@ def main() -> None:
            "model": a.model.name, "scan_unroll": model.scan_unroll, "repeats": a.repeats,
            "load_avg_1min": round(os.getloadavg()[0], 2), "jax": jax.__version__,
            "breakdown": table, "per_entry_ms_rounds": {n: [round(1e3 * t, 1) for t in v] for n, v in times.items()},
-           "lora_step_hlo": frozen_dw_dots(hlo, cfg)}
+           "op_trace_cpu": traces, "lora_step_hlo": frozen_dw_dots(hlo, cfg)}
     atomic_write_text(a.out, json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
 
