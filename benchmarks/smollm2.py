@@ -35,6 +35,7 @@ import optax
 import torch
 
 from dantinox_eqx.files import atomic_write_text
+from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.infer.generate import generate_ids
 from dantinox_eqx.infer.storage import store_weights
 from dantinox_eqx.lora import apply_lora, lora_trainable
@@ -150,6 +151,7 @@ def main() -> None:
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "smollm2_cpu.json")
     a = ap.parse_args()
+    keep_freed_memory()  # as the CLI does first thing (hostmem.py); process-wide, so PyTorch's side gets it too
     torch.set_num_threads(os.cpu_count())
     tf, tf_tok, ours, tok = load_both(a.model, max_context=512)
     rng = np.random.default_rng(0)
