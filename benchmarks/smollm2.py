@@ -149,9 +149,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--decode_tokens", type=int, default=32)
     ap.add_argument("--skip_train", action="store_true")
+    ap.add_argument("--default_malloc", action="store_true",
+                    help="leave glibc's malloc settings as they are (both sides) instead of the CLI's")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "smollm2_cpu.json")
     a = ap.parse_args()
-    keep_freed_memory()  # as the CLI does first thing (hostmem.py); process-wide, so PyTorch's side gets it too
+    if not a.default_malloc:
+        keep_freed_memory()  # as the CLI does first thing (hostmem.py); process-wide, so PyTorch's side gets it too
     torch.set_num_threads(os.cpu_count())
     tf, tf_tok, ours, tok = load_both(a.model, max_context=512)
     rng = np.random.default_rng(0)
