@@ -19,35 +19,27 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from chat_corpus import CHATML, write_chat_jsonl, write_plain_jsonl, write_tokenizer
-from data_prepare import _seconds, _time_v  # the same /usr/bin/time -v parsing
+from data_prepare import timed_cli  # the same run under /usr/bin/time -v
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(src: Path, out: Path, tokenizer: Path, template: Path | None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cli.main", "prepare", str(src), str(out),
-           "--tokenizer_path", str(tokenizer), *(["--chat_template", str(template)] if template else [])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "JAX_PLATFORMS": "cpu"}
-    load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    _, t = timed_cli(["prepare", str(src), str(out), "--tokenizer_path", str(tokenizer),
+                      *(["--chat_template", str(template)] if template else [])])
     index = json.loads((out / "index.json").read_text())
-    wall = _seconds(_time_v(proc.stderr, "Elapsed (wall clock) time (h:mm:ss or m:ss)"))
-    cpu = float(_time_v(proc.stderr, "User time (seconds)")) + float(_time_v(proc.stderr, "System time (seconds)"))
+    wall = t["wall_s"]
     mb = src.stat().st_size / 1e6
     return {"input_mb": round(mb, 1), "tokens": index["total_tokens"], "documents": index["total_documents"],
-            "peak_rss_mb": round(int(_time_v(proc.stderr, "Maximum resident set size (kbytes)")) / 1024, 1),
-            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "mb_per_s": round(mb / wall, 3),
-            "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+            "peak_rss_mb": round(t["peak_rss_mb"], 1),
+            "wall_s": round(wall, 1), "cpu_s": round(t["cpu_s"], 1), "mb_per_s": round(mb / wall, 3),
+            "load_avg": t["load_avg"]}
 
 
 def main() -> None:

@@ -87,28 +87,38 @@ def _seconds(clock: str) -> float:
     return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
 
 
-def measure(src: Path, out: Path, tokenizer: str, bpe_vocab_size: int) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cli.main", "prepare", str(src), str(out),
-           "--tokenizer_type", tokenizer, "--bpe_vocab_size", str(bpe_vocab_size)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "JAX_PLATFORMS": "cpu"}
+def timed_cli(args: list[str], **env: str) -> tuple[str, dict]:
+    """Run `dantinox-eqx ARGS` from this checkout under `/usr/bin/time -v`: (its stderr, and
+    peak_rss_mb / wall_s / cpu_s unrounded, load_avg before and after). Raises on a non-zero exit."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cli.main", *args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "JAX_PLATFORMS": "cpu", **env}
     load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    err = proc.stderr
+    return err, {"peak_rss_mb": int(_time_v(err, "Maximum resident set size (kbytes)")) / 1024,
+                 "wall_s": _seconds(_time_v(err, "Elapsed (wall clock) time (h:mm:ss or m:ss)")),
+                 "cpu_s": float(_time_v(err, "User time (seconds)")) + float(_time_v(err, "System time (seconds)")),
+                 "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def measure(src: Path, out: Path, tokenizer: str, bpe_vocab_size: int) -> dict:
+    stderr, t = timed_cli(["prepare", str(src), str(out), "--tokenizer_type", tokenizer,
+                           "--bpe_vocab_size", str(bpe_vocab_size)])
     index = json.loads((out / "index.json").read_text())
-    wall = _seconds(_time_v(proc.stderr, "Elapsed (wall clock) time (h:mm:ss or m:ss)"))
-    cpu = float(_time_v(proc.stderr, "User time (seconds)")) + float(_time_v(proc.stderr, "System time (seconds)"))
+    wall, cpu = t["wall_s"], t["cpu_s"]
     mb = index["total_bytes"] / 1e6
     phase = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in
-             re.finditer(r"^(scan|encode): [\d.]+(?:/[\d.]+)? MB, ([\d.]+) MB/s in ([\d.]+) s$", proc.stderr, re.M)}
+             re.finditer(r"^(scan|encode): [\d.]+(?:/[\d.]+)? MB, ([\d.]+) MB/s in ([\d.]+) s$", stderr, re.M)}
     return {"text_mb": round(mb, 1), "tokens": index["total_tokens"], "documents": index["total_documents"],
             "shards": len(index["shards"]), "vocab": index["vocab_size"],
-            "peak_rss_mb": round(int(_time_v(proc.stderr, "Maximum resident set size (kbytes)")) / 1024, 1),
+            "peak_rss_mb": round(t["peak_rss_mb"], 1),
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "mb_per_s": round(mb / wall, 2),
             "mb_per_cpu_s": round(mb / cpu, 2),
             "encode_mb_per_s": phase.get("encode", (None,))[0], "encode_s": phase.get("encode", (None, None))[1],
             "scan_mb_per_s": phase.get("scan", (None,))[0],
-            "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "load_avg": t["load_avg"],
             "dataset_mb": round(sum((out / s["file"]).stat().st_size for s in index["shards"]) / 1e6, 1)}
 
 

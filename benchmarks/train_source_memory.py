@@ -15,12 +15,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from data_prepare import _seconds, _texts, _time_v  # the same /usr/bin/time -v parsing
+from data_prepare import _texts, timed_cli  # the same run under /usr/bin/time -v
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "64", "--n_heads", "4", "--head_size", "16", "--num_blocks", "2", "--max_context", "32",
@@ -44,19 +42,11 @@ def measure(src: Path, work: Path, tokenizer: str) -> dict:
     cache, run = work / "cache", work / "run"
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(run, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cli.main", "train", "--data_path", str(src),
-           "--run_dir", str(run), "--tokenizer_type", tokenizer, "--bpe_vocab_size", "2048", *TINY]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "JAX_PLATFORMS": "cpu",
-           "DANTINOX_EQX_CACHE": str(cache), "WANDB_MODE": "offline"}
-    load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    cpu = float(_time_v(proc.stderr, "User time (seconds)")) + float(_time_v(proc.stderr, "System time (seconds)"))
+    _, t = timed_cli(["train", "--data_path", str(src), "--run_dir", str(run), "--tokenizer_type", tokenizer,
+                      "--bpe_vocab_size", "2048", *TINY], DANTINOX_EQX_CACHE=str(cache), WANDB_MODE="offline")
     return {"text_mb": round(src.stat().st_size / 1e6, 1), "tokenizer": tokenizer,
-            "peak_rss_mb": round(int(_time_v(proc.stderr, "Maximum resident set size (kbytes)")) / 1024, 1),
-            "wall_s": round(_seconds(_time_v(proc.stderr, "Elapsed (wall clock) time (h:mm:ss or m:ss)")), 1),
-            "cpu_s": round(cpu, 1), "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+            "peak_rss_mb": round(t["peak_rss_mb"], 1), "wall_s": round(t["wall_s"], 1),
+            "cpu_s": round(t["cpu_s"], 1), "load_avg": t["load_avg"]}
 
 
 def main() -> None:
