@@ -13,14 +13,13 @@ import pytest
 from dantinox_eqx.config import Config
 from dantinox_eqx.data import feeds, tokens
 from dantinox_eqx.train import population as pop
-from dantinox_eqx.train.population_fit import fit_population
 from dantinox_eqx.train.programs import run_keys
 from dantinox_eqx.train.trainer import Trainer
 
 from .chat_fixtures import CHATML
 from .conftest import plays_slice
 from .test_chat_train import chat_config, chat_files
-from .test_population_prepared import BASE, MEMBERS, _assert_rows_close
+from .test_population_prepared import BASE, MEMBERS, _assert_rows_close, separate_and_population_runs
 
 # Log rows are compared within test_population_prepared's REL (1e-6 relative, its reasoning:
 # the member's step is the separate run's under vmap, a few float32 ulps per step over 10 small
@@ -63,14 +62,9 @@ def feeds_tokenizer(path: Path):
 def test_members_on_chat_data_are_their_separate_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("DANTINOX_EQX_CACHE", str(tmp_path / "cache"))
     data, tok, template = chat_files(tmp_path / "in", n=60)
-    base = chat_config(tok, template, **CHAT)
-    configs = [base.replace(**m) for m in MEMBERS]
-    separate = [Trainer(c, progress=False).fit(data, run_dir=tmp_path / f"alone{k}") for k, c in enumerate(configs)]
-    members = [tmp_path / "pop" / f"member_{k}" for k in range(len(configs))]
-    results = fit_population(configs, data, members, progress=False)
+    members, separate, results = separate_and_population_runs(chat_config(tok, template, **CHAT), data, tmp_path)
     assert [r.status for r in results] == ["complete"] * 2
     for m, s in zip(members, separate):
-        _assert_rows_close(m, s)
         summary, alone = (json.loads((d / "model_summary.json").read_text()) for d in (m, s))
         assert summary["data"] == alone["data"] and summary["data"]["feed"] == "packed"
         assert (m / "chat_template.jinja").read_text() == CHATML  # as fit keeps it
@@ -83,12 +77,8 @@ def test_members_with_document_mask_are_their_separate_runs(tmp_path, monkeypatc
     text = plays_slice(tmp_path / "corpus.txt", 30_000).read_text(encoding="utf-8")
     docs.write_text("".join(json.dumps({"text": s}) + "\n" for s in text.split("\n\n") if s), encoding="utf-8")
     base = Config(**{**BASE, "document_mask": True})
-    configs = [base.replace(**m) for m in MEMBERS]
-    separate = [Trainer(c, progress=False).fit(docs, run_dir=tmp_path / f"alone{k}") for k, c in enumerate(configs)]
-    members = [tmp_path / "pop" / f"member_{k}" for k in range(len(configs))]
-    fit_population(configs, docs, members, progress=False)
-    for m, s in zip(members, separate):
-        _assert_rows_close(m, s)
-    unmasked = Trainer(configs[0].replace(document_mask=False), progress=False).fit(docs, run_dir=tmp_path / "plain")
+    _, separate, _ = separate_and_population_runs(base, docs, tmp_path)
+    unmasked = Trainer(base.replace(**MEMBERS[0], document_mask=False), progress=False).fit(
+        docs, run_dir=tmp_path / "plain")
     with pytest.raises(AssertionError):  # the masks change the numbers: the comparison can tell
         _assert_rows_close(unmasked, separate[0])

@@ -56,6 +56,19 @@ def _assert_rows_close(a: Path, b: Path) -> None:
     assert worst <= REL
 
 
+def separate_and_population_runs(base: Config, data, tmp_path: Path) -> tuple[list[Path], list[Path], list]:
+    """Each MEMBERS variant of `base` trained on `data` alone (Trainer.fit) and all together
+    (fit_population): (member run dirs, separate run dirs, fit_population's results), with every
+    member's log rows asserted within REL of its separate run's."""
+    configs = [base.replace(**m) for m in MEMBERS]
+    separate = [Trainer(c, progress=False).fit(data, run_dir=tmp_path / f"alone{k}") for k, c in enumerate(configs)]
+    members = [tmp_path / "pop" / f"member_{k}" for k in range(len(configs))]
+    results = fit_population(configs, data, members, progress=False)
+    for m, s in zip(members, separate):
+        _assert_rows_close(m, s)
+    return members, separate, results
+
+
 def test_member_batches_are_the_host_feeds(prepared):
     """MemberBatches' rows are, member by member, the batches a run's HostFeed places."""
     config = Config(**BASE).replace(vocab_size=100)
@@ -78,14 +91,10 @@ def test_member_batches_are_the_host_feeds(prepared):
 
 @pytest.mark.slow
 def test_member_on_prepared_data_is_its_separate_run_and_resumes(prepared, tmp_path, monkeypatch):
-    base = Config(**BASE)
-    configs = [base.replace(**m) for m in MEMBERS]
-    separate = [Trainer(c, progress=False).fit(prepared, run_dir=tmp_path / f"alone{k}") for k, c in enumerate(configs)]
-    members = [tmp_path / "pop" / f"member_{k}" for k in range(len(configs))]
-    results = fit_population(configs, prepared, members, progress=False)
+    configs = [Config(**BASE).replace(**m) for m in MEMBERS]
+    members, separate, results = separate_and_population_runs(Config(**BASE), prepared, tmp_path)
     assert [r.status for r in results] == ["complete"] * 2
     for m, s in zip(members, separate):
-        _assert_rows_close(m, s)
         summary, alone = (json.loads((d / "model_summary.json").read_text()) for d in (m, s))
         assert summary["data"] == alone["data"] and summary["data"]["feed"] == "host"
 
