@@ -39,6 +39,7 @@ from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.infer.generate import generate_ids
 from dantinox_eqx.infer.storage import store_weights
 from dantinox_eqx.lora import apply_lora, lora_trainable
+from dantinox_eqx.model import unstack_blocks
 from dantinox_eqx.run.hf import from_hf
 from dantinox_eqx.train.step import init_opt_state, make_train_step
 
@@ -70,12 +71,17 @@ def load_both(path: Path, max_context: int):
     return tf, tf_tok, ours, tok
 
 
-def ours_step(model, lora: bool, batch: np.ndarray):
-    """A zero-argument callable running one jitted AdamW step (LoRA or full) of our model."""
+def ours_step(model, lora: bool, batch: np.ndarray, scan: bool = False):
+    """A zero-argument callable running one jitted AdamW step (LoRA or full) of our model, with
+    its layers as separate arrays, as the trainer runs a model this deep
+    (train/layer_layout.py; `--scan` for the scanned, stacked layers)."""
     trainable = None
     if lora:
         model = apply_lora(model, "all", 8, 16.0, key=jax.random.key(1))
         trainable = lora_trainable(model)
+    if not scan:
+        L = model.num_blocks
+        model, trainable = unstack_blocks(model), None if trainable is None else unstack_blocks(trainable, L)
     params, static = eqx.partition(model, eqx.is_array)
     params = jax.tree.map(jnp.copy, params)  # the step donates its buffers: keep `model`'s for decoding
     opt = optax.adamw(1e-4)
@@ -151,6 +157,8 @@ def main() -> None:
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--default_malloc", action="store_true",
                     help="leave glibc's malloc settings as they are (both sides) instead of the CLI's")
+    ap.add_argument("--scan", action="store_true",
+                    help="our steps with the scanned, stacked layers (before issue 25's per-layer arrays)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "smollm2_cpu.json")
     a = ap.parse_args()
     if not a.default_malloc:
@@ -164,8 +172,9 @@ def main() -> None:
     n = a.decode_tokens
     entries = {}
     if not a.skip_train:
-        entries |= {"lora_r8_ours": ours_step(ours, True, batch), "lora_r8_torch_peft": torch_step(tf, True, batch),
-                    "full_ours": ours_step(ours, False, batch), "full_torch": torch_step(tf, False, batch)}
+        entries |= {"lora_r8_ours": ours_step(ours, True, batch, a.scan),
+                    "lora_r8_torch_peft": torch_step(tf, True, batch),
+                    "full_ours": ours_step(ours, False, batch, a.scan), "full_torch": torch_step(tf, False, batch)}
     entries |= {f"decode_{w}_ours": decode_ours(ours, w, prompt_ids, n) for w in ("float32", "bfloat16", "int8")}
     entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n)
     outputs, times = {}, {k: [] for k in entries}
@@ -180,7 +189,7 @@ def main() -> None:
     res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats (compilation excluded)",
            "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats, "batch": "2 x 256",
-           "decode_tokens": n, "prompt": PROMPT}
+           "decode_tokens": n, "prompt": PROMPT, "our_layers": "scan" if a.scan else "per_layer"}
     for name, ts in times.items():
         med = statistics.median(ts)
         if name.startswith("decode"):

@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/step_ab.py [MODEL.gguf] --variants unroll1,unroll30 [--rounds 4]
 
-Variants (comma-separated): `unrollN` = the model with scan_unroll N. Each round times one LoRA
+Variants (comma-separated): `unrollN` = the model with scan_unroll N; `unstacked` = one array
+per layer (what the trainer runs for deep models, train/layer_layout.py). Each round times one LoRA
 (r8, every projection) and one full AdamW step of every variant in turn, so a slow spell of this
 shared machine hits all of them; prints and returns per-variant medians and each round's times,
 with the 1-minute load average before and after, and the process's user and system CPU time per
@@ -34,7 +35,9 @@ from step_profile import GGUF, _step_entry, with_unroll  # noqa: E402
 def variant(model, name: str):
     if name.startswith("unroll"):
         return with_unroll(model, int(name[len("unroll"):]))
-    raise SystemExit(f"--variants: unknown variant {name!r}; use unrollN")
+    if name == "unstacked":  # the layers as separate arrays (train/layer_layout.py)
+        return model
+    raise SystemExit(f"--variants: unknown variant {name!r}; use unrollN or unstacked")
 
 
 def main() -> None:
@@ -59,7 +62,7 @@ def main() -> None:
         m = variant(loaded.model, v)
         for kind in a.kinds.split(","):
             t = time.perf_counter()
-            run = _step_entry(m, kind == "lora", batch, hlo=False)[0]
+            run = _step_entry(m, kind == "lora", batch, hlo=False, unstack=v == "unstacked")[0]
             for _ in range(3):  # compile, then let the malloc heap reach its steady size
                 jax.block_until_ready(run())
             print(f"{v} {kind}: compiled + first step {time.perf_counter() - t:.1f} s", flush=True)

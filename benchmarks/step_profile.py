@@ -42,6 +42,7 @@ import optax
 from dantinox_eqx.files import atomic_write_text
 from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.lora import apply_lora, lora_trainable
+from dantinox_eqx.model import unstack_blocks
 from dantinox_eqx.nn.attention import _attention, causal_mask
 from dantinox_eqx.nn.norm import Norm
 from dantinox_eqx.nn.rope import rope
@@ -65,12 +66,17 @@ def _timed(fn, *args):
     return time.perf_counter() - t
 
 
-def _step_entry(model, lora: bool, batch, hlo: bool = True):
-    """A zero-arg callable running one jitted step in place, and its compiled HLO text."""
+def _step_entry(model, lora: bool, batch, hlo: bool = True, unstack: bool = False):
+    """A zero-arg callable running one jitted step in place, and its compiled HLO text.
+    `unstack`: the model's layers as separate arrays (what the trainer runs for deep models,
+    train/layer_layout.py)."""
     trainable = None
     if lora:
         model = apply_lora(model, "all", 8, 16.0, key=jax.random.key(1))
         trainable = lora_trainable(model)
+    if unstack:
+        L = model.num_blocks
+        model, trainable = unstack_blocks(model), None if trainable is None else unstack_blocks(trainable, L)
     params, static = eqx.partition(model, eqx.is_array)
     opt = optax.adamw(1e-4)
     state = {"p": jax.tree.map(jnp.copy, params), "s": init_opt_state(opt, params, trainable)}  # donated

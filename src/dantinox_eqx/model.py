@@ -329,17 +329,20 @@ def _run_unstacked(blocks: tuple[Block, ...], x: Array, positions: Array, caches
     return x, jnp.mean(jnp.stack(balances)), None if out[0] is None else tuple(out)
 
 
-def unstack_blocks(model: Transformer) -> Transformer:
+def unstack_blocks(model: Transformer, num_blocks: int | None = None) -> Transformer:
     """`model` with its stacked blocks split into a tuple of one Block per layer (the same
     values), for decoding: a scanned layer loop slices every layer's weights out of the stacks
     and XLA:CPU copies those slices each token (SmolLM2-135M: ~45 % of a decoded token's time,
     benchmarks/decode_profile.py), while separate arrays are read in place by the matmuls. The
     KV cache (`init_cache`) becomes a tuple of per-layer caches too. Idempotent. For inference:
-    training code (LoRA surgery, sharding, checkpoints) expects the stacked form."""
+    training code (LoRA surgery, sharding, checkpoints) expects the stacked form, except the
+    trainer's own step (train/layer_layout.py). `num_blocks`: for a model-shaped tree whose
+    blocks hold no arrays (the static part, a bool mask); default: the arrays' leading size."""
     if isinstance(model.blocks, tuple):
         return model
     dynamic, static = eqx.partition(model.blocks, eqx.is_array)
-    layers = tuple(eqx.combine(jax.tree.map(lambda a, i=i: a[i], dynamic), static) for i in range(model.num_blocks))
+    layers = tuple(eqx.combine(jax.tree.map(lambda a, i=i: a[i], dynamic), static)
+                   for i in range(model.num_blocks if num_blocks is None else num_blocks))
     return eqx.tree_at(lambda m: m.blocks, model, layers)
 
 

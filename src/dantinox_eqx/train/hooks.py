@@ -98,10 +98,12 @@ class Checkpointer:
     collectively; only `primary` writes the cursor) and refuses to save non-finite state."""
 
     def __init__(self, run_dir: Path, mesh: Any, total: int, data_path: Path, *, primary: bool,
-                 saved: Callable[[Any], Any] = lambda p: p, keep: int = 2):
+                 saved: Callable[[Any], Any] = lambda p: p, keep: int = 2,
+                 on_disk: Callable[[TrainState], TrainState] = lambda s: s):
         self.run_dir, self.mesh, self.total, self.data_path, self.keep = run_dir, mesh, total, data_path, keep
         self.primary = primary
         self.saved = saved  # what of the params is saved (an adapter-only LoRA run: the adapters)
+        self.on_disk = on_disk  # the state in the checkpoints' form (layer_layout.restack_state)
 
     def check_finite(self, step: int, params: Any, losses: dict[str, float], finite: bool | None = None) -> None:
         """Raise TrainingDiverged on a non-finite loss or parameter (`finite`: the parameters'
@@ -116,10 +118,11 @@ class Checkpointer:
                                    "lower lr, raise warmup_steps or set grad_clip")
 
     def save_best(self, state: TrainState) -> None:
-        ckpt.save(self.run_dir, ckpt.BEST, state.step, self.saved(state.params))
+        ckpt.save(self.run_dir, ckpt.BEST, state.step, self.saved(self.on_disk(state).params))
 
     def save_latest(self, state: TrainState, *, finished: bool = False, stopped_early: bool = False) -> None:
-        ckpt.save(self.run_dir, ckpt.LATEST, state.step, self.saved(state.params), state.checkpoint_tree(self.mesh),
+        disk = self.on_disk(state)
+        ckpt.save(self.run_dir, ckpt.LATEST, state.step, self.saved(disk.params), disk.checkpoint_tree(self.mesh),
                   keep=self.keep)  # the last `keep` latest checkpoints: a fallback if one fails its check
         if self.primary:
             best = state.best_val_loss

@@ -37,7 +37,7 @@ from ..data.tokens import Splits
 from ..files import atomic_write_text
 from ..hostmem import keep_freed_memory
 from ..lora import has_lora, lora_summary
-from ..model import Transformer, cast_floating
+from ..model import Transformer, cast_floating, unstack_blocks
 from ..parallel import distributed, sharding
 from ..run import checkpoint as ckpt
 from ..run import finetune, runlock
@@ -57,6 +57,7 @@ from ..run.summary import model_summary
 from . import hooks
 from .expert_log import ExpertCountsLog
 from .inputs import absolute_paths, chat_template_text, initial_model, resolve_vocab, trainable_mask, training_data
+from .layer_layout import restack_state, unstack_state, unstacked_training
 from .loop import train_loop
 from .lr_finder import _check_args, find_lr
 from .muon import param_groups
@@ -215,9 +216,15 @@ class Trainer:
             raise TrainingWriteError(state.step, e, run_dir) from e
         if stop.signum is not None:  # a start-up signal whose exception some library swallowed
             raise TrainingInterrupted(stop.signum, state.step, run_dir, saved=False)
+        saved_trainable = trainable  # what an adapter-only checkpoint keeps, in the stacked form
+        if unstacked_training(config):  # deep models: per-layer arrays in the step (layer_layout.py)
+            del model, params, opt_state  # the stacked arrays: the state holds the only copy
+            L = config.num_blocks
+            state, static = unstack_state(state, L), unstack_blocks(static, L)
+            trainable = None if trainable is None else unstack_blocks(trainable, L)
         try:
             self._train(config, run_dir, data_path, total, static, optimizer, trainable, dataset, feed, mesh,
-                        state, rows, loggers, adapter_only=base is not None)
+                        state, rows, loggers, adapter_only=base is not None, saved_trainable=saved_trainable)
         finally:
             for logger in loggers:
                 if hasattr(logger, "finish"):
@@ -226,7 +233,8 @@ class Trainer:
 
     def _train(self, config: Config, run_dir: Path, data_path: Path, total: int, static: Any, optimizer: Any,
                trainable: Any, dataset: Splits, feed_kind: str, mesh: Any, state: TrainState,
-               rows: list[dict[str, Any]], loggers: list[Logger], *, adapter_only: bool) -> TrainState:
+               rows: list[dict[str, Any]], loggers: list[Logger], *, adapter_only: bool,
+               saved_trainable: Any = None) -> TrainState:
         """Build the programs and the hooks, then run the loop from `state`."""
         primary = distributed.is_primary()
         progress = Progress(total, state.step, self.progress, quiet=not primary)
@@ -240,8 +248,9 @@ class Trainer:
         schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, total, c.min_lr_ratio,
                                          c.wsd_stable_fraction))
         # An adapter-only LoRA run checkpoints the trained arrays only (the base is in its run).
+        saved = (lambda p: eqx.filter(p, saved_trainable)) if adapter_only else (lambda p: p)
         checkpointer = hooks.Checkpointer(run_dir, mesh, total, data_path, primary=primary, keep=c.keep_checkpoints,
-                                          saved=(lambda p: eqx.filter(p, trainable)) if adapter_only else (lambda p: p))
+                                          saved=saved, on_disk=restack_state)
         experts = ExpertCountsLog(run_dir / EXPERT_COUNTS_FILE, keep_upto=state.step) if c.use_moe else None
         clock = hooks.Clock()
         loop_hooks = [hooks.Timer(clock), hooks.ProgressBar(progress),
@@ -291,6 +300,8 @@ class Trainer:
             summary |= {"trainable_params": lora["trainable"], "trainable_percent": round(lora["percent"], 4),
                         "lora_rank": config.lora_rank, "lora_targets": config.lora_targets,
                         "lora_base_run": base["base_run"] if base else None}
+        # How the step runs the layers: one array per layer for deep models (layer_layout.py).
+        summary["layer_loop"] = "per_layer" if unstacked_training(config) else "scan"
         # Measured from the arrays' shardings: under fsdp about 1/devices of the dp figures.
         summary["bytes_per_device"] = {"params": sharding.bytes_per_device(state.params)["max"],
                                        "opt_state": sharding.bytes_per_device(state.opt_state)["max"],
