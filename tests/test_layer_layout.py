@@ -45,6 +45,7 @@ def test_the_rule():
     assert unstacked_training(deep())
     assert not unstacked_training(deep(num_blocks=AUTO_UNROLL_MAX_BLOCKS))  # unrolled scan already
     assert not unstacked_training(deep(scan_unroll=1))  # an explicit choice is kept
+    assert not unstacked_training(deep(), backend="gpu")  # where the copies would cost device memory
     for other in ({"sharding": "fsdp"}, {"optimizer": "muon"}, {"optimizer": "adafactor"},
                   {"gradient_checkpointing": True}, {"use_moe": True}):
         assert not unstacked_training(deep(**other)), other

@@ -12,7 +12,7 @@ auto rule (`scan_unroll: 0`) already rolls the loop: deeper than AUTO_UNROLL_MAX
 The stacked form stays the run's format: checkpoints, LoRA surgery, sharding, `load` and
 `generate` all see stacked blocks. The trainer unstacks the state once after start-up or
 restore (`unstack_state`) and restacks what it saves (`restack_state`; the save briefly holds
-both forms). Used only where the two forms compute the same update:
+both forms). Used on CPU, and only where the two forms compute the same update:
 - data parallel (FSDP gathers one layer at a time inside the scan);
 - no rematerialisation (its policies apply to the scanned body);
 - element-wise optimizers (adamw, adam, lion): Muon names its groups by the stacked paths and
@@ -37,11 +37,15 @@ __all__ = ["unstacked_training", "restack_blocks", "unstack_state", "restack_sta
 ELEMENTWISE_OPTIMIZERS = ("adamw", "adam", "lion")
 
 
-def unstacked_training(config: Config) -> bool:
-    """Whether a run with `config` trains with per-layer arrays (module docstring)."""
-    return (config.scan_unroll == 0 and config.effective_scan_unroll == 1 and config.sharding == "dp"
-            and config.effective_remat == "none" and config.optimizer in ELEMENTWISE_OPTIMIZERS
-            and not config.use_moe)
+def unstacked_training(config: Config, backend: str | None = None) -> bool:
+    """Whether a run with `config` trains with per-layer arrays (module docstring) on `backend`
+    (default: JAX's). CPU only: that is where it was measured to pay, and elsewhere the copies
+    that unstacking at start-up and restacking at each save make (2x the params and optimizer
+    state for a moment) would cost accelerator memory that a large run may not have."""
+    backend = jax.default_backend() if backend is None else backend
+    return (backend == "cpu" and config.scan_unroll == 0 and config.effective_scan_unroll == 1
+            and config.sharding == "dp" and config.effective_remat == "none"
+            and config.optimizer in ELEMENTWISE_OPTIMIZERS and not config.use_moe)
 
 
 def restack_blocks(model: Transformer) -> Transformer:
