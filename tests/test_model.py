@@ -155,6 +155,29 @@ def test_attention_backward_equals_autodiff(batched_mask):
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_causal_blocks_equal_the_whole_attention(window):
+    """attend_causal skips the key blocks later than each query block: same values and
+    gradients as attend over the whole mask (T = 150 in blocks of 64: two full ones, a short one)."""
+    from dantinox_eqx.nn.attention import attend_causal
+
+    B, T, K, G, E = 2, 150, 2, 3, 16
+    kq, kk, kv, kg = jax.random.split(jax.random.key(4), 4)
+    q = jax.random.normal(kq, (B, T, K, G, E))
+    k, v = jax.random.normal(kk, (B, T, K, E)), jax.random.normal(kv, (B, T, K, E))
+    cot = jax.random.normal(kg, (B, T, K, G, E))
+    pos = jnp.arange(T) + 3  # increasing positions, not necessarily from 0
+    mask = causal_mask(pos, pos, window=window)
+    def value_and_vjp(f):
+        return jax.jit(lambda q, k, v, c: (f(q, k, v), jax.vjp(f, q, k, v)[1](c)))(q, k, v, cot)
+
+    out, grads = value_and_vjp(lambda *a: attend_causal(*a, mask, block=64))
+    ref, ref_grads = value_and_vjp(lambda *a: attend(*a, mask))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.slow
 def test_gelu_backward_equals_autodiff():
     from dantinox_eqx.model import gelu
