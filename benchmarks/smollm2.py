@@ -39,8 +39,8 @@ from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.infer.generate import generate_ids
 from dantinox_eqx.infer.storage import store_weights
 from dantinox_eqx.lora import apply_lora, lora_trainable
-from dantinox_eqx.model import unstack_blocks
 from dantinox_eqx.run.hf import from_hf
+from dantinox_eqx.train.layer_layout import unstack_model
 from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +80,7 @@ def ours_step(model, lora: bool, batch: np.ndarray, scan: bool = False):
         model = apply_lora(model, "all", 8, 16.0, key=jax.random.key(1))
         trainable = lora_trainable(model)
     if not scan:
-        L = model.num_blocks
-        model, trainable = unstack_blocks(model), None if trainable is None else unstack_blocks(trainable, L)
+        model, trainable = unstack_model(model, trainable)
     params, static = eqx.partition(model, eqx.is_array)
     params = jax.tree.map(jnp.copy, params)  # the step donates its buffers: keep `model`'s for decoding
     opt = optax.adamw(1e-4)

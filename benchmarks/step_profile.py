@@ -42,11 +42,11 @@ import optax
 from dantinox_eqx.files import atomic_write_text
 from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.lora import apply_lora, lora_trainable
-from dantinox_eqx.model import unstack_blocks
 from dantinox_eqx.nn.attention import _attention, causal_mask
 from dantinox_eqx.nn.norm import Norm
 from dantinox_eqx.nn.rope import rope
 from dantinox_eqx.run.gguf import from_gguf
+from dantinox_eqx.train.layer_layout import unstack_model
 from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +75,7 @@ def _step_entry(model, lora: bool, batch, hlo: bool = True, unstack: bool = Fals
         model = apply_lora(model, "all", 8, 16.0, key=jax.random.key(1))
         trainable = lora_trainable(model)
     if unstack:
-        L = model.num_blocks
-        model, trainable = unstack_blocks(model), None if trainable is None else unstack_blocks(trainable, L)
+        model, trainable = unstack_model(model, trainable)
     params, static = eqx.partition(model, eqx.is_array)
     opt = optax.adamw(1e-4)
     state = {"p": jax.tree.map(jnp.copy, params), "s": init_opt_state(opt, params, trainable)}  # donated

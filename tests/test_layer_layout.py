@@ -19,10 +19,16 @@ from dantinox_eqx.config import AUTO_UNROLL_MAX_BLOCKS, Config
 from dantinox_eqx.lora import apply_lora, lora_trainable
 from dantinox_eqx.model import Transformer, unstack_blocks
 from dantinox_eqx.run import checkpoint as ckpt
-from dantinox_eqx.train.layer_layout import restack_blocks, restack_state, unstack_state, unstacked_training
+from dantinox_eqx.train.layer_layout import (
+    restack_blocks,
+    restack_state,
+    unstack_model,
+    unstack_state,
+    unstacked_training,
+)
 from dantinox_eqx.train.optim import make_optimizer
 from dantinox_eqx.train.state import TrainState
-from dantinox_eqx.train.step import init_opt_state
+from dantinox_eqx.train.step import init_opt_state, make_train_step
 from dantinox_eqx.train.trainer import LOG_COLUMNS, Trainer, read_log
 
 from .conftest import TINY
@@ -70,6 +76,29 @@ def test_state_round_trip_is_bitwise():
     assert restack_blocks(model) is model  # idempotent on the stacked form
     np.testing.assert_array_equal(restack_blocks(unstack_blocks(model)).blocks.mlp.up.weight,
                                   model.blocks.mlp.up.weight)
+
+
+@pytest.mark.slow
+def test_a_step_of_your_own_on_unstack_model_equals_the_stacked_one():
+    """The pure-function path: `make_train_step` on `unstack_model`'s LoRA model and mask gives
+    the stacked step's loss and, restacked, its weights."""
+    cfg = deep(vocab_size=37)
+    model = apply_lora(Transformer(cfg, key=jax.random.key(0)), "all", 2, 4.0, key=jax.random.key(1))
+    batch = jax.random.randint(jax.random.key(2), (1, 4, 17), 0, 37)
+    out = []
+    for m, trainable in ((model, lora_trainable(model)), unstack_model(model, lora_trainable(model))):
+        params, static = eqx.partition(m, eqx.is_array)
+        opt = make_optimizer(cfg, 20)
+        step = make_train_step(static, opt, trainable=trainable, donate=False)
+        state = init_opt_state(opt, params, trainable)
+        for i in range(2):
+            params, state, metrics = step(params, state, batch, jax.random.key(i))
+        out.append((float(metrics["loss"]), restack_blocks(eqx.combine(params, static))))
+    (loss_a, a), (loss_b, b) = out
+    assert isinstance(unstack_model(model)[0].blocks, tuple) and unstack_model(model)[1] is None
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for x, y in zip(_leaves(eqx.filter(b, eqx.is_array)), _leaves(eqx.filter(a, eqx.is_array))):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 class _Stop(Exception):

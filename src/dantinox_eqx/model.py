@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
 from .config import Config, ConfigError
-from .nn.attention import Attention, KVCache, attend, causal_mask, write_cache
+from .nn.attention import Attention, KVCache, attend, causal_mask, segment_starts, write_cache
 from .nn.cross_entropy import auto_chunk, chunked_cross_entropy
 from .nn.functional import cast_floating, dropout, fold_key, split_key
 from .nn.linear import Linear, matmul, normal_init
@@ -308,11 +308,7 @@ class Transformer(eqx.Module):
 def segment_positions(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
     """Each token's position inside its segment: 0 at every change of `segment_ids` along T
     (and at t = 0), then counting up. Segments must be contiguous runs."""
-    T = segment_ids.shape[-1]
-    idx = jnp.arange(T)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
-                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
-    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+    return jnp.arange(segment_ids.shape[-1]) - segment_starts(segment_ids)
 
 
 def _run_unstacked(blocks: tuple[Block, ...], x: Array, positions: Array, caches: Any, key: PRNGKeyArray | None,

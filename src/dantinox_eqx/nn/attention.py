@@ -23,7 +23,8 @@ from .linear import Linear, add_bias
 from .norm import Norm
 from .rope import rope
 
-__all__ = ["Attention", "KVCache", "attend", "causal_mask", "segment_mask", "write_cache", "cached_mask", "NEG_INF"]
+__all__ = ["Attention", "KVCache", "attend", "attend_causal", "causal_mask", "segment_mask", "segment_starts",
+           "write_cache", "cached_mask", "NEG_INF"]
 
 NEG_INF = -1e30  # finite: a fully masked row (left padding) gives a uniform softmax, not NaN
 
@@ -55,6 +56,15 @@ def causal_mask(q_pos: Int[Array, "*pb T"], k_pos: Int[Array, "*pb S"], window: 
     return mask
 
 
+def segment_starts(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """The index of each token's segment's first token: segments are the contiguous runs of
+    equal `segment_ids` along T (a new one at every change, and at t = 0)."""
+    idx = jnp.arange(segment_ids.shape[-1])
+    changes = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                               segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return jax.lax.cummax(jnp.where(changes, idx, 0), axis=segment_ids.ndim - 1)
+
+
 def segment_mask(positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"], window: int | None = None,
                  sink: bool = False) -> Bool[Array, "B T T"]:
     """Packed windows (issue 23): mask[b, t, s] = token t may read token s of the same row.
@@ -67,12 +77,8 @@ def segment_mask(positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"], w
     # Segments are contiguous runs of equal ids, so "same segment and not later" is
     # start[t] <= s <= t: an index test that needs one (B, T) vector, where comparing the ids
     # of every (t, s) pair costed ~5 % of a packed training step (issue 23).
-    T = segment_ids.shape[-1]
-    idx = jnp.arange(T)
-    changes = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
-                               segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
-    start = jax.lax.cummax(jnp.where(changes, idx, 0), axis=segment_ids.ndim - 1)
-    mask = (idx[None, :] <= idx[:, None]) & (idx >= start[..., :, None])
+    idx = jnp.arange(segment_ids.shape[-1])
+    mask = (idx[None, :] <= idx[:, None]) & (idx >= segment_starts(segment_ids)[..., :, None])
     if window is not None:
         mask = mask & causal_mask(positions, positions, window, sink)
     return mask

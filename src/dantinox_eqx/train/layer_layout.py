@@ -32,7 +32,7 @@ from ..config import Config
 from ..model import Transformer, unstack_blocks
 from .state import TrainState
 
-__all__ = ["unstacked_training", "restack_blocks", "unstack_state", "restack_state"]
+__all__ = ["unstacked_training", "unstack_model", "restack_blocks", "unstack_state", "restack_state"]
 
 ELEMENTWISE_OPTIMIZERS = ("adamw", "adam", "lion")
 
@@ -46,6 +46,14 @@ def unstacked_training(config: Config, backend: str | None = None) -> bool:
     return (backend == "cpu" and config.scan_unroll == 0 and config.effective_scan_unroll == 1
             and config.sharding == "dp" and config.effective_remat == "none"
             and config.optimizer in ELEMENTWISE_OPTIMIZERS and not config.use_moe)
+
+
+def unstack_model(model: Transformer, trainable: Any = None) -> tuple[Transformer, Any]:
+    """(`model`, its `trainable` mask or None) with one array per layer, for a step of your own:
+    partition the result and pass the mask to `make_train_step` as usual; `restack_blocks`
+    before saving in the stacked format."""
+    L = model.num_blocks
+    return unstack_blocks(model), None if trainable is None else unstack_blocks(trainable, L)
 
 
 def restack_blocks(model: Transformer) -> Transformer:
