@@ -67,3 +67,16 @@ def write_run(run_dir: Path, config: Config, tokenizer: Tokenizer, params: Any, 
     checkpoint.save(run_dir, checkpoint.LATEST, step, params,
                     train_state if train_state is not None else {"step": jnp.asarray(step, jnp.int32)})
     return run_dir
+
+
+class StopRun(Exception):
+    """Raised by a `stop_at` logger: a test's interruption of `Trainer.fit`."""
+
+
+def stop_at(step: int):
+    """A Trainer logger that stops the run at the row of `step`, after that step's checkpoint was
+    saved (loggers run last), as an interruption would."""
+    def logger(row):
+        if row["step"] == step:
+            raise StopRun
+    return logger

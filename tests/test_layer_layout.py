@@ -32,6 +32,7 @@ from dantinox_eqx.train.step import init_opt_state, make_train_step
 from dantinox_eqx.train.trainer import LOG_COLUMNS, Trainer, read_log
 
 from .conftest import TINY
+from .runs import StopRun, stop_at
 
 DEEP = AUTO_UNROLL_MAX_BLOCKS + 2  # deeper than the auto rule unrolls: the per-layer step
 EXACT = [c for c in LOG_COLUMNS if c not in ("ms_per_step", "tokens_per_s")]
@@ -101,17 +102,6 @@ def test_a_step_of_your_own_on_unstack_model_equals_the_stacked_one():
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def logger(row):
-        if row["step"] == step:
-            raise _Stop  # after the checkpoint of `step` was saved (loggers run last)
-    return logger
-
-
 def _rows(run: Path) -> list[dict]:
     return [{k: r[k] for k in EXACT} for r in read_log(run / "training_log.csv")]
 
@@ -143,8 +133,8 @@ def test_per_layer_training_equals_the_scan_resumes_exactly_and_saves_stacked(tm
     # Exact resume: stopped after step 10's checkpoint, continued: the uninterrupted run's rows
     # and checkpoint, bitwise.
     stopped = tmp_path / "stopped"
-    with pytest.raises(_Stop):
-        Trainer(deep(), loggers=[_stop_at(10)], progress=False).fit(small_corpus, run_dir=stopped)
+    with pytest.raises(StopRun):
+        Trainer(deep(), loggers=[stop_at(10)], progress=False).fit(small_corpus, run_dir=stopped)
     assert ckpt.latest_step(stopped, ckpt.LATEST) == 10
     Trainer(deep(), progress=False).fit(small_corpus, run_dir=stopped, resume=True)
     assert _rows(stopped) == a

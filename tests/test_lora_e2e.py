@@ -38,7 +38,7 @@ from dantinox_eqx.train.step import init_opt_state, loss_fn, make_eval_step, mak
 from dantinox_eqx.train.trainer import LOG_COLUMNS, Trainer, read_log
 
 from .conftest import plays_text, poems_text
-from .runs import write_run
+from .runs import StopRun, stop_at, write_run
 
 EXE = Path(sys.executable).parent / "dantinox-eqx"
 EXACT = [c for c in LOG_COLUMNS if c not in ("ms_per_step", "tokens_per_s")]
@@ -276,17 +276,6 @@ def test_cli_rule_config_of_a_run_dir_is_the_base(tmp_path: Path):
     assert build_config(str(tmp_path / "config.yaml"), None, False, {"use_lora": "True"}).init_from == ""
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def logger(row):
-        if row["step"] == step:
-            raise _Stop  # after the checkpoint of `step` was saved (loggers run last)
-    return logger
-
-
 def _same_runs(a: Path, b: Path, like) -> None:
     """Identical log rows (all but timing) and bitwise identical checkpoints."""
     assert [{k: r[k] for k in EXACT} for r in read_log(a / "training_log.csv")] == \
@@ -315,8 +304,8 @@ def test_python_flows_resume_and_changed_base(tmp_path: Path, corpora, base_run:
 
     # Exact resume (LoRA dropout on: its keys must resume too): stopped after step 10's
     # checkpoint, continued, the same rows and checkpoints as never stopping.
-    with pytest.raises(_Stop):
-        Trainer(ft_config, loggers=[_stop_at(10)], progress=False).fit(text, run_dir=tmp_path / "c")
+    with pytest.raises(StopRun):
+        Trainer(ft_config, loggers=[stop_at(10)], progress=False).fit(text, run_dir=tmp_path / "c")
     assert ckpt.latest_step(tmp_path / "c", ckpt.LATEST) == 10
     Trainer(ft_config, progress=False).fit(text, run_dir=tmp_path / "c", resume=True)
     _same_runs(a, tmp_path / "c", adapter_like)
