@@ -222,26 +222,30 @@ class Attention(eqx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        out, cache = self._attend(q, k, v, positions, cache, key, segment_ids)
+        return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), cache
+
+    def _attend(self, q: Array, k: Array, v: Array, positions: Array, cache: KVCache | None,
+                key: PRNGKeyArray | None, segment_ids: Array | None) -> tuple[Array, KVCache | None]:
+        """The heads' outputs (B, T, ...: H * E per token) of q (B, T, H, E) over k, v, and the
+        cache as updated (None without one), by the cheapest form that computes them."""
+        B, T, H, E = q.shape
+        grouped = q.reshape(B, T, self.kv_heads, H // self.kv_heads, E)
+        dropout = self.dropout_rate > 0 and key is not None
         if segment_ids is not None:
-            out = attend(q.reshape(B, T, K, H // K, E), k, v, segment_mask(positions, segment_ids, self.window,
-                                                                           self.sink),
-                         dropout_rate=self.dropout_rate, key=key)
-            return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), None
-        if cache is None and self._fused(q.dtype, self.dropout_rate > 0 and key is not None):
+            mask = segment_mask(positions, segment_ids, self.window, self.sink)
+            return attend(grouped, k, v, mask, dropout_rate=self.dropout_rate, key=key), None
+        if cache is None and self._fused(q.dtype, dropout):
             # Training and eval see positions 0..T-1, so the mask is plain causal (+ window).
             window = None if self.window is None else (self.window - 1, 0)
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
-            return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), None
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window), None
         mask, cache = cached_mask(positions, cache, self.window, self.sink, k=k, v=v)
-        if cache is None and positions.ndim == 1 and (self.dropout_rate == 0.0 or key is None):
+        if cache is None and positions.ndim == 1 and not dropout:
             # T queries over themselves at increasing positions: skip the masked key blocks.
-            out = attend_causal(q.reshape(B, T, K, H // K, E), k, v, mask)
-            return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), None
+            return attend_causal(grouped, k, v, mask), None
         if cache is not None:
             k, v = cache.k, cache.v
-        out = attend(q.reshape(B, T, K, H // K, E), k, v, mask,
-                     dropout_rate=self.dropout_rate, key=key)
-        return add_bias(self.o(out.reshape(B, T, H * E), key=fold_key(key, 2)), self.o_bias), cache
+        return attend(grouped, k, v, mask, dropout_rate=self.dropout_rate, key=key), cache
 
 
 def write_cache(cache: Any, positions: Int[Array, "*pb T"], **new: Array) -> Any:
