@@ -118,7 +118,8 @@ class Checkpointer:
                                    "lower lr, raise warmup_steps or set grad_clip")
 
     def save_best(self, state: TrainState) -> None:
-        ckpt.save(self.run_dir, ckpt.BEST, state.step, self.saved(self.on_disk(state).params))
+        params = self.on_disk(state.replace(opt_state=None)).params  # best keeps no optimizer state
+        ckpt.save(self.run_dir, ckpt.BEST, state.step, self.saved(params))
 
     def save_latest(self, state: TrainState, *, finished: bool = False, stopped_early: bool = False) -> None:
         disk = self.on_disk(state)

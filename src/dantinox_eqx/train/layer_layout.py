@@ -48,12 +48,14 @@ def unstacked_training(config: Config, backend: str | None = None) -> bool:
             and config.optimizer in ELEMENTWISE_OPTIMIZERS and not config.use_moe)
 
 
-def unstack_model(model: Transformer, trainable: Any = None) -> tuple[Transformer, Any]:
+def unstack_model(model: Transformer, trainable: Any = None, num_blocks: int | None = None
+                  ) -> tuple[Transformer, Any]:
     """(`model`, its `trainable` mask or None) with one array per layer, for a step of your own:
     partition the result and pass the mask to `make_train_step` as usual; `restack_blocks`
-    before saving in the stacked format."""
-    L = model.num_blocks
-    return unstack_blocks(model), None if trainable is None else unstack_blocks(trainable, L)
+    before saving in the stacked format. `num_blocks`: needed when `model` holds no arrays
+    (the static part of a partitioned model); default: the arrays' leading size."""
+    L = model.num_blocks if num_blocks is None else num_blocks
+    return unstack_blocks(model, L), None if trainable is None else unstack_blocks(trainable, L)
 
 
 def restack_blocks(model: Transformer) -> Transformer:

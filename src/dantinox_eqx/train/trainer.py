@@ -37,7 +37,7 @@ from ..data.tokens import Splits
 from ..files import atomic_write_text
 from ..hostmem import keep_freed_memory
 from ..lora import has_lora, lora_summary
-from ..model import Transformer, cast_floating, unstack_blocks
+from ..model import Transformer, cast_floating
 from ..parallel import distributed, sharding
 from ..run import checkpoint as ckpt
 from ..run import finetune, runlock
@@ -57,7 +57,7 @@ from ..run.summary import model_summary
 from . import hooks
 from .expert_log import ExpertCountsLog
 from .inputs import absolute_paths, chat_template_text, initial_model, resolve_vocab, trainable_mask, training_data
-from .layer_layout import restack_state, unstack_state, unstacked_training
+from .layer_layout import restack_blocks, restack_state, unstack_model, unstack_state, unstacked_training
 from .loop import train_loop
 from .lr_finder import _check_args, find_lr
 from .muon import param_groups
@@ -216,15 +216,13 @@ class Trainer:
             raise TrainingWriteError(state.step, e, run_dir) from e
         if stop.signum is not None:  # a start-up signal whose exception some library swallowed
             raise TrainingInterrupted(stop.signum, state.step, run_dir, saved=False)
-        saved_trainable = trainable  # what an adapter-only checkpoint keeps, in the stacked form
         if unstacked_training(config):  # deep models: per-layer arrays in the step (layer_layout.py)
             del model, params, opt_state  # the stacked arrays: the state holds the only copy
-            L = config.num_blocks
-            state, static = unstack_state(state, L), unstack_blocks(static, L)
-            trainable = None if trainable is None else unstack_blocks(trainable, L)
+            state = unstack_state(state, config.num_blocks)
+            static, trainable = unstack_model(static, trainable, config.num_blocks)
         try:
             self._train(config, run_dir, data_path, total, static, optimizer, trainable, dataset, feed, mesh,
-                        state, rows, loggers, adapter_only=base is not None, saved_trainable=saved_trainable)
+                        state, rows, loggers, adapter_only=base is not None)
         finally:
             for logger in loggers:
                 if hasattr(logger, "finish"):
@@ -233,8 +231,7 @@ class Trainer:
 
     def _train(self, config: Config, run_dir: Path, data_path: Path, total: int, static: Any, optimizer: Any,
                trainable: Any, dataset: Splits, feed_kind: str, mesh: Any, state: TrainState,
-               rows: list[dict[str, Any]], loggers: list[Logger], *, adapter_only: bool,
-               saved_trainable: Any = None) -> TrainState:
+               rows: list[dict[str, Any]], loggers: list[Logger], *, adapter_only: bool) -> TrainState:
         """Build the programs and the hooks, then run the loop from `state`."""
         primary = distributed.is_primary()
         progress = Progress(total, state.step, self.progress, quiet=not primary)
@@ -247,8 +244,10 @@ class Trainer:
         c = config
         schedule = jax.jit(make_schedule(c.lr_schedule, c.lr, c.warmup_steps, total, c.min_lr_ratio,
                                          c.wsd_stable_fraction))
-        # An adapter-only LoRA run checkpoints the trained arrays only (the base is in its run).
-        saved = (lambda p: eqx.filter(p, saved_trainable)) if adapter_only else (lambda p: p)
+        # An adapter-only LoRA run checkpoints the trained arrays only (the base is in its run),
+        # picked from the params in their on-disk (stacked) form by the mask in that form.
+        on_disk_mask = restack_blocks(trainable) if adapter_only else None
+        saved = (lambda p: eqx.filter(p, on_disk_mask)) if adapter_only else (lambda p: p)
         checkpointer = hooks.Checkpointer(run_dir, mesh, total, data_path, primary=primary, keep=c.keep_checkpoints,
                                           saved=saved, on_disk=restack_state)
         experts = ExpertCountsLog(run_dir / EXPERT_COUNTS_FILE, keep_upto=state.step) if c.use_moe else None
