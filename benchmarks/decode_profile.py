@@ -7,7 +7,7 @@ by transformers, as benchmarks/smollm2.py does). For each variant:
 - "stacked_float32": the model as loaded (blocks stacked, layers run by `lax.scan`), the decode
   path before issue 25's changes;
 - "float32", "int8", "bfloat16": `store_weights(model, w)` (infer/storage.py: unstacked blocks,
-  weights stored transposed for `rows_matmul`, int8 / bfloat16 weight-only); all with a
+  int8 / bfloat16 weights, nn/quant.py); all with a
   max_context (512) slot cache, and "+sized" with `cache_size` slots (prompt + tokens, bucketed);
 it records
 - ms per token of the decode loop alone (`decode_steps` over `--tokens` tokens after a prefill,

@@ -9,7 +9,8 @@ independent reader every check compares with:
 - our import of the file gives transformers' logits and greedy text;
 - a LoRA fine-tune at a 128-token window (the model's own context is 8192) lowers held-out loss;
 - our GGUF exports (f16, q8_0) read back by transformers give our logits and greedy text;
-- the chat template we keep renders what transformers' apply_chat_template renders.
+- the chat template we keep renders what transformers' apply_chat_template renders;
+- decoding with bfloat16 / int8 stored weights: logits' drift bounded, the greedy text kept.
 """
 
 from __future__ import annotations
@@ -102,6 +103,42 @@ def test_import_gives_transformers_logits_and_greedy_text(imported, theirs):
         ours_text = gen.generate(prompt, max_new_tokens=24, temperature=0.0)
         ours_text = ours_text[len(prompt):] if ours_text.startswith(prompt) else ours_text
         assert ours_text == _their_greedy(model, tok, prompt, 24), prompt
+
+
+def test_stored_weights_drift_and_greedy_text(imported):
+    """Decoding with the weights stored bfloat16 or int8 (`--weights`, infer/storage.py).
+    Teacher-forced on float32's greedy continuation of each prompt (24 tokens), measured on this
+    model: bfloat16 logits drift by at most 0.21 (of logits up to 46), int8 by 1.53 (its
+    per-channel rounding of weights that came from 4-bit blocks); int8 picks another token only
+    where float32's best two were within 0.24 (after 17 and 19 tokens on two prompts, the same
+    tokens as int8 weights with float32 activations gave: the rounding of the weights, not of the
+    activations' int8 rows). Bounds at about twice those; bfloat16 keeps float32's greedy text
+    on every prompt, int8 on the decode benchmark's (benchmarks/smollm2.py)."""
+    import jax.numpy as jnp
+
+    from dantinox_eqx.infer.generate import generate_ids
+    from dantinox_eqx.infer.storage import store_weights
+
+    tok = load_tokenizer(imported / "tokenizer.json")
+    model = Transformer.from_pretrained(imported, max_context=512)
+    stored = {w: store_weights(model, w) for w in ("float32", "bfloat16", "int8")}
+    bench = "The three most important things to remember when learning to cook are"
+    for prompt in [*PROMPTS, bench]:
+        ids = tok.encode(prompt).ids
+        greedy = {w: generate_ids(m, [ids], 24, temperature=0.0)[0][0].tolist() for w, m in stored.items()}
+        seq = jnp.asarray([ids + greedy["float32"]])
+        ref = _our_logits(stored["float32"], seq[0].tolist())[0, len(ids) - 1:-1]
+        top2 = -np.sort(-ref, axis=-1)[:, :2]
+        for w, bound in (("bfloat16", 0.5), ("int8", 3.0)):
+            logits = _our_logits(stored[w], seq[0].tolist())[0, len(ids) - 1:-1]
+            drift = np.abs(logits - ref).max(-1)
+            flips = logits.argmax(-1) != ref.argmax(-1)
+            print(f"{w} {prompt!r}: max drift {drift.max():.3f}, flips at {np.nonzero(flips)[0].tolist()}")
+            assert 0 < drift.max() <= bound, (w, prompt, drift.max())
+            assert (top2[flips, 0] - top2[flips, 1] <= 0.5).all(), (w, prompt)
+        assert greedy["bfloat16"] == greedy["float32"], prompt
+        if prompt == bench:
+            assert greedy["int8"] == greedy["float32"]
 
 
 def _loss(run: Path, data: Path, max_context: int) -> float:

@@ -1,9 +1,11 @@
-"""Weight storage for generation (infer/storage.py, nn/quant.py): bfloat16 and int8 weight-only.
+"""Weight storage for generation (infer/storage.py, nn/quant.py): bfloat16 and int8 weights.
 
 Tolerances come from the formats: a bfloat16 weight is w(1 + d) with |d| <= 2^-9 (8 significant
 bits, round to nearest); an int8 weight is off by at most half its column's scale, absmax / 254.
-For one matmul that bounds every output exactly: |x @ (W' - W)| <= |x| @ |W' - W|, plus the
-float32 rounding of the two sums (~K eps |x| @ |W|, K = d_in). Through a whole model the errors
+The activations enter the matmul as two rows of the weight's dtype (nn/quant.py), off by at most
+2^-17 |x| (bfloat16 hi + lo) or max|x| / (2 * 127 * 254) (two int8 rows). For one matmul that
+bounds every output exactly: |x' @ W' - x @ W| <= |x| @ |W' - W| + |x' - x| @ |W'|, plus the
+float32 rounding of the sums (~K eps |x| @ |W|, K = d_in). Through a whole model the errors
 of the stacked matmuls add to first order, so the logits move by far less than the gap between
 the best two tokens on the prompts below, and the greedy tokens are float32's.
 """
@@ -17,8 +19,8 @@ from dantinox_eqx.config import Config, ConfigError
 from dantinox_eqx.infer.generate import Generator, generate_ids
 from dantinox_eqx.infer.storage import store_weights
 from dantinox_eqx.model import Transformer, unstack_blocks
-from dantinox_eqx.nn.linear import Linear, rows_matmul
-from dantinox_eqx.nn.quant import Int8Linear, RowsLinear
+from dantinox_eqx.nn.linear import Linear
+from dantinox_eqx.nn.quant import Bfloat16Linear, Int8Linear, split_bfloat16, split_int8
 
 from .conftest import TINY
 
@@ -31,12 +33,16 @@ def test_one_matmul_within_the_formats_bound(weights):
     x = jax.random.normal(jax.random.key(1), (5, 64))
     if weights == "int8":
         stored = Int8Linear.quantize(lin.weight)
-        assert stored.q.dtype == jnp.int8 and stored.scale.shape == (48,)
+        assert stored.q.dtype == jnp.int8 and stored.q.shape == (64, 48) and stored.scale.shape == (48,)
         w_err = jnp.broadcast_to(stored.scale / 2, (64, 48))
+        x_err = jnp.broadcast_to(jnp.abs(x).max(-1, keepdims=True) / (2 * 127 * 254), x.shape)
     else:
-        stored = Linear(64, 48, key=None, weight=lin.weight.astype(jnp.bfloat16))
+        stored = Bfloat16Linear.store(lin.weight)
+        assert stored.w.dtype == jnp.bfloat16 and stored.w.shape == (64, 48)
         w_err = jnp.abs(lin.weight) * 2.0**-9
-    bound = jnp.abs(x) @ w_err + 64 * EPS * (jnp.abs(x) @ jnp.abs(lin.weight))
+        x_err = jnp.abs(x) * 2.0**-17
+    bound = (jnp.abs(x) @ w_err + x_err @ jnp.abs(stored.weight)
+             + 64 * EPS * (jnp.abs(x) @ jnp.abs(lin.weight)))
     diff = jnp.abs(stored(x) - lin(x))
     assert bool(jnp.all(diff <= bound)), float(jnp.max(diff - bound))
     assert float(diff.max()) > 0  # the storage really changed the weights
@@ -83,19 +89,40 @@ def test_generator_weights_option_and_bad_value():
         Generator.from_model(model, tok, weights="int4")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 9])  # 1 and 3: multiply-and-sum (<= ROWS_MAX); 9: the GEMM
-def test_rows_matmul_equals_the_gemm(rows):
-    """`rows_matmul` on a transposed float32 weight is x @ W up to the order of the float32 sums:
-    each output differs by at most K eps (|x| @ |W|) (K = d_in terms, each rounding once)."""
+def test_activation_rows_split_within_their_bound():
+    """The two int8 rows of each activation row (scales applied) and the bfloat16 hi + lo
+    reproduce it within the bounds the matmul tests use; the int8 rows use -127..127 only."""
+    x = jax.random.normal(jax.random.key(2), (5, 64)) * jnp.array([1.0, 1e-3, 30.0, 0.0, 1.0])[:, None]
+    q, s = split_int8(x)
+    assert q.dtype == jnp.int8 and q.shape == (10, 64) and s.shape == (10, 1)
+    assert int(jnp.abs(q.astype(jnp.int32)).max()) <= 127
+    back = q[:5] * s[:5] + q[5:] * s[5:]
+    err = jnp.abs(back - x)
+    assert bool(jnp.all(err <= jnp.abs(x).max(-1, keepdims=True) / (2 * 127 * 254) * (1 + 1e-5)))
+    assert float(jnp.abs(q[:5] * s[:5] - x).max()) > float(err.max())  # the second row helps
+    hl = split_bfloat16(x).astype(jnp.float32)
+    assert bool(jnp.all(jnp.abs(hl[:5] + hl[5:] - x) <= jnp.abs(x) * 2.0**-17))
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 64), (2, 9, 64)])  # one decoded row, a few, a prefill
+def test_stored_matmuls_equal_the_dot_of_the_split_rows(shape):
+    """int8: the int32 dot is exact, so y == (the split rows' value) @ (q * scale) up to float32
+    rounding of the sums; bfloat16 likewise with hi + lo. Leading axes are kept."""
     lin = Linear(64, 48, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (rows, 64))
-    stored = RowsLinear.store(lin.weight, jnp.float32)
-    assert stored.wt.shape == (48, 64) and bool(jnp.all(stored.weight == lin.weight))
-    bound = 64 * EPS * (jnp.abs(x) @ jnp.abs(lin.weight))
-    assert bool(jnp.all(jnp.abs(stored(x) - lin(x)) <= bound))
-    q = Int8Linear.quantize(lin.weight)  # int8: the scale after the sum, x . (q s) = (x . q) s
-    assert bool(jnp.all(jnp.abs(q(x) - x @ q.weight) <= 2 * bound))
-    assert rows_matmul(x[None], stored.wt).shape == (1, rows, 48)
+    x = jax.random.normal(jax.random.key(1), shape)
+    rows = x.reshape(-1, 64)
+    bound = 2 * 64 * EPS * (jnp.abs(rows) @ jnp.abs(lin.weight))
+    q8 = Int8Linear.quantize(lin.weight)
+    xq, xs = split_int8(rows)
+    n = rows.shape[0]
+    want = (xq[:n] * xs[:n] + xq[n:] * xs[n:]) @ q8.weight
+    got = q8(x)
+    assert got.shape == (*shape[:-1], 48) and got.dtype == jnp.float32
+    assert bool(jnp.all(jnp.abs(got.reshape(-1, 48) - want) <= bound))
+    bf = Bfloat16Linear.store(lin.weight)
+    hl = split_bfloat16(rows).astype(jnp.float32)
+    want = (hl[:n] + hl[n:]) @ bf.weight
+    assert bool(jnp.all(jnp.abs(bf(x).reshape(-1, 48) - want) <= bound))
 
 
 @pytest.mark.slow

@@ -3,13 +3,14 @@
 Decoding reads every weight once per token (a 135M-parameter model: 540 MB in float32), so
 smaller weights decode faster. Only storage changes; activations, norms, the KV cache and the
 softmax stay float32:
-- float32: the weights as they are (`Linear`, a plain dot: on XLA:CPU it beat the
-  multiply-and-sum form of `rows_matmul` for float32 weights, 63 vs 109 ms per token at best in
-  an interleaved A/B; benchmarks/README.md).
-- bfloat16: `RowsLinear` in bfloat16, converted to float32 where the matmul reads it. Each
-  weight is rounded to 8 significant bits: relative error <= 2^-9 = 0.2 %.
+- float32: the weights as they are (`Linear`, a plain dot).
+- bfloat16: every `Linear` replaced by `nn.quant.Bfloat16Linear`. Each weight is rounded to 8
+  significant bits: relative error <= 2^-9 = 0.2 %.
 - int8: every `Linear` replaced by `nn.quant.Int8Linear` (int8, one float32 scale per output
-  channel): error <= absmax / 254 per column.
+  channel): error <= absmax / 254 per column. The fastest on CPU (half of float32's time per
+  token for SmolLM2-135M, benchmarks/README.md).
+Both run their matmuls on the stored dtype (the float32 activations enter as two rows of it that
+reproduce them to ~16 bits: `nn/quant.py`), so the logits move by the weights' rounding only.
 The embedding table stays float32 (one row is read per token). With bfloat16 / int8 a tied
 head (`weight_tying`) gets a stored copy of the embedding as the model's `head`, since the
 head is read whole every token. MoE experts (`ExpertLinear`) stay
@@ -21,12 +22,11 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 from ..config import ConfigError
 from ..model import Transformer, unstack_blocks
 from ..nn.linear import Linear
-from ..nn.quant import Int8Linear, RowsLinear
+from ..nn.quant import Bfloat16Linear, Int8Linear
 
 __all__ = ["WEIGHTS", "store_weights"]
 
@@ -34,7 +34,7 @@ WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 def _convert(weights: str):
-    return Int8Linear.quantize if weights == "int8" else lambda w: RowsLinear.store(w, jnp.bfloat16)
+    return Int8Linear.quantize if weights == "int8" else Bfloat16Linear.store
 
 
 def store_weights(model: Transformer, weights: str) -> Transformer:

@@ -13,11 +13,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, Shaped
+from jaxtyping import Array, Float, PRNGKeyArray
 
-__all__ = ["Linear", "matmul", "rows_matmul", "add_bias", "normal_init", "ROWS_MAX"]
-
-ROWS_MAX = 4  # rows_matmul: at most this many rows use the multiply-and-sum form
+__all__ = ["Linear", "matmul", "add_bias", "normal_init"]
 
 
 class Linear(eqx.Module):
@@ -41,31 +39,6 @@ def matmul(x: Float[Array, "*lead d_in"], w: Float[Array, "d_in d_out"]) -> Floa
     """x @ w with the leading axes flattened into one GEMM (see the module docstring)."""
     y = x.reshape(-1, x.shape[-1]) @ w.astype(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def rows_matmul(x: Float[Array, "*lead d_in"], wt: Shaped[Array, "d_out d_in"],
-                scale: Float[Array, " d_out"] | None = None) -> Float[Array, "*lead d_out"]:
-    """x @ wt.T (* scale), for a weight stored transposed, each output's weights contiguous
-    (`wt`: float32, bfloat16 or int8; converted to x's dtype where it is read).
-
-    Decoding multiplies one row per sequence by every weight. There XLA:CPU runs a dot whose
-    weight needs a conversion (bfloat16, int8) or a transpose as a loop over the weight's
-    columns, ~10x slower than reading the weight once (30 x 576 x 3072 int8: 282 vs 20 ms of
-    float32's dot in an interleaved micro-benchmark, benchmarks/README.md); as a
-    multiply-and-sum over each contiguous row of `wt` the conversion fuses into one pass over
-    the weight's bytes. With more than
-    ROWS_MAX rows (prefill, training) it is one GEMM on the converted weight. Float32 weights
-    decode faster as a plain `Linear` dot (infer/storage.py). The sum runs in
-    a different order than the GEMM's: float32 rounding differs, by ~d_in ulps at most."""
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, d_in)
-    if rows.shape[0] <= ROWS_MAX:
-        y = jnp.stack([jnp.sum(wt.astype(x.dtype) * r, axis=-1) for r in rows])
-    else:
-        y = rows @ wt.astype(x.dtype).T
-    if scale is not None:
-        y = y * scale.astype(x.dtype)
-    return y.reshape(*lead, wt.shape[0])
 
 
 def add_bias(y: Float[Array, "*lead d"], bias: Float[Array, " d"] | None) -> Float[Array, "*lead d"]:
