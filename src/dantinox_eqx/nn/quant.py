@@ -4,7 +4,7 @@ Decoding one token reads every weight once, so its speed is bound by the bytes o
 not by FLOPs. Both classes stand in a `Linear`'s place (same call, same `.weight`) and keep its
 (d_in, d_out) layout. Their matmuls run on the stored dtype itself, never on a float32 copy of
 the weight: XLA:CPU hands a dot of two int8 (or two bfloat16) operands with at least two rows
-to YNNPACK's kernels, which read the small weight once (int8: 2.3x faster than the float32 dot
+to YNNPACK's kernels, which read the small weight once (int8: ~2x faster than the float32 dot
 for SmolLM2-135M's 30 layers at one row, benchmarks/README.md), while a dot on a converted
 weight runs as a column loop, ~10x slower. The float32 activations therefore go into the dot
 as a short sum of rows of the weight's dtype that reproduces them to ~16 bits:
