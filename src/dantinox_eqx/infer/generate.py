@@ -340,9 +340,8 @@ class Generator:
     (`chat_template.jinja`, run/chat_template.py) and returns the assistant's answer.
 
     `weights` is how the projection weights are stored while generating (infer/storage.py):
-    "float32", "bfloat16" or "int8" (the activations enter each matmul as two rows of the
-    weights' dtype that reproduce them to ~16 bits: nn/quant.py); smaller weights decode faster,
-    since every token reads all of them: int8 is the fastest on CPU.
+    "float32", "bfloat16" or "int8" (nn/quant.py); smaller weights decode faster, since every
+    token reads all of them: int8 is the fastest on CPU.
     """
 
     def __init__(self, run_dir: str | os.PathLike, best: bool = True, *, dtype: Any = None,
