@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
         click.echo(f"{e}\nresume with: {again} --resume", err=True)
         sys.exit(e.exit_code)
     except (TrainingDiverged, TrainingWriteError) as e:
+        # A failed orbax write leaves asyncio tasks whose errors are logged when they are
+        # collected, at any time up to interpreter exit: the one line below already says it all.
+        logging.getLogger("asyncio").disabled = True
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal, or a second one
