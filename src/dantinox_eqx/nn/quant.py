@@ -36,27 +36,27 @@ __all__ = ["Bfloat16Linear", "Int8Linear", "int8_matmul", "bfloat16_matmul", "qu
 INT8_MAX = 127.0
 
 
+def _int8_scale(a: Float[Array, "..."], axis: int, keepdims: bool = False) -> Float[Array, "..."]:
+    """Symmetric int8 scales along `axis`: absmax / 127 (1 where all values are 0)."""
+    absmax = jnp.max(jnp.abs(a), axis=axis, keepdims=keepdims)
+    return jnp.where(absmax > 0, absmax / INT8_MAX, 1.0)
+
+
 def quantize_int8(w: Float[Array, "*L d_in d_out"]) -> tuple[Int8[Array, "*L d_in d_out"], Float[Array, "*L d_out"]]:
     """Symmetric per-output-channel int8: (q, scale) with w ~ q * scale[..., None, :]."""
     w = w.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(w), axis=-2)
-    scale = jnp.where(absmax > 0, absmax / INT8_MAX, 1.0)
+    scale = _int8_scale(w, axis=-2)
     q = jnp.clip(jnp.round(w / scale[..., None, :]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     return q, scale
-
-
-def _row_scale(r: Float[Array, "R d"]) -> Float[Array, "R 1"]:
-    absmax = jnp.max(jnp.abs(r), axis=-1, keepdims=True)
-    return jnp.where(absmax > 0, absmax / INT8_MAX, 1.0)
 
 
 def split_int8(rows: Float[Array, "R d"]) -> tuple[Int8[Array, "R2 d"], Float[Array, "R2 1"]]:
     """Each float32 row as two int8 rows (R2 = 2R) and their scales: rows ~ s[:R] q[:R] + s[R:] q[R:],
     within max|row| / (2 * 127 * 254) per element (the second row rounds what the first left)."""
-    s1 = _row_scale(rows)
+    s1 = _int8_scale(rows, axis=-1, keepdims=True)
     q1 = jnp.clip(jnp.round(rows / s1), -INT8_MAX, INT8_MAX)
     rest = rows - q1 * s1
-    s2 = _row_scale(rest)
+    s2 = _int8_scale(rest, axis=-1, keepdims=True)
     q2 = jnp.round(rest / s2)  # s2 is rest's own absmax / 127: no clip needed
     return jnp.concatenate([q1, q2]).astype(jnp.int8), jnp.concatenate([s1, s2])
 
