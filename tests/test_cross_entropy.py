@@ -1,4 +1,5 @@
-"""Chunked cross-entropy (nn/cross_entropy.py) equals the plain one, and never holds the logits.
+"""Chunked cross-entropy (nn/cross_entropy.py) equals the plain one, and never holds the logits;
+the unchunked path's hand-written backward equals autodiff's.
 
 Tolerance, 1e-6 relative, float32 (eps = 6e-8): every token's logits are the same dot products
 in both paths and its loss the same ops, so the per-token values agree to a few ulps; what
@@ -34,8 +35,11 @@ def _close(a, b):
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_chunked_equals_plain_loss_and_gradients(softcap, weighted):
-    N, D, V, chunk = 150, 24, 700, 64  # 150 = 2 chunks + 22 rows: the padding is exercised
+@pytest.mark.parametrize("chunk", [64, None])
+def test_chunked_equals_plain_loss_and_gradients(softcap, weighted, chunk):
+    """chunk 64: 150 = 2 chunks + 22 rows, the padding is exercised; chunk None: the logits
+    whole, the backward by hand (`_whole`), against `plain_cross_entropy` left to autodiff."""
+    N, D, V = 150, 24, 700
     kh, kw, kt, km = jax.random.split(jax.random.key(0), 4)
     hidden = jax.random.normal(kh, (N, D))
     head = 0.3 * jax.random.normal(kw, (D, V))
@@ -56,6 +60,15 @@ def test_chunked_equals_plain_loss_and_gradients(softcap, weighted):
         s_c, w_c = chunked_cross_entropy(hidden, head, targets, weights, chunk)
         assert float(w_c) == float(weights.sum())
         assert float(jnp.abs(gh_c[weights == 0]).max()) == 0.0
+        # the per-token weights' gradient (each token's loss / weight_sum, less the mean's share)
+        grad_w = lambda f: jax.jit(jax.grad(lambda w: (lambda s: s[0] / s[1])(f(hidden, head, targets, w))))(weights)
+        _close(grad_w(lambda *a: chunked_cross_entropy(*a, chunk, softcap=softcap)),
+               grad_w(lambda *a: plain_cross_entropy(*a, softcap=softcap)))
+    # without differentiation (evaluation) the unchunked loss is the plain one, bitwise
+    if chunk is None:
+        value = lambda f: float(jax.jit(lambda h, w: f(h, w, targets, weights)[0])(hidden, head))
+        assert value(lambda *a: chunked_cross_entropy(*a, None, softcap=softcap)) == \
+            value(lambda *a: plain_cross_entropy(*a, softcap=softcap))
 
 
 @pytest.mark.parametrize("kw", [dict(weight_tying=False), dict(weight_tying=True, logit_softcap=3.0)])
@@ -104,6 +117,7 @@ def test_a_frozen_head_gets_no_gradient_matmul():
     only (2 matmuls per chunk), as the plain backward would; 3 when the head is trained."""
     hidden, head = jnp.ones((64, 8)), jnp.ones((8, 32))
     targets = jnp.zeros((64,), jnp.int32)
-    f = lambda h, w: chunked_cross_entropy(h, w, targets, None, 16)[0]
-    dots = lambda argnums: jax.jit(jax.grad(f, argnums)).lower(hidden, head).as_text().count("dot_general")
-    assert dots(0) == 2 and dots((0, 1)) == 3
+    for chunk in (16, None):  # chunked, and the logits whole with the backward by hand
+        f = lambda h, w: chunked_cross_entropy(h, w, targets, None, chunk)[0]
+        dots = lambda argnums: jax.jit(jax.grad(f, argnums)).lower(hidden, head).as_text().count("dot_general")
+        assert dots(0) == 2 and dots((0, 1)) == 3, chunk

@@ -12,10 +12,17 @@ head's three matmuls (forward, d hidden, d head) run once each, as in the plain 
 no chunk's logits recomputed or stored for the backward. Without differentiation only the loss
 pass runs.
 
+Below the threshold (`chunk` None) the logits are whole, and the backward is written by hand
+too (`_whole`): the forward keeps the logits and each token's log-sum-exp, and the backward is
+one elementwise pass, d logits = w * (exp(z - lse) - onehot), and the head's matmuls. Autodiff
+of the same loss makes three passes over the (N, V) logits and scatters the one-hot into a
+zeroed (N, V) array (SmolLM2's head + loss under LoRA: 451 -> 410 ms, benchmarks/README.md).
+
 The arithmetic mirrors `Transformer._logits` followed by a float32 softmax cross-entropy: the
 logits are computed in `hidden`'s dtype, the optional soft cap `cap * tanh(z / cap)` in float32
 and rounded back to that dtype, and the softmax in float32; so in float32 every token's loss is
-the plain computation's up to the order of the sums.
+the plain computation's up to the order of the sums. `plain_cross_entropy` is that computation
+left to autodiff: the reference the tests hold both paths to.
 """
 
 from __future__ import annotations
@@ -52,7 +59,10 @@ def auto_chunk(n_tokens: int, vocab: int, setting: int = 0) -> int | None:
 
 def _logits(h: Float[Array, "n D"], head: Float[Array, "D V"], softcap: float | None) -> Array:
     """The head's logits in h's dtype, soft-capped in float32 (as `Transformer._logits`)."""
-    z = h @ head.astype(h.dtype)
+    return _capped(h @ head.astype(h.dtype), softcap)
+
+
+def _capped(z: Array, softcap: float | None) -> Array:
     if softcap is None:
         return z
     return (softcap * jnp.tanh(z.astype(jnp.float32) / softcap)).astype(z.dtype)
@@ -70,6 +80,36 @@ def _shifted(logits: Array) -> tuple[Float[Array, "n V"], Float[Array, " n"]]:
 def _token_nll(logits: Array, targets: Int[Array, " n"]) -> Float[Array, " n"]:
     z, log_norm = _shifted(logits)
     return log_norm - jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
+
+
+def _nll_and_lse(logits: Array, targets: Int[Array, " n"]) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
+    """Each row's loss (as `_token_nll`, op for op) and its float32 log-sum-exp."""
+    z = logits.astype(jnp.float32)
+    row_max = jnp.max(z, axis=-1, keepdims=True)
+    z = z - row_max
+    log_norm = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
+    return log_norm - jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0], log_norm + row_max[:, 0]
+
+
+def _logits_grad(raw: Array, targets: Int[Array, " n"], lse: Float[Array, " n"], row_weights: Float[Array, " n"],
+                 softcap: float | None) -> Array:
+    """d (sum of row_weights * loss) / d raw, in raw's dtype, for raw = h @ head (before the soft
+    cap): row_weights * (softmax - onehot), through the cast to float32 and the cap's
+    derivative 1 - tanh^2, as autodiff of `_logits` + `_token_nll` computes it. One elementwise
+    pass: the one-hot is a comparison with the column index, never an array of its own."""
+    dtype = raw.dtype
+    if softcap is None:
+        z = raw.astype(jnp.float32)
+    else:
+        tanh = jnp.tanh(raw.astype(jnp.float32) / softcap)
+        z = (softcap * tanh).astype(dtype).astype(jnp.float32)
+    onehot = jnp.arange(z.shape[-1], dtype=targets.dtype)[None, :] == targets[:, None]
+    dz = (jnp.exp(z - lse[:, None]) - onehot) * row_weights[:, None]
+    if dtype != jnp.float32:
+        dz = dz.astype(dtype).astype(jnp.float32)  # the transpose of the loss's cast to float32
+    if softcap is not None:
+        dz = dz * (1.0 - tanh * tanh)
+    return dz.astype(dtype)
 
 
 def plain_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"], targets: Int[Array, " N"],
@@ -115,23 +155,14 @@ def _chunked_fwd(hidden, head, targets, w, chunk, softcap):
     under LoRA it is frozen, and a plain backward would not compute it either)."""
     want_head = head.perturbed
     hidden, head, targets, w = hidden.value, head.value, targets.value, w.value
-    dtype = hidden.dtype
-    head_c = head.astype(dtype)
+    head_c = head.astype(hidden.dtype)
 
     def one(carry, xs):
         total, d_head = carry
         h, t, wc = xs
-        z = h @ head_c
-        if softcap is not None:
-            tanh = jnp.tanh(z.astype(jnp.float32) / softcap)
-            z = (softcap * tanh).astype(dtype)
-        zs, log_norm = _shifted(z)
-        nll = log_norm - jnp.take_along_axis(zs, t[:, None], axis=-1)[:, 0]
-        dz = jnp.exp(zs - log_norm[:, None]) - jax.nn.one_hot(t, zs.shape[-1], dtype=jnp.float32)
-        dz = (dz * wc[:, None]).astype(dtype).astype(jnp.float32)  # the cast's transpose
-        if softcap is not None:
-            dz = dz * (1.0 - tanh * tanh)
-        dz = dz.astype(dtype)
+        raw = h @ head_c
+        nll, lse = _nll_and_lse(_capped(raw, softcap), t)
+        dz = _logits_grad(raw, t, lse, wc, softcap)
         d_h = dz @ head_c.T
         if want_head:
             d_head = d_head + (h.T @ dz).astype(jnp.float32)
@@ -153,6 +184,35 @@ def _chunked_bwd(chunk, softcap, res, g):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _whole(hidden, head, targets, w, softcap):
+    """sum of w * token losses with the (N, V) logits whole: `plain_cross_entropy`'s value."""
+    return jnp.sum(_token_nll(_logits(hidden, head, softcap), targets) * w)
+
+
+def _whole_fwd(hidden, head, targets, w, softcap):
+    """The loss, keeping for the backward the head's output before the cap (N, V, in hidden's
+    dtype: what autodiff would keep too) and each row's log-sum-exp and loss."""
+    want_head = head.perturbed
+    hidden, head, targets, w = hidden.value, head.value, targets.value, w.value
+    raw = hidden @ head.astype(hidden.dtype)
+    nll, lse = _nll_and_lse(_capped(raw, softcap), targets)
+    return jnp.sum(nll * w), (hidden, head if want_head else None, head.astype(hidden.dtype), targets, w,
+                              raw, lse, nll)
+
+
+def _whole_bwd(softcap, res, g):
+    hidden, head, head_c, targets, w, raw, lse, nll = res
+    if isinstance(g, SymbolicZero):
+        return None, None, None, None
+    dz = _logits_grad(raw, targets, lse, g * w, softcap)
+    d_head = None if head is None else (hidden.T @ dz).astype(head.dtype)
+    return (dz @ head_c.T).astype(hidden.dtype), d_head, None, g * nll
+
+
+_whole.defvjp(_whole_fwd, _whole_bwd, symbolic_zeros=True)
+
+
 def chunked_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"], targets: Int[Array, " N"],
                           weights: Float[Array, " N"] | None, chunk: int | None, *,
                           softcap: float | None = None) -> tuple[Scalar, Scalar]:
@@ -161,12 +221,17 @@ def chunked_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"]
     - hidden: the final-normed features, one row per token, in the compute dtype.
     - head: the output projection (D, V) (the tied embedding's transpose works as is).
     - targets: int32 token ids; weights: per-token loss weights (None = all 1; 0 = masked).
-    - chunk: rows per chunk; None = the plain computation (`plain_cross_entropy`).
+    - chunk: rows per chunk; None = the logits whole (`plain_cross_entropy`'s arithmetic, its
+      backward by hand).
     - softcap: Gemma 2's logit soft cap, applied to the logits before the softmax.
     Differentiable in hidden, head and weights; the mean loss is loss_sum / weight_sum.
     """
     if chunk is None or chunk >= hidden.shape[0]:
-        return plain_cross_entropy(hidden, head, targets, weights, softcap)
+        if weights is None:
+            return _whole(hidden, head, targets, jnp.ones(targets.shape, jnp.float32), softcap), \
+                jnp.float32(hidden.shape[0])
+        w = weights.astype(jnp.float32)
+        return _whole(hidden, head, targets, w, softcap), jnp.sum(w)
     h, t, w, _ = _chunks(hidden, targets, weights, chunk)
     total = _chunked(h, head, t, w, chunk, softcap)
     weight_sum = jnp.float32(hidden.shape[0]) if weights is None else jnp.sum(weights.astype(jnp.float32))
