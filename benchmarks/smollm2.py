@@ -201,6 +201,10 @@ def main() -> None:
             other = "torch_peft" if kind == "lora_r8" else "torch"
             res[f"{kind}_ratio_ours_over_torch"] = round(res[f"{kind}_ours"]["ms_per_step"]
                                                          / res[f"{kind}_{other}"]["ms_per_step"], 3)
+            # each round's two steps ran back to back: their ratio is steadier than the ratio of
+            # medians when the machine's speed drifts between rounds
+            res[f"{kind}_ratio_median_of_rounds"] = round(statistics.median(
+                [a / b for a, b in zip(times[f"{kind}_ours"], times[f"{kind}_{other}"])]), 3)
     for w in ("float32", "bfloat16", "int8"):
         res[f"decode_{w}_speedup_vs_torch"] = round(res[f"decode_{w}_ours"]["tokens_per_s"]
                                                     / res["decode_float32_torch"]["tokens_per_s"], 3)

@@ -16,7 +16,8 @@ Below the threshold (`chunk` None) the logits are whole, and the backward is wri
 too (`_whole`): the forward keeps the logits and each token's log-sum-exp, and the backward is
 one elementwise pass, d logits = w * (exp(z - lse) - onehot), and the head's matmuls. Autodiff
 of the same loss makes three passes over the (N, V) logits and scatters the one-hot into a
-zeroed (N, V) array (SmolLM2's head + loss under LoRA: 451 -> 410 ms, benchmarks/README.md).
+zeroed (N, V) array. With the log-sum-exp in tiles (`SUM_TILES`), SmolLM2's head + loss at
+512 tokens: 415 -> 302 ms under LoRA, 560 -> 450 ms trained (benchmarks/head_loss_ab.py).
 
 The arithmetic mirrors `Transformer._logits` followed by a float32 softmax cross-entropy: the
 logits are computed in `hidden`'s dtype, the optional soft cap `cap * tanh(z / cap)` in float32
