@@ -91,8 +91,11 @@ def quiet_orbax(path: str | os.PathLike, settle_s: float = 0.5, max_wait_s: floa
     asyncio's "Event loop is closed". Everything else (other threads' unraisable exceptions,
     the data prefetch thread's included; other absl records) reaches the hook and the handlers
     it would have reached. After a failure this waits until the held-back reports stop coming
-    (none for `settle_s`, at most `max_wait_s`); on exit the loggers' filters and the
-    unraisable hook are as they were before."""
+    (none for `settle_s`, at most `max_wait_s`); on exit the unraisable hook and the absl
+    logger are as they were before, and so is the asyncio logger after a save that succeeded.
+    After a failure its filter stays on the asyncio logger: the abandoned tasks report when
+    they are collected, which can be long after the wait (a Python caller that goes on after
+    the CheckpointWriteError would see them); it drops only records naming this save's path."""
     marker, events = str(Path(path).absolute()), [0]
 
     def about_this_save(*texts: str) -> bool:
@@ -117,9 +120,11 @@ def quiet_orbax(path: str | os.PathLike, settle_s: float = 0.5, max_wait_s: floa
     for logger in loggers:
         logger.addFilter(drop)
     sys.unraisablehook = unraisable
+    failed = False
     try:
         yield
     except BaseException:
+        failed = True
         deadline, seen, quiet_since = time.monotonic() + max_wait_s, -1, time.monotonic()
         while time.monotonic() < deadline and time.monotonic() - quiet_since < settle_s:
             gc.collect()  # abandoned tasks report their errors when collected
@@ -130,7 +135,7 @@ def quiet_orbax(path: str | os.PathLike, settle_s: float = 0.5, max_wait_s: floa
     finally:
         if sys.unraisablehook is unraisable:  # not if someone else replaced it meanwhile
             sys.unraisablehook = hook
-        for logger in loggers:
+        for logger in loggers[:1] if failed else loggers:  # asyncio's late reports: see above
             logger.removeFilter(drop)
 
 
