@@ -112,9 +112,10 @@ def main() -> None:
            "ms": {k: round(statistics.median(v), 1) for k, v in times.items()},
            "all_ms": {k: [round(t) for t in v] for k, v in times.items()}}
     if a.model is not None:
+        from smollm2 import median_round_ratio
+
         for kind in ("lora", "full"):
-            pair = lambda x, y: round(statistics.median(  # noqa: E731
-                [p / q for p, q in zip(times[f"step_{kind}_{x}"], times[f"step_{kind}_{y}"])]), 3)
+            pair = lambda x, y: median_round_ratio(times[f"step_{kind}_{x}"], times[f"step_{kind}_{y}"])  # noqa: E731
             res[f"step_{kind}_by_hand_over_autodiff_median_of_rounds"] = pair("by_hand", "autodiff")
             res[f"step_{kind}_by_hand_over_torch_median_of_rounds"] = pair("by_hand", "torch")
     atomic_write_text(a.out, json.dumps(res, indent=1) + "\n")

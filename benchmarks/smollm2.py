@@ -125,6 +125,12 @@ def _torch_loss(model, ids):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
+def median_round_ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median over rounds of each round's time ratio. A round's entries run back to back, so
+    this is steadier than the ratio of medians when the machine's speed drifts between rounds."""
+    return round(statistics.median([a / b for a, b in zip(ours, theirs)]), 3)
+
+
 def decode_ours(model, weights: str, prompt_ids: list[int], n: int):
     stored = store_weights(model, weights)
 
@@ -201,10 +207,8 @@ def main() -> None:
             other = "torch_peft" if kind == "lora_r8" else "torch"
             res[f"{kind}_ratio_ours_over_torch"] = round(res[f"{kind}_ours"]["ms_per_step"]
                                                          / res[f"{kind}_{other}"]["ms_per_step"], 3)
-            # each round's two steps ran back to back: their ratio is steadier than the ratio of
-            # medians when the machine's speed drifts between rounds
-            res[f"{kind}_ratio_median_of_rounds"] = round(statistics.median(
-                [a / b for a, b in zip(times[f"{kind}_ours"], times[f"{kind}_{other}"])]), 3)
+            res[f"{kind}_ratio_median_of_rounds"] = median_round_ratio(times[f"{kind}_ours"],
+                                                                       times[f"{kind}_{other}"])
     for w in ("float32", "bfloat16", "int8"):
         res[f"decode_{w}_speedup_vs_torch"] = round(res[f"decode_{w}_ours"]["tokens_per_s"]
                                                     / res["decode_float32_torch"]["tokens_per_s"], 3)

@@ -146,18 +146,17 @@ def plain_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"], 
     return jnp.sum(nll * w), jnp.sum(w)
 
 
-def _chunks(hidden, targets, weights, chunk):
-    """Pad the rows to whole chunks (padding has weight 0) and cut them: (n_chunks, chunk, ...).
+def _chunks(hidden, targets, w, chunk):
+    """Pad the rows (and their float32 weights `w`) to whole chunks (padding has weight 0) and
+    cut them: (n_chunks, chunk, ...).
     Chunk c holds rows c, c + n_chunks, c + 2 n_chunks, ...: rows split over devices on their
     batch axis (data parallelism) stay split inside every chunk, so each device computes its
     own rows' share of each chunk instead of the scan visiting one device's rows at a time."""
-    n = hidden.shape[0]
-    pad = -n % chunk
-    w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    pad = -hidden.shape[0] % chunk
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
     targets, w = jnp.pad(targets, (0, pad)), jnp.pad(w, (0, pad))
     cut = lambda a: a.reshape(chunk, -1, *a.shape[1:]).swapaxes(0, 1)
-    return cut(hidden), cut(targets), cut(w), n
+    return cut(hidden), cut(targets), cut(w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -218,10 +217,10 @@ def _whole_fwd(hidden, head, targets, w, softcap):
     dtype: what autodiff would keep too) and each row's log-sum-exp and loss."""
     want_head = head.perturbed
     hidden, head, targets, w = hidden.value, head.value, targets.value, w.value
-    raw = hidden @ head.astype(hidden.dtype)
+    head_c = head.astype(hidden.dtype)
+    raw = hidden @ head_c
     nll, lse = _nll_and_lse(_capped(raw, softcap), targets)
-    return jnp.sum(nll * w), (hidden, head if want_head else None, head.astype(hidden.dtype), targets, w,
-                              raw, lse, nll)
+    return jnp.sum(nll * w), (hidden, head if want_head else None, head_c, targets, w, raw, lse, nll)
 
 
 def _whole_bwd(softcap, res, g):
@@ -249,13 +248,9 @@ def chunked_cross_entropy(hidden: Float[Array, "N D"], head: Float[Array, "D V"]
     - softcap: Gemma 2's logit soft cap, applied to the logits before the softmax.
     Differentiable in hidden, head and weights; the mean loss is loss_sum / weight_sum.
     """
+    w = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    weight_sum = jnp.float32(hidden.shape[0]) if weights is None else jnp.sum(w)
     if chunk is None or chunk >= hidden.shape[0]:
-        if weights is None:
-            return _whole(hidden, head, targets, jnp.ones(targets.shape, jnp.float32), softcap), \
-                jnp.float32(hidden.shape[0])
-        w = weights.astype(jnp.float32)
-        return _whole(hidden, head, targets, w, softcap), jnp.sum(w)
-    h, t, w, _ = _chunks(hidden, targets, weights, chunk)
-    total = _chunked(h, head, t, w, chunk, softcap)
-    weight_sum = jnp.float32(hidden.shape[0]) if weights is None else jnp.sum(weights.astype(jnp.float32))
-    return total, weight_sum
+        return _whole(hidden, head, targets, w, softcap), weight_sum
+    h, t, wc = _chunks(hidden, targets, w, chunk)
+    return _chunked(h, head, t, wc, chunk, softcap), weight_sum

@@ -109,7 +109,8 @@ def quiet_orbax(path: str | os.PathLike, settle_s: float = 0.5, max_wait_s: floa
                 return False
             return True
 
-    loggers, drop, hook = [logging.getLogger("absl"), logging.getLogger("asyncio")], _Drop(), sys.unraisablehook
+    absl_log, asyncio_log = logging.getLogger("absl"), logging.getLogger("asyncio")
+    drop, hook = _Drop(), sys.unraisablehook
 
     def unraisable(info: Any) -> None:
         if about_this_save(*_texts(info.exc_value)) or _loop_closed(info.exc_value, info.exc_traceback):
@@ -117,8 +118,8 @@ def quiet_orbax(path: str | os.PathLike, settle_s: float = 0.5, max_wait_s: floa
         else:
             hook(info)
 
-    for logger in loggers:
-        logger.addFilter(drop)
+    absl_log.addFilter(drop)
+    asyncio_log.addFilter(drop)
     sys.unraisablehook = unraisable
     failed = False
     try:
@@ -135,8 +136,9 @@ def quiet_orbax(path: str | os.PathLike, settle_s: float = 0.5, max_wait_s: floa
     finally:
         if sys.unraisablehook is unraisable:  # not if someone else replaced it meanwhile
             sys.unraisablehook = hook
-        for logger in loggers[:1] if failed else loggers:  # asyncio's late reports: see above
-            logger.removeFilter(drop)
+        absl_log.removeFilter(drop)
+        if not failed:  # after a failure it stays for the abandoned tasks' late reports (above)
+            asyncio_log.removeFilter(drop)
 
 
 def cause(error: BaseException) -> str:
