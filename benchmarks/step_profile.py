@@ -42,7 +42,7 @@ import optax
 from dantinox_eqx.files import atomic_write_text
 from dantinox_eqx.hostmem import keep_freed_memory
 from dantinox_eqx.lora import apply_lora, lora_trainable
-from dantinox_eqx.nn.attention import _attention, causal_mask
+from dantinox_eqx.nn.attention import attend_causal, causal_mask
 from dantinox_eqx.nn.norm import Norm
 from dantinox_eqx.nn.rope import rope
 from dantinox_eqx.run.gguf import from_gguf
@@ -118,12 +118,12 @@ def components(model, cfg, lora_parts):
     out["head_ce_full"] = (partial(_grad_of(ce, (0, 1)), feats, model.embedding), 1)
     out["head_ce_lora"] = (partial(_grad_of(ce, 0), feats, model.embedding), 1)
 
-    # attention core
+    # attention core, as the step runs it (causal key blocks, hand-written backward)
     q = jax.random.normal(ks[9], (B, T, K, H // K, E))
     k = jax.random.normal(ks[10], (B, T, K, E))
     v = jax.random.normal(ks[11], (B, T, K, E))
     mask = causal_mask(pos, pos)
-    att = _grad_of(lambda q, k, v: _attention(q, k, v, mask).sum(), (0, 1, 2))
+    att = _grad_of(lambda q, k, v: attend_causal(q, k, v, mask).sum(), (0, 1, 2))
     out["attention_core"] = (lambda: att(q, k, v), L)
 
     # projection GEMMs: full = dx and dW, lora = dx only (W frozen)
@@ -229,8 +229,10 @@ def main() -> None:
         model = with_unroll(model, a.scan_unroll)
     batch = jax.random.randint(jax.random.key(0), (1, 2, 257), 0, cfg.vocab_size)
     t0 = time.perf_counter()
-    lora_run, hlo, lora_parts = _step_entry(model, True, batch)
-    full_run, _, full_parts = _step_entry(model, False, batch)
+    # Per-layer arrays, as the trainer runs a model this deep on CPU (train/layer_layout.py).
+    unstack = a.scan_unroll == 0 and cfg.num_blocks > 1
+    lora_run, hlo, lora_parts = _step_entry(model, True, batch, unstack=unstack)
+    full_run, _, full_parts = _step_entry(model, False, batch, unstack=unstack)
     print(f"built and lowered the steps in {time.perf_counter() - t0:.1f} s", flush=True)
     entries = {"step_lora": (lora_run, 1), "step_full": (full_run, 1)}
     entries |= components(model, cfg, {"lora": lora_parts, "full": full_parts})
@@ -256,7 +258,7 @@ def main() -> None:
                        "components": {n: {"ms": v, "pct": round(100 * v / total, 1)} for n, v in rows.items()}}
     res = {"what": "SmolLM2-135M float32 step breakdown, batch 2 x 256, CPU; component sub-programs timed "
                    "alone (fwd + bwd), x num_blocks where per layer; medians of interleaved rounds",
-           "model": a.model.name, "scan_unroll": model.scan_unroll, "repeats": a.repeats,
+           "model": a.model.name, "scan_unroll": model.scan_unroll, "per_layer_arrays": unstack, "repeats": a.repeats,
            "load_avg_1min": round(os.getloadavg()[0], 2), "jax": jax.__version__,
            "breakdown": table, "per_entry_ms_rounds": {n: [round(1e3 * t, 1) for t in v] for n, v in times.items()},
            "op_trace_cpu": traces, "lora_step_hlo": frozen_dw_dots(hlo, cfg)}

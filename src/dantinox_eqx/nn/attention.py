@@ -5,7 +5,8 @@ D = dim, H query heads, K kv heads (GQA: H = K * G), E = head_size.
 
 Attention reads explicit `positions` and an optional KV cache, so training, prefill and
 one-token decoding share one code path (and the cached path equals the full forward). The
-softmax backward is hand-written (`_attention_bwd`, as in FlashAttention).
+softmax backward is hand-written (`_attention_bwd`, as in FlashAttention), on each kv head's
+queries as the rows of one matrix (`_as_rows`).
 """
 
 from __future__ import annotations
@@ -90,37 +91,67 @@ def attend(q: Float[Array, "B T K G E"], k: Float[Array, "B S K E"], v: Float[Ar
     """Grouped softmax attention. `mask` broadcasts to (B, T, S) (or is (T, S)).
 
     Scores and the softmax are float32 even for bfloat16 inputs (accurate row sums). Without
-    dropout the backward is the hand-written `_attention` rule (same values as autodiff).
-    The (B, K, T, G, S) scores keep q's own (t, g) order: the order a dot of q (B, T, K, G, E)
-    with k produces, so XLA:CPU transposes no score-sized array (with "bkgts" it copied each
-    of them, forward and backward: ~10 % of SmolLM2-135M's LoRA step; issue 25).
+    dropout the backward is the hand-written `_attention` rule (same values as autodiff), on the
+    heads laid out as matrices (`_as_rows`).
     """
-    mask = mask[:, None, :] if mask.ndim == 2 else mask[:, None, :, None, :]  # (T, S) or (B, T, S) -> "bktgs"
     if dropout_rate == 0.0 or key is None:
-        return _attention(q, k, v, mask)
+        rows, k_t, v_rows = _as_rows(q, k, v)
+        out = _attention(rows, k_t, v_rows, _row_mask(mask, q.shape[3]))
+        return _from_rows(out, q.shape)
+    mask = mask[:, None, :] if mask.ndim == 2 else mask[:, None, :, None, :]  # (T, S) or (B, T, S) -> "bktgs"
     probs = _softmax_probs(q, k, mask)
     probs = dropout(probs, dropout_rate, key).astype(v.dtype)
     return jnp.einsum("bktgs,bske->btkge", probs, v)
 
 
-CAUSAL_BLOCK = 128  # query rows per block of `attend_causal`
+CAUSAL_BLOCK = 64  # query rows per block of `attend_causal` (at least; at most 16 blocks)
 
 
 def attend_causal(q: Float[Array, "B T K G E"], k: Float[Array, "B T K E"], v: Float[Array, "B T K Ev"],
-                  mask: Bool[Array, "T T"], block: int = CAUSAL_BLOCK) -> Float[Array, "B T K G Ev"]:
+                  mask: Bool[Array, "T T"], block: int | None = None) -> Float[Array, "B T K G Ev"]:
     """`attend` without dropout for T queries over the same T keys at increasing positions
     (training, evaluation, prefill without a cache): query rows [t0, t1) read keys [0, t1) only,
     since every later key is masked for them. A causal window thus skips the upper triangle's
     blocks: (n + 1) / 2n of the scores for n blocks. Equal to `attend` up to float32 summation
-    order (the skipped scores are exact zeros after the softmax)."""
-    T = q.shape[1]
+    order (the skipped scores are exact zeros after the softmax). `block` None: CAUSAL_BLOCK
+    query positions, or T / 16 when that is more (SmolLM2-135M's attention, fwd + bwd at T 256:
+    blocks of 64 take 0.85x the time of 128 and 0.65x of one block; issue 25)."""
+    T, G = q.shape[1], q.shape[3]
+    block = block or max(CAUSAL_BLOCK, -(-T // 16))
     if T <= block:
         return attend(q, k, v, mask)
+    rows, k_t, v_rows = _as_rows(q, k, v)
+    row_mask = _row_mask(mask, G)
     outs = []
     for t0 in range(0, T, block):
         t1 = min(t0 + block, T)
-        outs.append(attend(q[:, t0:t1], k[:, :t1], v[:, :t1], mask[t0:t1, :t1]))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_attention(rows[:, :, t0 * G:t1 * G], k_t[..., :t1], v_rows[:, :, :t1],
+                               row_mask[t0 * G:t1 * G, :t1]))
+    return _from_rows(jnp.concatenate(outs, axis=2), q.shape)
+
+
+def _as_rows(q: Float[Array, "B T K G E"], k: Float[Array, "B S K E"], v: Float[Array, "B S K Ev"]
+             ) -> tuple[Float[Array, "B K TG E"], Float[Array, "B K E S"], Float[Array, "B K S Ev"]]:
+    """The heads as the matrices of plain batched matmuls: each kv head's T * G query rows
+    (row t * G + g), its keys transposed (E, S) and its values (S, Ev). Every product of
+    `_attention` then reads its (rows, S)-sized operands as they are and transposes only
+    (S, E)-sized ones: in the (B, T, K, G, E) layout XLA:CPU copied each score-sized array into
+    two transposed forms, forward and backward (SmolLM2-135M's attention fwd + bwd at T 256:
+    10.7 -> 6.1 ms a layer; issue 25)."""
+    B, T, K, G, E = q.shape
+    return (q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+
+
+def _from_rows(out: Float[Array, "B K TG Ev"], q_shape: tuple[int, ...]) -> Float[Array, "B T K G Ev"]:
+    B, T, K, G, _ = q_shape
+    return out.reshape(B, K, T, G, out.shape[-1]).transpose(0, 2, 1, 3, 4)
+
+
+def _row_mask(mask: Array, G: int) -> Array:
+    """A (T, S) or (B, T, S) mask for the (B, K, T * G, S) scores of `_as_rows`' layout."""
+    if mask.ndim == 2:
+        return jnp.repeat(mask, G, axis=0)  # (T G, S): broadcasts over B and K
+    return jnp.repeat(mask, G, axis=1)[:, None]  # (B, 1, T G, S)
 
 
 def _softmax_probs(q: Array, k: Array, mask: Array) -> Array:
@@ -130,30 +161,35 @@ def _softmax_probs(q: Array, k: Array, mask: Array) -> Array:
 
 
 @jax.custom_vjp
-def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    return _attention_fwd(q, k, v, mask)[0]
+def _attention(rows: Array, k_t: Array, v: Array, mask: Array) -> Array:
+    """Softmax attention of query rows (B, K, M, E) over keys k_t (B, K, E, S) and values
+    v (B, K, S, Ev), `mask` broadcasting to (B, K, M, S): the (B, K, M, Ev) outputs."""
+    return _attention_fwd(rows, k_t, v, mask)[0]
 
 
-def _attention_fwd(q, k, v, mask):
-    probs = _softmax_probs(q, k, mask)
-    out = jnp.einsum("bktgs,bske->btkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype), (q, k, v, mask, probs, out)
+def _attention_fwd(rows, k_t, v, mask):
+    scale = 1.0 / math.sqrt(rows.shape[-1])
+    scores = jnp.matmul(rows, k_t, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+    out = jnp.matmul(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype), (rows, k_t, v, mask, probs, out)
 
 
 def _attention_bwd(res, g):
     """The softmax backward as in FlashAttention: dS = P * (dP - rowsum(dO * O)). The row sum
-    over the head size E replaces autodiff's sum of P * dP over the S keys, which XLA:CPU runs as
-    a slow reduction fusion (baby shape: ~1 ms of the step)."""
-    q, k, v, mask, probs, out = res
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    dv = jnp.einsum("bktgs,btkge->bske", probs.astype(g.dtype), g).astype(v.dtype)
-    dp = jnp.einsum("btkge,bske->bktgs", g, v, preferred_element_type=jnp.float32)
-    delta = jnp.einsum("btkge,btkge->bktg", g.astype(jnp.float32), out)
+    over the head size replaces autodiff's sum of P * dP over the S keys, which XLA:CPU runs as
+    a slow reduction fusion (baby shape: ~1 ms of the step). The key and value gradients are
+    computed transposed, (E, M) @ (M, S), so that the score-sized P and dS are read as stored."""
+    rows, k_t, v, mask, probs, out = res
+    scale = 1.0 / math.sqrt(rows.shape[-1])
+    dv_t = jnp.matmul(jnp.swapaxes(g, -1, -2), probs.astype(g.dtype))  # (B, K, Ev, S)
+    dp = jnp.matmul(g, jnp.swapaxes(v, -1, -2), preferred_element_type=jnp.float32)
+    delta = jnp.sum(g.astype(jnp.float32) * out, axis=-1, keepdims=True)
     # Masked scores get no gradient (fully masked rows have a uniform, not a zero, softmax).
-    ds = jnp.where(mask, probs * (dp - delta[..., None]) * scale, 0.0).astype(q.dtype)
-    dq = jnp.einsum("bktgs,bske->btkge", ds, k).astype(q.dtype)
-    dk = jnp.einsum("bktgs,btkge->bske", ds, q).astype(k.dtype)
-    return dq, dk, dv, None
+    ds = jnp.where(mask, probs * (dp - delta) * scale, 0.0).astype(rows.dtype)
+    d_rows = jnp.matmul(ds, jnp.swapaxes(k_t, -1, -2)).astype(rows.dtype)
+    dk_t = jnp.matmul(jnp.swapaxes(rows, -1, -2), ds).astype(k_t.dtype)  # (B, K, E, S)
+    return d_rows, dk_t, jnp.swapaxes(dv_t, -1, -2).astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
