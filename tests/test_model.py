@@ -178,6 +178,31 @@ def test_causal_blocks_equal_the_whole_attention(window):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_backward_is_the_rotation_back(dtype):
+    """rope's hand-written backward (a rotation by -angle) equals autodiff of the rotate-half
+    formula, at shared (T,) and per-row (B, T) positions (packed windows restart them)."""
+    from dantinox_eqx.nn.rope import rope
+
+    def reference(x, pos, base):
+        half = x.shape[-1] // 2
+        angles = pos.astype(jnp.float32)[..., None] / base ** (jnp.arange(half, dtype=jnp.float32) / half)
+        cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+        x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+    kx, kg = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (2, 50, 3, 16)).astype(dtype)
+    cot = jax.random.normal(kg, x.shape).astype(dtype)
+    for pos in (jnp.arange(50), jnp.arange(100).reshape(2, 50) % 37):
+        out, vjp = jax.vjp(lambda x: rope(x, pos, 500.0), x)
+        ref, ref_vjp = jax.vjp(lambda x: reference(x, pos, 500.0), x)
+        assert out.dtype == vjp(cot)[0].dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(vjp(cot)[0], np.float32), np.asarray(ref_vjp(cot)[0], np.float32),
+                                   atol=1e-6)
+
+
 @pytest.mark.slow
 def test_gelu_backward_equals_autodiff():
     from dantinox_eqx.model import gelu

@@ -122,11 +122,12 @@ def attend_causal(q: Float[Array, "B T K G E"], k: Float[Array, "B T K E"], v: F
         return attend(q, k, v, mask)
     rows, k_t, v_rows = _as_rows(q, k, v)
     row_mask = _row_mask(mask, G)
-    outs = []
-    for t0 in range(0, T, block):
-        t1 = min(t0 + block, T)
-        outs.append(_attention(rows[:, :, t0 * G:t1 * G], k_t[..., :t1], v_rows[:, :, :t1],
-                               row_mask[t0 * G:t1 * G, :t1]))
+    ends = list(range(block, T, block)) + [T]
+    # A split, not slices: its gradient is one concatenation of the blocks' query gradients,
+    # where slices' is a zero-padded full-size copy per block, then their sum.
+    row_blocks = jnp.split(rows, [t * G for t in ends[:-1]], axis=2)
+    outs = [_attention(r, k_t[..., :t1], v_rows[:, :, :t1], row_mask[t0 * G:t1 * G, :t1])
+            for r, t0, t1 in zip(row_blocks, [0] + ends[:-1], ends)]
     return _from_rows(jnp.concatenate(outs, axis=2), q.shape)
 
 
