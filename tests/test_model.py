@@ -194,13 +194,28 @@ def test_rope_backward_is_the_rotation_back(dtype):
     kx, kg = jax.random.split(jax.random.key(5))
     x = jax.random.normal(kx, (2, 50, 3, 16)).astype(dtype)
     cot = jax.random.normal(kg, x.shape).astype(dtype)
+    def value_and_grad(f, pos):  # positions traced, as a decode step's: both compute their tables alike
+        return jax.jit(lambda x, pos: (f(x, pos, 500.0), jax.vjp(lambda x: f(x, pos, 500.0), x)[1](cot)[0]))(x, pos)
+
     for pos in (jnp.arange(50), jnp.arange(100).reshape(2, 50) % 37):
-        out, vjp = jax.vjp(lambda x: rope(x, pos, 500.0), x)
-        ref, ref_vjp = jax.vjp(lambda x: reference(x, pos, 500.0), x)
-        assert out.dtype == vjp(cot)[0].dtype == dtype
+        (out, grad), (ref, ref_grad) = value_and_grad(rope, pos), value_and_grad(reference, pos)
+        assert out.dtype == grad.dtype == dtype
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=1e-6)
-        np.testing.assert_allclose(np.asarray(vjp(cot)[0], np.float32), np.asarray(ref_vjp(cot)[0], np.float32),
-                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32), atol=1e-6)
+
+
+def test_rotary_tables_from_known_positions_equal_the_traced_ones():
+    """Known positions (a full forward's) get host-computed constant tables; traced ones (decoding,
+    packed windows) computed in the program: the same angles' cos and sin to a few float32 ulps."""
+    from dantinox_eqx.nn.rope import rotary_tables
+
+    pos = jnp.arange(4096)
+    for base in (10000.0, 5e5):
+        host = rotary_tables(pos, 32, base)
+        traced = jax.jit(lambda p, base=base: rotary_tables(p, 32, base))(pos)
+        assert not isinstance(host[0], jax.core.Tracer) and host[0].shape == (4096, 32)
+        for a, b in zip(host, traced):
+            np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.slow

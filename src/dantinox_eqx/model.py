@@ -254,7 +254,8 @@ class Transformer(eqx.Module):
         `__call__` without the logits, for losses that never materialise them (`token_loss`).
         `segment_ids` / `positions` as in `__call__`."""
         if segment_ids is None and positions is None:
-            positions = jnp.arange(tokens.shape[1])
+            with jax.ensure_compile_time_eval():  # concrete: RoPE's tables become constants (nn/rope.py)
+                positions = jnp.arange(tokens.shape[1])
         elif positions is None:
             positions = segment_positions(segment_ids)
         elif segment_ids is None:  # given positions alone: one segment per row
