@@ -7,7 +7,8 @@ loads it (`from_pretrained(dir, gguf_file=name)` dequantises a GGUF to float32);
 same model written with `save_pretrained` to a temporary folder and read by `run.hf.from_hf`,
 so both sides hold the same float32 weights. Measured, float32, after warm-up (compilation
 excluded), each repeat timing every entry once in turn (a slow spell of a shared machine hits
-all of them), median over repeats:
+all of them; every other repeat in reverse order, so that neither side always runs right after
+the other), median over repeats and the median of each repeat's ours / theirs ratio:
 - LoRA r8 on every projection (ours: lora_targets "all"; peft: q, k, v, o, gate, up, down),
   alpha 16, and the full fine-tune, AdamW, batch 2 x 256: ms per optimizer step;
 - greedy decoding of `--decode_tokens` tokens after a short prompt: tokens/s of ours with
@@ -186,12 +187,14 @@ def main() -> None:
     for name, fn in entries.items():
         for _ in range(a.warmup):
             outputs[name] = fn()
-    for _ in range(a.repeats):
-        for name, fn in entries.items():
+    for r in range(a.repeats):
+        # Odd rounds run the entries in reverse: each one follows a different program in turn, so
+        # neither side always runs right after the other's (caches, allocator, worker threads).
+        for name, fn in (entries.items() if r % 2 == 0 else reversed(entries.items())):
             t = time.perf_counter()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t)
-    res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats (compilation excluded)",
+    res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats, order reversed every other round (compilation excluded)",
            "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats, "batch": "2 x 256",
            "decode_tokens": n, "prompt": PROMPT, "our_layers": "scan" if a.scan else "per_layer"}
