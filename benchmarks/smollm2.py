@@ -194,7 +194,8 @@ def main() -> None:
             t = time.perf_counter()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t)
-    res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats, order reversed every other round (compilation excluded)",
+    res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats, order reversed every other "
+                   "round (compilation excluded)",
            "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats, "batch": "2 x 256",
            "decode_tokens": n, "prompt": PROMPT, "our_layers": "scan" if a.scan else "per_layer"}
