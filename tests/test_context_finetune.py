@@ -84,7 +84,7 @@ def _poem_loss(model, run: Path, corpus: Path, tmp: Path) -> float:
 def test_rope_fine_tune_at_a_shorter_context(tmp_path, corpora, rope_base, lora):
     cfg = Config.from_yaml(rope_base / "config.yaml").replace(
         init_from=str(rope_base), use_lora=lora, lora_targets="all", max_context=SHORT, max_steps=80,
-        batch_size=16, eval_interval=40, eval_iters=2, warmup_steps=0, lr=3e-2 if lora else 1e-2)
+        batch_size=16, eval_interval=40, eval_iters=2, warmup_steps=0, lr=1e-2)
     ft = Trainer(cfg).fit(corpora[1], run_dir=tmp_path / "ft")
     assert Config.from_yaml(ft / "config.yaml").max_context == SHORT
 
@@ -92,7 +92,9 @@ def test_rope_fine_tune_at_a_shorter_context(tmp_path, corpora, rope_base, lora)
     assert has_lora(tuned) == lora and tuned.max_context == SHORT and base.max_context == LONG
     before, after = _poem_loss(base, rope_base, corpora[1], tmp_path), _poem_loss(tuned, ft, corpora[1], tmp_path)
     print(f"\n{'LoRA' if lora else 'full'} fine-tune at max_context {SHORT}: poem loss {before:.4f} -> {after:.4f}")
-    # Fixed windows, deterministic: measured 2.7994 -> 2.7593 (LoRA), 2.7994 -> 2.7316 (full)
+    # Fixed windows, deterministic: measured 2.8022 -> 2.7486 (LoRA), 2.8022 -> 2.7314 (full). LoRA
+    # at lr 3e-2 was chaotic: last-bit changes elsewhere (RoPE's backward by hand) moved its end
+    # point from 2.734 to 2.806; at 1e-2 three code versions' numerics gave 2.7485-2.7490.
     assert after < before - 0.02
 
     # The window changes no arithmetic: the same weights loaded at the long window give the same
