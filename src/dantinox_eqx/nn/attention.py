@@ -115,7 +115,7 @@ def attend_causal(q: Float[Array, "B T K G E"], k: Float[Array, "B T K E"], v: F
     blocks: (n + 1) / 2n of the scores for n blocks. Equal to `attend` up to float32 summation
     order (the skipped scores are exact zeros after the softmax). `block` None: CAUSAL_BLOCK
     query positions, or T / 16 when that is more (SmolLM2-135M's attention, fwd + bwd at T 256:
-    blocks of 64 take 0.85x the time of 128 and 0.65x of one block; issue 25)."""
+    blocks of 64 take 0.85x the time of 128 and 0.78x of one block; issue 25)."""
     T, G = q.shape[1], q.shape[3]
     block = block or max(CAUSAL_BLOCK, -(-T // 16))
     if T <= block:
