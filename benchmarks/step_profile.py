@@ -46,7 +46,7 @@ from dantinox_eqx.nn.attention import attend_causal, causal_mask
 from dantinox_eqx.nn.norm import Norm
 from dantinox_eqx.nn.rope import rope
 from dantinox_eqx.run.gguf import from_gguf
-from dantinox_eqx.train.layer_layout import unstack_model
+from dantinox_eqx.train.layer_layout import unstack_model, unstacked_training
 from dantinox_eqx.train.step import init_opt_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ def main() -> None:
     batch = jax.random.randint(jax.random.key(0), (1, 2, 257), 0, cfg.vocab_size)
     t0 = time.perf_counter()
     # Per-layer arrays, as the trainer runs a model this deep on CPU (train/layer_layout.py).
-    unstack = a.scan_unroll == 0 and cfg.num_blocks > 1
+    unstack = not a.scan_unroll and unstacked_training(cfg, "cpu")
     lora_run, hlo, lora_parts = _step_entry(model, True, batch, unstack=unstack)
     full_run, _, full_parts = _step_entry(model, False, batch, unstack=unstack)
     print(f"built and lowered the steps in {time.perf_counter() - t0:.1f} s", flush=True)

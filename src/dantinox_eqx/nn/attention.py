@@ -94,14 +94,12 @@ def attend(q: Float[Array, "B T K G E"], k: Float[Array, "B S K E"], v: Float[Ar
     dropout the backward is the hand-written `_attention` rule (same values as autodiff), on the
     heads laid out as matrices (`_as_rows`).
     """
+    rows, k_t, v_rows = _as_rows(q, k, v)
+    row_mask = _row_mask(mask, q.shape[3])
     if dropout_rate == 0.0 or key is None:
-        rows, k_t, v_rows = _as_rows(q, k, v)
-        out = _attention(rows, k_t, v_rows, _row_mask(mask, q.shape[3]))
-        return _from_rows(out, q.shape)
-    mask = mask[:, None, :] if mask.ndim == 2 else mask[:, None, :, None, :]  # (T, S) or (B, T, S) -> "bktgs"
-    probs = _softmax_probs(q, k, mask)
-    probs = dropout(probs, dropout_rate, key).astype(v.dtype)
-    return jnp.einsum("bktgs,bske->btkge", probs, v)
+        return _from_rows(_attention(rows, k_t, v_rows, row_mask), q.shape)
+    probs = dropout(_softmax_probs(rows, k_t, row_mask), dropout_rate, key).astype(v.dtype)
+    return _from_rows(jnp.matmul(probs, v_rows), q.shape)
 
 
 CAUSAL_BLOCK = 64  # query rows per block of `attend_causal` (at least; at most 16 blocks)
@@ -155,9 +153,10 @@ def _row_mask(mask: Array, G: int) -> Array:
     return jnp.repeat(mask, G, axis=1)[:, None]  # (B, 1, T G, S)
 
 
-def _softmax_probs(q: Array, k: Array, mask: Array) -> Array:
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("btkge,bske->bktgs", q, k, preferred_element_type=jnp.float32) * scale
+def _softmax_probs(rows: Array, k_t: Array, mask: Array) -> Array:
+    """The float32 softmax of the scaled, masked scores rows @ k_t, (B, K, M, S)."""
+    scale = 1.0 / math.sqrt(rows.shape[-1])
+    scores = jnp.matmul(rows, k_t, preferred_element_type=jnp.float32) * scale
     return jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
 
 
@@ -169,9 +168,7 @@ def _attention(rows: Array, k_t: Array, v: Array, mask: Array) -> Array:
 
 
 def _attention_fwd(rows, k_t, v, mask):
-    scale = 1.0 / math.sqrt(rows.shape[-1])
-    scores = jnp.matmul(rows, k_t, preferred_element_type=jnp.float32) * scale
-    probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+    probs = _softmax_probs(rows, k_t, mask)
     out = jnp.matmul(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(v.dtype), (rows, k_t, v, mask, probs, out)
 

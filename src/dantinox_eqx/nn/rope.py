@@ -70,7 +70,5 @@ _rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 def sinusoidal(positions: Int[Array, "*lead T"], dim: int) -> Float[Array, "*lead T dim"]:
-    half = dim // 2
-    inv_freq = 1.0 / 10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    cos, sin = rotary_tables(positions, dim // 2, 10000.0)  # the same frequencies as RoPE's
+    return jnp.concatenate([sin, cos], axis=-1)
