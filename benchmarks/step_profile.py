@@ -46,6 +46,7 @@ from dantinox_eqx.nn.attention import attend_causal, causal_mask
 from dantinox_eqx.nn.norm import Norm
 from dantinox_eqx.nn.rope import rope
 from dantinox_eqx.run.gguf import from_gguf
+from dantinox_eqx.train.grad_norm import global_norm
 from dantinox_eqx.train.layer_layout import unstack_model, unstacked_training
 from dantinox_eqx.train.step import init_opt_state, make_train_step
 
@@ -167,7 +168,7 @@ def components(model, cfg, lora_parts):
         grads = jax.tree.map(jnp.ones_like, tp)
 
         def upd(grads, st, tp, opt=opt):
-            gn = optax.global_norm(grads)
+            gn = global_norm(grads)
             u, st = opt.update(grads, st, tp)
             return eqx.apply_updates(tp, u), st, gn
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from ..config import Config
+from .grad_norm import clip_by_global_norm
 from .muon import fused_splits, muon_labels, scale_by_block_muon
 
 __all__ = ["make_schedule", "make_optimizer", "decay_mask", "HYPERPARAMETERS"]
@@ -114,7 +115,7 @@ def make_optimizer(config: Config, total_steps: int, *, mu_dtype: Any = None,
     else:
         raise ValueError(f"optimizer: unknown optimizer {config.optimizer!r}")
     if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(h["grad_clip"]), opt)
+        return optax.chain(clip_by_global_norm(h["grad_clip"]), opt)
     return opt
 
 

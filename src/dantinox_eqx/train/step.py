@@ -35,6 +35,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from ..model import cast_floating
 from ..parallel.sharding import DATA
+from .grad_norm import global_norm
 
 __all__ = ["TRAINED", "STARTS", "cross_entropy", "loss_fn", "masked_sums", "document_flags",
            "make_train_step", "make_eval_step", "init_opt_state", "per_device_loss"]
@@ -172,7 +173,7 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
                       opt_state)
 
     def _apply(grads, metrics, train_p, frozen_p, opt_state):
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, train_p)
         train_p = eqx.apply_updates(train_p, updates)
         return eqx.combine(train_p, frozen_p), opt_state, metrics
@@ -200,7 +201,7 @@ def make_train_step(static: PyTree, optimizer: optax.GradientTransformation, *,
             n = batch.shape[0]
             grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, train_p)
             metrics = jax.tree.map(lambda m: m / n, metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, train_p)
         train_p = eqx.apply_updates(train_p, updates)
         return eqx.combine(train_p, frozen_p), opt_state, metrics
