@@ -11,6 +11,12 @@ all of them; every other repeat in reverse order, so that neither side always ru
 the other), median over repeats and the median of each repeat's ours / theirs ratio:
 - LoRA r8 on every projection (ours: lora_targets "all"; peft: q, k, v, o, gate, up, down),
   alpha 16, and the full fine-tune, AdamW, batch 2 x 256: ms per optimizer step;
+- every round runs each training entry `--steps_per_visit` times back to back (default 3) and
+  takes their median: the steady state of a training run. The first step after the other
+  entries can pay for the shared malloc heap: our LoRA step's 1.2 GB of temporaries, handed out
+  to the other programs in between, faulted in again (~300k minor page faults, +150-550 ms);
+  each step's time and the process's minor page faults are recorded, and the ratio of the
+  visits' first steps too;
 - greedy decoding of `--decode_tokens` tokens after a short prompt: tokens/s of ours with
   weights stored float32 / bfloat16 / int8 (infer/storage.py) and of transformers' `generate`
   (float32, its KV cache), and whether each greedy continuation equals our float32 one.
@@ -23,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -159,6 +166,10 @@ def main() -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps_per_visit", type=int, default=3,
+                    help="training steps run back to back each time a round reaches a training entry; "
+                         "the round's time is their median (a training run's steady state: its first "
+                         "step after the other programs may find its temporaries' memory handed out)")
     ap.add_argument("--decode_tokens", type=int, default=32)
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--default_malloc", action="store_true",
@@ -183,29 +194,44 @@ def main() -> None:
                     "full_ours": ours_step(ours, False, batch, a.scan), "full_torch": torch_step(tf, False, batch)}
     entries |= {f"decode_{w}_ours": decode_ours(ours, w, prompt_ids, n) for w in ("float32", "bfloat16", "int8")}
     entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n)
-    outputs, times = {}, {k: [] for k in entries}
+    outputs, times, faults = {}, {k: [] for k in entries}, {k: [] for k in entries}
     for name, fn in entries.items():
         for _ in range(a.warmup):
             outputs[name] = fn()
+    visits = {k: [] for k in entries}  # training entries: the times of each visit's steps
     for r in range(a.repeats):
         # Odd rounds run the entries in reverse: each one follows a different program in turn, so
         # neither side always runs right after the other's (caches, allocator, worker threads).
         for name, fn in (entries.items() if r % 2 == 0 else reversed(entries.items())):
-            t = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - t)
+            steps = 1 if name.startswith("decode") else a.steps_per_visit
+            ts, fs = [], []
+            for _ in range(steps):
+                f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+                outputs[name] = fn()
+                ts.append(time.perf_counter() - t)
+                # page faults of the whole process during the step: a step whose temporaries land
+                # in fresh pages (the malloc heap, shared with the other entries, regrown) pays
+                # ~0.5 s of kernel time
+                fs.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            visits[name].append(ts)
+            times[name].append(statistics.median(ts))
+            faults[name].append(fs)
     res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats, order reversed every other "
                    "round (compilation excluded)",
            "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats, "batch": "2 x 256",
-           "decode_tokens": n, "prompt": PROMPT, "our_layers": "scan" if a.scan else "per_layer"}
+           "decode_tokens": n, "prompt": PROMPT, "our_layers": "scan" if a.scan else "per_layer",
+           "steps_per_visit": a.steps_per_visit}
     for name, ts in times.items():
         med = statistics.median(ts)
         if name.startswith("decode"):
             res[name] = {"tokens_per_s": round(n / med, 2), "s": [round(t, 3) for t in ts],
                          "text_equals_ours_float32": outputs[name] == outputs["decode_float32_ours"]}
         else:
-            res[name] = {"ms_per_step": round(1e3 * med, 1), "ms": [round(1e3 * t, 1) for t in ts]}
+            res[name] = {"ms_per_step": round(1e3 * med, 1), "ms": [round(1e3 * t, 1) for t in ts],
+                         "ms_first_step_of_visit": [round(1e3 * v[0], 1) for v in visits[name]],
+                         "ms_each_step": [[round(1e3 * t, 1) for t in v] for v in visits[name]],
+                         "minor_page_faults": faults[name]}
     for kind in ("lora_r8", "full"):
         if f"{kind}_ours" in res:
             other = "torch_peft" if kind == "lora_r8" else "torch"
@@ -213,6 +239,8 @@ def main() -> None:
                                                          / res[f"{kind}_{other}"]["ms_per_step"], 3)
             res[f"{kind}_ratio_median_of_rounds"] = median_round_ratio(times[f"{kind}_ours"],
                                                                        times[f"{kind}_{other}"])
+            res[f"{kind}_ratio_median_of_rounds_first_step"] = median_round_ratio(
+                [v[0] for v in visits[f"{kind}_ours"]], [v[0] for v in visits[f"{kind}_{other}"]])
     for w in ("float32", "bfloat16", "int8"):
         res[f"decode_{w}_speedup_vs_torch"] = round(res[f"decode_{w}_ours"]["tokens_per_s"]
                                                     / res["decode_float32_torch"]["tokens_per_s"], 3)
