@@ -18,6 +18,12 @@ kernel time per LoRA step before, none after the heap has grown (second step on)
 limit only binds threads that have not malloc'd yet, so call this before JAX starts (the CLI
 does it first thing).
 
+Trimming is off altogether (M_TRIM_THRESHOLD -1): with the largest int threshold glibc still
+gave the heap's top back whenever more than 2 GiB of it was free, which two such programs in one
+process reach at every switch (SmolLM2's LoRA and full steps alternating: 8 of 12 steps faulted
+in 1.1-1.2 GB again; without trimming 2 of 12, the first and one later; the same happened in
+`benchmarks/smollm2.py`, where our LoRA step faulted its 1.2 GB in 7 of 9 rounds).
+
 This changes a process-wide setting, so the library never does it on import: the CLI, the
 Trainer and the benchmarks call `keep_freed_memory()`; research code may call it too. The price
 is that the process keeps its peak heap size (it does not give freed memory back to the OS).
@@ -35,12 +41,13 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 LARGEST = 2**31 - 1  # mallopt takes an int
+NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: "disables trimming completely" (mallopt(3))
 
 
 @functools.cache
 def keep_freed_memory(threshold_bytes: int = LARGEST) -> bool:
-    """Serve allocations below `threshold_bytes` from the malloc heap and keep up to that much
-    freed memory there, from one arena for every thread (module docstring). Returns True when
+    """Serve allocations below `threshold_bytes` from the malloc heap and keep all freed memory
+    there (no trimming), from one arena for every thread (module docstring). Returns True when
     applied, False where there is no glibc `mallopt` (macOS, musl): a no-op there, as those
     allocators do not unmap per free in the same way.
     Idempotent (cached)."""
@@ -53,4 +60,4 @@ def keep_freed_memory(threshold_bytes: int = LARGEST) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return (bool(mallopt(_M_ARENA_MAX, 1)) and bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
-            and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes)))
+            and bool(mallopt(_M_TRIM_THRESHOLD, NEVER_TRIM)))
