@@ -12,11 +12,11 @@ the other), median over repeats and the median of each repeat's ours / theirs ra
 - LoRA r8 on every projection (ours: lora_targets "all"; peft: q, k, v, o, gate, up, down),
   alpha 16, and the full fine-tune, AdamW, batch 2 x 256: ms per optimizer step;
 - every round runs each training entry `--steps_per_visit` times back to back (default 3) and
-  takes their median: the steady state of a training run. The first step after the other
-  entries can pay for the shared malloc heap: our LoRA step's 1.2 GB of temporaries, handed out
-  to the other programs in between, faulted in again (~300k minor page faults, +150-550 ms);
-  each step's time and the process's minor page faults are recorded, and the ratio of the
-  visits' first steps too;
+  takes their median: the steady state of a training run. Each step's time and the process's
+  minor page faults are recorded, and the ratio of the visits' first steps too: a step whose
+  temporaries land in fresh pages pays for it (our LoRA step's 1.2 GB: ~300k faults, +150-550
+  ms), as most of them did here before `hostmem.keep_freed_memory` stopped glibc from trimming
+  the heap that the entries share;
 - greedy decoding of `--decode_tokens` tokens after a short prompt: tokens/s of ours with
   weights stored float32 / bfloat16 / int8 (infer/storage.py) and of transformers' `generate`
   (float32, its KV cache), and whether each greedy continuation equals our float32 one.
@@ -194,11 +194,12 @@ def main() -> None:
                     "full_ours": ours_step(ours, False, batch, a.scan), "full_torch": torch_step(tf, False, batch)}
     entries |= {f"decode_{w}_ours": decode_ours(ours, w, prompt_ids, n) for w in ("float32", "bfloat16", "int8")}
     entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n)
-    outputs, times, faults = {}, {k: [] for k in entries}, {k: [] for k in entries}
+    outputs = {}
     for name, fn in entries.items():
         for _ in range(a.warmup):
             outputs[name] = fn()
-    visits = {k: [] for k in entries}  # training entries: the times of each visit's steps
+    visits = {k: [] for k in entries}  # per round, the times of the visit's steps (one for decoding)
+    faults = {k: [] for k in entries}  # and their minor page faults
     for r in range(a.repeats):
         # Odd rounds run the entries in reverse: each one follows a different program in turn, so
         # neither side always runs right after the other's (caches, allocator, worker threads).
@@ -209,13 +210,11 @@ def main() -> None:
                 f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
                 outputs[name] = fn()
                 ts.append(time.perf_counter() - t)
-                # page faults of the whole process during the step: a step whose temporaries land
-                # in fresh pages (the malloc heap, shared with the other entries, regrown) pays
-                # ~0.5 s of kernel time
+                # the whole process's page faults during the step (module docstring)
                 fs.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             visits[name].append(ts)
-            times[name].append(statistics.median(ts))
             faults[name].append(fs)
+    times = {k: [statistics.median(ts) for ts in v] for k, v in visits.items()}  # a round's time
     res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats, order reversed every other "
                    "round (compilation excluded)",
            "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

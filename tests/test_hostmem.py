@@ -19,9 +19,11 @@ if sys.argv[1] == "keep":
     from dantinox_eqx.hostmem import keep_freed_memory
     assert keep_freed_memory(64 << 20)
 else:  # the earlier setting: the trim threshold equal to the mmap threshold
+    from dantinox_eqx.hostmem import _M_ARENA_MAX, _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    assert libc.mallopt(-8, 1) and libc.mallopt(-3, 64 << 20) and libc.mallopt(-1, 64 << 20)
+    assert (libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+            and libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
