@@ -31,6 +31,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ import optax
 import torch
 
 from dantinox_eqx.files import atomic_write_text
-from dantinox_eqx.hostmem import keep_freed_memory
+from dantinox_eqx.hostmem import huge_pages_environ, keep_freed_memory
 from dantinox_eqx.infer.generate import generate_ids
 from dantinox_eqx.infer.storage import store_weights
 from dantinox_eqx.lora import apply_lora, lora_trainable
@@ -173,13 +174,21 @@ def main() -> None:
     ap.add_argument("--decode_tokens", type=int, default=32)
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--default_malloc", action="store_true",
-                    help="leave glibc's malloc settings as they are (both sides) instead of the CLI's")
+                    help="leave glibc's malloc settings as they are (both sides) instead of the CLI's: "
+                         "no huge pages, no kept heap (GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns off "
+                         "the huge pages alone)")
     ap.add_argument("--scan", action="store_true",
                     help="our steps with the scanned, stacked layers (before issue 25's per-layer arrays)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "smollm2_cpu.json")
     a = ap.parse_args()
     if not a.default_malloc:
-        keep_freed_memory()  # as the CLI does first thing (hostmem.py); process-wide, so PyTorch's side gets it too
+        # as the CLI does first thing (hostmem.py), process-wide, so PyTorch's side gets both too:
+        # glibc's huge pages (start again under the tunable) and the kept heap
+        environ = huge_pages_environ(os.environ)
+        if environ is not None:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable, *sys.argv], environ)
+        keep_freed_memory()
     torch.set_num_threads(os.cpu_count())
     tf, tf_tok, ours, tok = load_both(a.model, max_context=512)
     rng = np.random.default_rng(0)
@@ -220,7 +229,8 @@ def main() -> None:
            "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats, "batch": "2 x 256",
            "decode_tokens": n, "prompt": PROMPT, "our_layers": "scan" if a.scan else "per_layer",
-           "steps_per_visit": a.steps_per_visit}
+           "steps_per_visit": a.steps_per_visit, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+           "malloc": "glibc defaults" if a.default_malloc else "hostmem.keep_freed_memory"}
     for name, ts in times.items():
         med = statistics.median(ts)
         if name.startswith("decode"):

@@ -42,9 +42,10 @@ def test_chunked_equals_plain_loss_and_gradients(softcap, weighted, chunk, V):
     whole, the backward by hand (`_whole`), against `plain_cross_entropy` left to autodiff.
     V 1024: the sums of exponentials in tiles of 256 (`_sum_tile`); 700: one sum per row.
 
-    One wider bound: d hidden of the chunks at V 1024, 2e-6. Each of its elements sums 1024
-    terms (softmax - onehot) x head that cancel to a small total, in GEMMs of 64 rows vs 150:
-    0.7-1.07e-6 of the largest element over four seeds, with the tiles or without them."""
+    One wider bound: d hidden of the chunks, 2e-6. Each of its elements sums V terms
+    (softmax - onehot) x head that cancel to a small total, in GEMMs of 64 rows vs 150: at V 1024
+    0.7-1.07e-6 of the largest element over four seeds, with the tiles or without them; at V 700
+    1.22e-6 on an AVX2-only EPYC (XLA compiles for the host: other kernels, other sum orders)."""
     assert _sum_tile(V) == {700: None, 1024: 256}[V]
     N, D = 150, 24
     kh, kw, kt, km = jax.random.split(jax.random.key(0), 4)
@@ -60,7 +61,7 @@ def test_chunked_equals_plain_loss_and_gradients(softcap, weighted, chunk, V):
     chunked = jax.value_and_grad(mean(lambda *a: chunked_cross_entropy(*a, chunk, softcap=softcap)), (0, 1))
     (lp, (gh_p, gw_p)), (lc, (gh_c, gw_c)) = jax.jit(plain)(hidden, head), jax.jit(chunked)(hidden, head)
     np.testing.assert_allclose(lc, lp, rtol=RTOL)
-    _close(gh_c, gh_p, 2e-6 if (chunk, V) == (64, 1024) else RTOL)
+    _close(gh_c, gh_p, 2e-6 if chunk == 64 else RTOL)
     _close(gw_c, gw_p)
     # the weight sums agree exactly, and masked tokens carry no gradient
     if weighted:
