@@ -92,8 +92,10 @@ def test_model_loss_and_gradients_equal_unchunked(kw):
 
     (l_plain, g_plain), (l_chunk, g_chunk) = grads(-1), grads(16)
     np.testing.assert_allclose(l_chunk, l_plain, rtol=RTOL)
+    # 2e-6: every parameter's gradient is computed from d hidden, whose chunked sums cancel
+    # (test above: up to 1.22e-6 there); here a norm scale's read 1.017e-6 on an AVX2 EPYC
     for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_plain)):
-        _close(a, b)
+        _close(a, b, 2e-6)
 
 
 def test_chunked_gradient_never_holds_the_logits():

@@ -284,7 +284,10 @@ def test_lora_attention_on_mla_trains_and_generates_in_both_forms():
     _check_adapter_training(tuned, apply_lora(base, "attention", rank=2, key=jax.random.key(1)))
     merged = merge_lora(tuned)
     a = _fwd(tuned, TOKENS)
-    np.testing.assert_allclose(_fwd(merged, TOKENS), a, atol=1e-5)
+    # 5e-5, not the dense models' 1e-5: the merged weight rounds W + s A B once per element, and
+    # MLA's latent RMSNorms (q and kv) scale that rounding up by their small latents' 1 / rms;
+    # an AVX2 EPYC read 1.49e-5 on outputs up to 0.3 (8 of 1184 elements past 1e-5)
+    np.testing.assert_allclose(_fwd(merged, TOKENS), a, atol=5e-5)
     assert float(jnp.abs(a - _fwd(base, TOKENS)).max()) > 1e-3  # the adapters do something
     # The absorbed (generation) form reads the unmerged adapters too.
     np.testing.assert_allclose(_fwd(for_inference(tuned), TOKENS), a, atol=1e-4)
