@@ -44,7 +44,7 @@ import optax
 import torch
 
 from dantinox_eqx.files import atomic_write_text
-from dantinox_eqx.hostmem import huge_pages_environ, keep_freed_memory
+from dantinox_eqx.hostmem import keep_freed_memory, restart_with_huge_pages
 from dantinox_eqx.infer.generate import generate_ids
 from dantinox_eqx.infer.storage import store_weights
 from dantinox_eqx.lora import apply_lora, lora_trainable
@@ -184,10 +184,7 @@ def main() -> None:
     if not a.default_malloc:
         # as the CLI does first thing (hostmem.py), process-wide, so PyTorch's side gets both too:
         # glibc's huge pages (start again under the tunable) and the kept heap
-        environ = huge_pages_environ(os.environ)
-        if environ is not None:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.execve(sys.executable, [sys.executable, *sys.argv], environ)
+        restart_with_huge_pages([sys.executable, *sys.argv])
         keep_freed_memory()
     torch.set_num_threads(os.cpu_count())
     tf, tf_tok, ours, tok = load_both(a.model, max_context=512)

@@ -27,7 +27,7 @@ import click
 
 from dantinox_eqx import __version__  # issue 16: dantinox_eqx no longer imports JAX eagerly
 from dantinox_eqx.compile_cache import enable_compile_cache
-from dantinox_eqx.hostmem import huge_pages_environ, keep_freed_memory
+from dantinox_eqx.hostmem import keep_freed_memory, restart_with_huge_pages
 
 # issue 16: command name -> its module in cli/, imported only when the command is looked up
 # (run, or listed by --help); every cli module imports JAX (and the rest) inside its command.
@@ -80,10 +80,8 @@ def _restart_with_huge_pages() -> None:
     Only when run as the installed command itself (the interpreter's own arguments are this
     command's), never inside another program that calls `main()` (a test); once at most, since the
     restarted process finds the tunable set."""
-    environ = huge_pages_environ(os.environ)
-    if environ is not None and sys.orig_argv[1:] == sys.argv:
-        sys.stdout.flush(), sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, environ)
+    if sys.orig_argv[1:] == sys.argv:
+        restart_with_huge_pages(sys.orig_argv)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes.util
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -57,10 +56,9 @@ def test_freed_heap_top_is_kept_not_trimmed():
     assert _faults("keep") < pages // 100  # kept: the same pages, already touched
 
 
-_GLIBC = platform.libc_ver()[0] == "glibc" and hostmem._version(platform.libc_ver()[1]) >= (2, 35)
 _THP = hostmem._THP_MODE.read_text() if hostmem._THP_MODE.exists() else ""
-needs_huge_pages = pytest.mark.skipif(not (sys.platform.startswith("linux") and _GLIBC and "[never]" not in _THP
-                                           and _THP), reason="Linux, glibc >= 2.35, transparent huge pages not off")
+needs_huge_pages = pytest.mark.skipif(huge_pages_environ({}) is None,
+                                      reason="Linux, glibc >= 2.35, transparent huge pages not off")
 
 # A fresh process mallocs 48 MiB (above glibc's default mmap threshold) and touches it: the
 # minor page faults of the touch are printed (one per 4 KiB page without huge pages).

@@ -42,12 +42,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["keep_freed_memory", "huge_pages_environ", "HUGE_PAGES_TUNABLE"]
+__all__ = ["keep_freed_memory", "huge_pages_environ", "restart_with_huge_pages", "HUGE_PAGES_TUNABLE"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -99,6 +100,16 @@ def huge_pages_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
     if "[never]" in mode:
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}=1"]))}
+
+
+def restart_with_huge_pages(argv: Sequence[str]) -> None:
+    """Replace this process by the interpreter running `argv` (its own arguments, e.g.
+    `sys.orig_argv`) under `huge_pages_environ(os.environ)`; return at once where that has
+    nothing to do (which includes the restarted process: it finds the tunable set)."""
+    environ = huge_pages_environ(os.environ)
+    if environ is not None:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.execve(sys.executable, list(argv), environ)
 
 
 def _version(text: str) -> tuple[int, ...]:
