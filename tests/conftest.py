@@ -10,6 +10,21 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The suite's tiny programs spend far longer in XLA's LLVM back end than they run: a TINY
+# Trainer.fit of 20 steps (grad_accum 2, dropout, 10 evaluations) takes 23 s, of which compiling
+# its train step is 12.4 s; with LLVM's optimisation off it takes 9 s (train step 2.5 s). The
+# HLO passes (fusion, layout, buffer assignment) still run, so programs and memory are the ones
+# users get; only the generated loops are unoptimised, which tiny shapes do not feel, and matmuls
+# are library calls either way. Set here, before JAX starts, so every test process, CLI
+# subprocess and driver inherits it (tests/procs.py keeps it when it adds a device count), and
+# the compilation cache keys on it. A user's runs, the README's first run in .ci/run and the
+# benchmarks use XLA's defaults. DANTINOX_EQX_TEST_XLA_DEFAULTS=1 runs the tests under them too.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+if os.environ.get("DANTINOX_EQX_TEST_XLA_DEFAULTS") != "1":
+    _given = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join(_given + [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in
+                                                 {g.split("=")[0] for g in _given}])
+
 import pytest  # noqa: E402
 
 from dantinox_eqx.config import Config  # noqa: E402

@@ -16,9 +16,17 @@ def device_env(devices: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         env.pop(name, None)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(sys.path), WANDB_MODE="offline", WANDB_SILENT="true", **extra)
     return env
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a child with `devices` simulated CPU devices: this process's flags (the
+    suite's compile options, tests/conftest.py) with the device count replaced."""
+    count = "--xla_force_host_platform_device_count"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] != count]
+    return " ".join(kept + [f"{count}={devices}"])
 
 
 def free_port() -> int:

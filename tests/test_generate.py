@@ -41,6 +41,7 @@ from dantinox_eqx.run.pretrained import from_pretrained, load_config
 from dantinox_eqx.train.step import make_eval_step
 
 from .conftest import TINY, plays_text
+from .procs import xla_flags
 from .runs import make_run, write_run
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -340,7 +341,7 @@ def test_mla_runs_load_in_inference_mode(tmp_path):
 def test_a_run_saved_on_two_devices_loads_on_one(tmp_path):
     script = textwrap.dedent(f"""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        os.environ["XLA_FLAGS"] = {xla_flags(2)!r}
         os.environ["JAX_PLATFORMS"] = "cpu"
         import equinox as eqx, jax
         from pathlib import Path

@@ -36,6 +36,7 @@ from dantinox_eqx.train.step import init_opt_state, make_train_step
 from dantinox_eqx.train.trainer import Trainer, read_log
 
 from .conftest import TINY
+from .procs import xla_flags
 
 MOE = dict(use_moe=True, n_experts=4, top_k_mlp=2)
 MLA = dict(mla=True, down_dim_q=16, down_dim_kv=12, rope_dim=4)
@@ -378,7 +379,7 @@ json.dump(out, open(sys.argv[1], "w"))
 def test_moe_train_step_on_2_devices_equals_1_device(tmp_path):
     out = tmp_path / "dp.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path]),
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
     proc = subprocess.run([sys.executable, "-c", DP_SCRIPT, str(out)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
