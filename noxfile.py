@@ -17,9 +17,10 @@ QUICK = "not slow and not hf"
 
 @nox.session
 def quick(session: nox.Session) -> None:
-    """The unit tier (`-m "not slow and not hf"`): 371 tests, 2 min 20 s on 2 cores (cold compile cache). `nox -s quick -- --lf`
-    reruns what failed last time. The tests compile with LLVM's optimisation off (tests/conftest.py:
-    their tiny programs compile 3-5x faster; `tests` 32 -> 21 min on a 2-core AVX2 EPYC)."""
+    """The unit tier (`-m "not slow and not hf"`): 371 tests, 2 min 20 s on 2 cores (cold compile
+    cache). `nox -s quick -- --lf` reruns what failed last time. The tests compile with LLVM's
+    optimisation off (tests/conftest.py: their tiny programs compile 3-5x faster; `tests` 32 -> 21
+    min on a 2-core AVX2 EPYC)."""
     _pytest(session, "-m", QUICK)
 
 

@@ -10,7 +10,10 @@ excluded), each repeat timing every entry once in turn (a slow spell of a shared
 all of them; every other repeat in reverse order, so that neither side always runs right after
 the other), median over repeats and the median of each repeat's ours / theirs ratio:
 - LoRA r8 on every projection (ours: lora_targets "all"; peft: q, k, v, o, gate, up, down),
-  alpha 16, and the full fine-tune, AdamW, batch 2 x 256: ms per optimizer step;
+  alpha 16, and the full fine-tune, AdamW, batch 2 x 256: ms per optimizer step. PyTorch's
+  full step twice: with `torch.optim.AdamW()` as constructed without options (a per-tensor loop
+  on CPU; the issue's baseline) and with `fused=True`, the one-pass kernel transformers'
+  `Trainer` uses by default with torch >= 2.8 (`full_torch_fused_adamw`);
 - every round runs each training entry `--steps_per_visit` times back to back (default 3) and
   takes their median: the steady state of a training run. Each step's time and the process's
   minor page faults are recorded, and the ratio of the visits' first steps too: a step whose
@@ -104,8 +107,10 @@ def ours_step(model, lora: bool, batch: np.ndarray, scan: bool = False):
     return run
 
 
-def torch_step(tf, lora: bool, batch: np.ndarray):
-    """The same step in PyTorch: AdamW on all parameters, or peft LoRA on every projection."""
+def torch_step(tf, lora: bool, batch: np.ndarray, fused: bool = False):
+    """The same step in PyTorch: AdamW on all parameters, or peft LoRA on every projection.
+    `torch.optim.AdamW()` runs its per-tensor loop on CPU; `fused` is the one-pass kernel that
+    transformers' `Trainer` picks by default with torch >= 2.8 (`optim="adamw_torch_fused"`)."""
     import copy
 
     model = copy.deepcopy(tf)
@@ -115,7 +120,7 @@ def torch_step(tf, lora: bool, batch: np.ndarray):
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules=LORA_MODULES))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused or None)
     ids = torch.from_numpy(batch.astype(np.int64))
 
     def run():
@@ -197,7 +202,8 @@ def main() -> None:
     if not a.skip_train:
         entries |= {"lora_r8_ours": ours_step(ours, True, batch, a.scan),
                     "lora_r8_torch_peft": torch_step(tf, True, batch),
-                    "full_ours": ours_step(ours, False, batch, a.scan), "full_torch": torch_step(tf, False, batch)}
+                    "full_ours": ours_step(ours, False, batch, a.scan), "full_torch": torch_step(tf, False, batch),
+                    "full_torch_fused_adamw": torch_step(tf, False, batch, fused=True)}
     entries |= {f"decode_{w}_ours": decode_ours(ours, w, prompt_ids, n) for w in ("float32", "bfloat16", "int8")}
     entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n)
     outputs = {}
@@ -238,6 +244,9 @@ def main() -> None:
                          "ms_first_step_of_visit": [round(1e3 * v[0], 1) for v in visits[name]],
                          "ms_each_step": [[round(1e3 * t, 1) for t in v] for v in visits[name]],
                          "minor_page_faults": faults[name]}
+    if "full_ours" in res:  # against transformers' Trainer default optimizer (torch_step's docstring)
+        res["full_ratio_median_of_rounds_vs_fused_adamw"] = median_round_ratio(times["full_ours"],
+                                                                               times["full_torch_fused_adamw"])
     for kind in ("lora_r8", "full"):
         if f"{kind}_ours" in res:
             other = "torch_peft" if kind == "lora_r8" else "torch"
