@@ -1,6 +1,7 @@
 """SmolLM2-135M side by side with transformers (+ peft), interleaved in one process.
 
     PYTHONPATH=src python benchmarks/smollm2.py MODEL [--repeats 3] [--decode_tokens 32]
+    PYTHONPATH=src python benchmarks/smollm2.py --random_init --torch_device cuda   # a GPU machine
 
 MODEL: a GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) or a Hugging Face folder. transformers
 loads it (`from_pretrained(dir, gguf_file=name)` dequantises a GGUF to float32); ours is that
@@ -23,7 +24,11 @@ the other), median over repeats and the median of each repeat's ours / theirs ra
 - greedy decoding of `--decode_tokens` tokens after a short prompt: tokens/s of ours with
   weights stored float32 / bfloat16 / int8 (infer/storage.py) and of transformers' `generate`
   (float32, its KV cache), and whether each greedy continuation equals our float32 one.
-Writes benchmarks/results/smollm2_cpu.json (`--out`).
+`--random_init` builds SmolLM2-135M's architecture with random weights instead (the times depend
+on the shapes only; no tokenizer, so the prompt is fixed random ids): for a machine with no copy
+of the model, such as a lent GPU (`--torch_device cuda`; ours runs on JAX's default device, and
+both sides' float32 matmuls are then full float32, not TF32). Writes
+benchmarks/results/smollm2_cpu.json (`--out`).
 """
 
 from __future__ import annotations
@@ -60,14 +65,26 @@ PROMPT = "The three most important things to remember when learning to cook are"
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load_both(path: Path, max_context: int):
-    """(transformers model, our model, our tokenizer) of the same float32 weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# SmolLM2-135M's shapes (its config.json), for `--random_init`: the times depend on them only
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
+TORCH_DEVICE = "cpu"  # `--torch_device`: where PyTorch's side runs (ours: JAX's default device)
 
-    kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
-    folder = path.parent if path.suffix == ".gguf" else path
-    tf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
-    tf_tok = AutoTokenizer.from_pretrained(folder, **kw)
+
+def load_both(path: Path | None, max_context: int):
+    """(transformers model, its tokenizer, our model, our tokenizer) of the same float32 weights;
+    path None: SmolLM2-135M's architecture with random weights (torch seed 0) and no tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if path is None:
+        torch.manual_seed(0)
+        tf, tf_tok = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).float(), None
+    else:
+        kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+        folder = path.parent if path.suffix == ".gguf" else path
+        tf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        tf_tok = AutoTokenizer.from_pretrained(folder, **kw)
     with tempfile.TemporaryDirectory() as tmp:
         # save_pretrained refuses a model loaded from a GGUF ("not serializable"): the dequantised
         # float32 weights and the config are written directly (a tied head only once)
@@ -78,7 +95,13 @@ def load_both(path: Path, max_context: int):
         if tf.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         save_file(sd, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        tf_tok.save_pretrained(tmp)
+        if tf_tok is not None:
+            tf_tok.save_pretrained(tmp)
+        else:  # from_hf wants a tokenizer: one word per id, never used for the timings
+            from tokenizers import Tokenizer, models
+
+            vocab = {f"t{i}": i for i in range(tf.config.vocab_size)}
+            Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(f"{tmp}/tokenizer.json")
         ours, cfg, tok = from_hf(tmp, max_context=max_context)
     return tf, tf_tok, ours, tok
 
@@ -113,7 +136,7 @@ def torch_step(tf, lora: bool, batch: np.ndarray, fused: bool = False):
     transformers' `Trainer` picks by default with torch >= 2.8 (`optim="adamw_torch_fused"`)."""
     import copy
 
-    model = copy.deepcopy(tf)
+    model = copy.deepcopy(tf).to(TORCH_DEVICE)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -121,14 +144,14 @@ def torch_step(tf, lora: bool, batch: np.ndarray, fused: bool = False):
                                                  target_modules=LORA_MODULES))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused or None)
-    ids = torch.from_numpy(batch.astype(np.int64))
+    ids = torch.from_numpy(batch.astype(np.int64)).to(TORCH_DEVICE)
 
     def run():
         loss = _torch_loss(model, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss)  # waits for the device (a GPU's queue too)
 
     return run
 
@@ -156,8 +179,8 @@ def decode_ours(model, weights: str, prompt_ids: list[int], n: int):
 
 
 def decode_torch(tf, prompt_ids: list[int], n: int):
-    tf.eval()
-    ids = torch.tensor([prompt_ids])
+    tf = tf.to(TORCH_DEVICE).eval()
+    ids = torch.tensor([prompt_ids], device=TORCH_DEVICE)
 
     def run():
         with torch.no_grad():
@@ -169,7 +192,13 @@ def decode_torch(tf, prompt_ids: list[int], n: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?", help="the GGUF file or HF folder (not with --random_init)")
+    ap.add_argument("--random_init", action="store_true",
+                    help="SmolLM2-135M's architecture with random weights, no file (a GPU machine with no "
+                         "copy of the model); the prompt is then fixed token ids")
+    ap.add_argument("--torch_device", default="cpu", help="cpu or cuda (ours runs on JAX's default device)")
+    ap.add_argument("--batch_size", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256, help="tokens per row of the training batch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps_per_visit", type=int, default=3,
@@ -186,17 +215,28 @@ def main() -> None:
                     help="our steps with the scanned, stacked layers (before issue 25's per-layer arrays)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "smollm2_cpu.json")
     a = ap.parse_args()
+    if (a.model is None) != a.random_init:
+        ap.error("give MODEL or --random_init, one of them")
+    global TORCH_DEVICE
+    TORCH_DEVICE = a.torch_device
+    if a.torch_device != "cpu":
+        # float32 means float32 on both sides: PyTorch's CUDA matmuls are full float32 by default,
+        # XLA's GPU dots would take TF32 at the default precision
+        jax.config.update("jax_default_matmul_precision", "highest")
     if not a.default_malloc:
         # as the CLI does first thing (hostmem.py), process-wide, so PyTorch's side gets both too:
         # glibc's huge pages (start again under the tunable) and the kept heap
         restart_with_huge_pages([sys.executable, *sys.argv])
         keep_freed_memory()
     torch.set_num_threads(os.cpu_count())
-    tf, tf_tok, ours, tok = load_both(a.model, max_context=512)
+    tf, tf_tok, ours, tok = load_both(None if a.random_init else a.model, max_context=max(512, a.seq))
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, ours.vocab_size, (2, 257)).astype(np.int32)
-    prompt_ids = tok.encode(PROMPT).ids
-    assert prompt_ids == tf_tok(PROMPT)["input_ids"], "tokenizers disagree"
+    batch = rng.integers(0, ours.vocab_size, (a.batch_size, a.seq + 1)).astype(np.int32)
+    if a.random_init:
+        prompt_ids = [int(i) for i in rng.integers(0, ours.vocab_size, 14)]
+    else:
+        prompt_ids = tok.encode(PROMPT).ids
+        assert prompt_ids == tf_tok(PROMPT)["input_ids"], "tokenizers disagree"
     n = a.decode_tokens
     entries = {}
     if not a.skip_train:
@@ -204,12 +244,25 @@ def main() -> None:
                     "lora_r8_torch_peft": torch_step(tf, True, batch),
                     "full_ours": ours_step(ours, False, batch, a.scan), "full_torch": torch_step(tf, False, batch),
                     "full_torch_fused_adamw": torch_step(tf, False, batch, fused=True)}
-    entries |= {f"decode_{w}_ours": decode_ours(ours, w, prompt_ids, n) for w in ("float32", "bfloat16", "int8")}
+    failed = {}  # a backend that cannot run a bfloat16 / int8 decoding option loses that row only
+    for w in ("float32", "bfloat16", "int8"):
+        try:
+            entries[f"decode_{w}_ours"] = decode_ours(ours, w, prompt_ids, n)
+        except Exception as e:  # noqa: BLE001 (recorded in the results)
+            if w == "float32":
+                raise
+            failed[f"decode_{w}_ours"] = f"{type(e).__name__}: {e}"[:500]
     entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n)
     outputs = {}
-    for name, fn in entries.items():
-        for _ in range(a.warmup):
-            outputs[name] = fn()
+    for name, fn in list(entries.items()):
+        try:
+            for _ in range(a.warmup):
+                outputs[name] = fn()
+        except Exception as e:  # noqa: BLE001
+            if name not in ("decode_bfloat16_ours", "decode_int8_ours"):
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"[:500]
+            del entries[name]
     visits = {k: [] for k in entries}  # per round, the times of the visit's steps (one for decoding)
     faults = {k: [] for k in entries}  # and their minor page faults
     for r in range(a.repeats):
@@ -227,13 +280,19 @@ def main() -> None:
             visits[name].append(ts)
             faults[name].append(fs)
     times = {k: [statistics.median(ts) for ts in v] for k, v in visits.items()}  # a round's time
-    res = {"what": "SmolLM2-135M float32 on CPU; median over interleaved repeats, order reversed every other "
-                   "round (compilation excluded)",
-           "model": a.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats, "batch": "2 x 256",
-           "decode_tokens": n, "prompt": PROMPT, "our_layers": "scan" if a.scan else "per_layer",
+    res = {"what": f"SmolLM2-135M float32 on {jax.devices()[0].platform.upper()}; median over interleaved "
+                   "repeats, order reversed every other round (compilation excluded)",
+           "model": "random_init (SmolLM2-135M's shapes)" if a.random_init else a.model.name,
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "jax_device": jax.devices()[0].device_kind, "torch_device": a.torch_device + (
+               f" ({torch.cuda.get_device_name()})" if a.torch_device.startswith("cuda") else ""),
+           "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats,
+           "batch": f"{a.batch_size} x {a.seq}",
+           "decode_tokens": n, "prompt": "random ids" if a.random_init else PROMPT,
+           "our_layers": "scan" if a.scan else "per_layer",
            "steps_per_visit": a.steps_per_visit, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-           "malloc": "glibc defaults" if a.default_malloc else "hostmem.keep_freed_memory"}
+           "malloc": "glibc defaults" if a.default_malloc else "hostmem.keep_freed_memory",
+           "failed_entries": failed}
     for name, ts in times.items():
         med = statistics.median(ts)
         if name.startswith("decode"):
@@ -257,9 +316,12 @@ def main() -> None:
             res[f"{kind}_ratio_median_of_rounds_first_step"] = median_round_ratio(
                 [v[0] for v in visits[f"{kind}_ours"]], [v[0] for v in visits[f"{kind}_{other}"]])
     for w in ("float32", "bfloat16", "int8"):
+        if f"decode_{w}_ours" not in res:
+            continue
         res[f"decode_{w}_speedup_vs_torch"] = round(res[f"decode_{w}_ours"]["tokens_per_s"]
                                                     / res["decode_float32_torch"]["tokens_per_s"], 3)
-    res["greedy_text_ours_float32"] = tok.decode(outputs["decode_float32_ours"])
+    if not a.random_init:
+        res["greedy_text_ours_float32"] = tok.decode(outputs["decode_float32_ours"])
     atomic_write_text(a.out, json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)} |
                      {k: v.get("ms_per_step", v.get("tokens_per_s")) for k, v in res.items() if isinstance(v, dict)},
