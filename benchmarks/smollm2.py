@@ -34,6 +34,7 @@ benchmarks/results/smollm2_cpu.json (`--out`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -69,7 +70,6 @@ LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
-TORCH_DEVICE = "cpu"  # `--torch_device`: where PyTorch's side runs (ours: JAX's default device)
 
 
 def load_both(path: Path | None, max_context: int):
@@ -130,13 +130,14 @@ def ours_step(model, lora: bool, batch: np.ndarray, scan: bool = False):
     return run
 
 
-def torch_step(tf, lora: bool, batch: np.ndarray, fused: bool = False):
-    """The same step in PyTorch: AdamW on all parameters, or peft LoRA on every projection.
-    `torch.optim.AdamW()` runs its per-tensor loop on CPU; `fused` is the one-pass kernel that
-    transformers' `Trainer` picks by default with torch >= 2.8 (`optim="adamw_torch_fused"`)."""
+def torch_step(tf, lora: bool, batch: np.ndarray, fused: bool = False, device: str = "cpu"):
+    """The same step in PyTorch on `device`: AdamW on all parameters, or peft LoRA on every
+    projection. `torch.optim.AdamW()` runs its per-tensor loop on CPU; `fused` is the one-pass
+    kernel that transformers' `Trainer` picks by default with torch >= 2.8
+    (`optim="adamw_torch_fused"`)."""
     import copy
 
-    model = copy.deepcopy(tf).to(TORCH_DEVICE)
+    model = copy.deepcopy(tf).to(device)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -144,7 +145,7 @@ def torch_step(tf, lora: bool, batch: np.ndarray, fused: bool = False):
                                                  target_modules=LORA_MODULES))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused or None)
-    ids = torch.from_numpy(batch.astype(np.int64)).to(TORCH_DEVICE)
+    ids = torch.from_numpy(batch.astype(np.int64)).to(device)
 
     def run():
         loss = _torch_loss(model, ids)
@@ -178,9 +179,9 @@ def decode_ours(model, weights: str, prompt_ids: list[int], n: int):
     return run
 
 
-def decode_torch(tf, prompt_ids: list[int], n: int):
-    tf = tf.to(TORCH_DEVICE).eval()
-    ids = torch.tensor([prompt_ids], device=TORCH_DEVICE)
+def decode_torch(tf, prompt_ids: list[int], n: int, device: str = "cpu"):
+    tf = tf.to(device).eval()
+    ids = torch.tensor([prompt_ids], device=device)
 
     def run():
         with torch.no_grad():
@@ -217,9 +218,8 @@ def main() -> None:
     a = ap.parse_args()
     if (a.model is None) != a.random_init:
         ap.error("give MODEL or --random_init, one of them")
-    global TORCH_DEVICE
-    TORCH_DEVICE = a.torch_device
-    if a.torch_device != "cpu":
+    dev = a.torch_device
+    if dev != "cpu":
         # float32 means float32 on both sides: PyTorch's CUDA matmuls are full float32 by default,
         # XLA's GPU dots would take TF32 at the default precision
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -241,25 +241,26 @@ def main() -> None:
     entries = {}
     if not a.skip_train:
         entries |= {"lora_r8_ours": ours_step(ours, True, batch, a.scan),
-                    "lora_r8_torch_peft": torch_step(tf, True, batch),
-                    "full_ours": ours_step(ours, False, batch, a.scan), "full_torch": torch_step(tf, False, batch),
-                    "full_torch_fused_adamw": torch_step(tf, False, batch, fused=True)}
-    failed = {}  # a backend that cannot run a bfloat16 / int8 decoding option loses that row only
-    for w in ("float32", "bfloat16", "int8"):
+                    "lora_r8_torch_peft": torch_step(tf, True, batch, device=dev),
+                    "full_ours": ours_step(ours, False, batch, a.scan),
+                    "full_torch": torch_step(tf, False, batch, device=dev),
+                    "full_torch_fused_adamw": torch_step(tf, False, batch, fused=True, device=dev)}
+    # Our decoders store their weights when built, so they are built in the warm-up loop: a
+    # backend that cannot store or run the bfloat16 / int8 option loses that row only.
+    builders = {f"decode_{w}_ours": functools.partial(decode_ours, ours, w, prompt_ids, n)
+                for w in ("float32", "bfloat16", "int8")}
+    optional = {"decode_bfloat16_ours", "decode_int8_ours"}
+    entries |= dict.fromkeys(builders)
+    entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n, device=dev)
+    outputs, failed = {}, {}
+    for name in list(entries):
         try:
-            entries[f"decode_{w}_ours"] = decode_ours(ours, w, prompt_ids, n)
-        except Exception as e:  # noqa: BLE001 (recorded in the results)
-            if w == "float32":
-                raise
-            failed[f"decode_{w}_ours"] = f"{type(e).__name__}: {e}"[:500]
-    entries["decode_float32_torch"] = decode_torch(tf, prompt_ids, n)
-    outputs = {}
-    for name, fn in list(entries.items()):
-        try:
+            if name in builders:
+                entries[name] = builders[name]()
             for _ in range(a.warmup):
-                outputs[name] = fn()
-        except Exception as e:  # noqa: BLE001
-            if name not in ("decode_bfloat16_ours", "decode_int8_ours"):
+                outputs[name] = entries[name]()
+        except Exception as e:  # noqa: BLE001 (recorded in the results)
+            if name not in optional:
                 raise
             failed[name] = f"{type(e).__name__}: {e}"[:500]
             del entries[name]
@@ -284,8 +285,8 @@ def main() -> None:
                    "repeats, order reversed every other round (compilation excluded)",
            "model": "random_init (SmolLM2-135M's shapes)" if a.random_init else a.model.name,
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "jax_device": jax.devices()[0].device_kind, "torch_device": a.torch_device + (
-               f" ({torch.cuda.get_device_name()})" if a.torch_device.startswith("cuda") else ""),
+           "jax_device": jax.devices()[0].device_kind, "torch_device": dev + (
+               f" ({torch.cuda.get_device_name()})" if dev.startswith("cuda") else ""),
            "jax": jax.__version__, "torch": torch.__version__, "repeats": a.repeats,
            "batch": f"{a.batch_size} x {a.seq}",
            "decode_tokens": n, "prompt": "random ids" if a.random_init else PROMPT,
