@@ -74,9 +74,27 @@ def given_overrides(values: dict[str, str | None]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, values: dict[str, str | None], default: str | Path | None = None) -> Config:
-    """The config at `path` (else the one at `default`, else the library defaults) with the
-    given `--FIELD VALUE` options applied."""
-    source = path if path is not None else default
+    """The config at `path` (else, with `--init_from RUN` given, RUN's own config.yaml, else the
+    one at `default`, else the library defaults) with the given `--FIELD VALUE` options applied.
+
+    A fine-tune keeps its base's shape, so `--init_from RUN` without `--config` starts from the
+    base's config (as `--config RUN/config.yaml` does): the packaged default's shape would be
+    refused for any base not of that shape (an imported model)."""
+    source = path if path is not None else _init_from_config(values.get("init_from")) or default
     config = Config.from_yaml(source) if source is not None else Config()
     overrides = given_overrides(values)
     return config.replace(**overrides) if overrides else config
+
+
+def _init_from_config(init_from: str | None) -> Path | None:
+    """`init_from`'s config.yaml when `init_from` names a run directory, said on stderr; None
+    otherwise (a bad `init_from` is then refused by the trainer, naming the field)."""
+    from dantinox_eqx.run.layout import CONFIG_FILE
+
+    if not init_from or init_from == "None":
+        return None
+    found = Path(init_from).expanduser() / CONFIG_FILE
+    if not found.is_file():
+        return None
+    click.echo(f"config: {found}, the init_from run's (--config YAML picks another)", err=True)
+    return found

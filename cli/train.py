@@ -78,6 +78,8 @@ def train(config_path: str | None, data_path: str | None, run_dir: str | None, r
     dantinox-eqx train --run_dir runs/run_X --resume   continue an interrupted run
     dantinox-eqx train --config runs/run_X/config.yaml --data_path new.txt --use_lora True
                                                        LoRA fine-tune of run_X (--init_from: another base)
+    dantinox-eqx train --init_from runs/run_X --data_path new.txt --use_lora True
+                                                       the same: run_X's config.yaml when no --config
     dantinox-eqx train --sharding fsdp --n_devices 4   FSDP over 4 devices
     dantinox-eqx train ... --coordinator node0:12355 --num_processes 2 --process_id I   (on each host)
 

@@ -264,6 +264,8 @@ def test_cli_rule_config_of_a_run_dir_is_the_base(tmp_path: Path):
     else turns init_from on by itself."""
     from cli.train import build_config
 
+    from dantinox_eqx.train.trainer import default_config_path
+
     cfg = Config(**BASE, vocab_size=40)
     run = write_run(tmp_path / "run", cfg, build_tokenizer("char", "abcdefghijklmnopqrstuvwxyz0123456789 .,\n"),
                     eqx.filter(Transformer(cfg, key=jax.random.key(0)), eqx.is_array), 3)
@@ -274,6 +276,15 @@ def test_cli_rule_config_of_a_run_dir_is_the_base(tmp_path: Path):
                         ).init_from == "elsewhere"
     shutil.copy(run / "config.yaml", tmp_path / "config.yaml")  # not a run directory: no checkpoints
     assert build_config(str(tmp_path / "config.yaml"), None, False, {"use_lora": "True"}).init_from == ""
+
+    # --init_from RUN without --config starts from RUN's config (its shape: dim 32 here, the
+    # packaged default's 128 would be refused); --config still wins; a path that is no run
+    # directory falls back to the default (and the trainer then refuses it, naming init_from).
+    given = build_config(None, None, False, {"init_from": str(run), "use_lora": "True", "lr": "0.002"})
+    assert (given.dim, given.vocab_size, given.init_from, given.use_lora, given.lr) == (32, 40, str(run), True, 0.002)
+    assert build_config(config_path, None, False, {"init_from": str(run), "dim": None}).dim == 32
+    default_dim = Config.from_yaml(default_config_path()).dim
+    assert build_config(None, None, False, {"init_from": str(tmp_path / "nowhere")}).dim == default_dim != 32
 
 
 def _same_runs(a: Path, b: Path, like) -> None:
