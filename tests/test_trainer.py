@@ -226,6 +226,21 @@ def test_resume_rules_and_nan_keeps_the_last_good_checkpoint(tmp_path: Path, cor
     assert (run / "training_log.csv").read_text() == log_before
 
 
+@pytest.mark.slow
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path: Path, corpus: Path, capsys):
+    """The lr of a run shorter than its warmup never reaches `lr` (the default warmup of 400
+    steps under a 12-step fine-tune): one warning line, with the lr it does reach."""
+    def warnings(run: str, **kw) -> list[str]:
+        capsys.readouterr()
+        Trainer(tiny(max_steps=4, eval_interval=4, **kw), progress=False).fit(corpus, run_dir=tmp_path / run)
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+
+    assert warnings("long", warmup_steps=10) == [
+        "warning: warmup_steps: 10 is not below the run's 4 steps, so the lr rises to 1.20e-03 at most and never "
+        "reaches lr=0.003; set --warmup_steps 1 or so"]
+    assert warnings("short", warmup_steps=2) == []
+
+
 def test_run_dir_guards(tmp_path: Path, corpus: Path):
     busy = tmp_path / "busy"
     busy.mkdir()
