@@ -16,7 +16,8 @@ from cli.overrides import field_options, load_config
 @click.option("--data_path", required=True,
               help="Training data: any source `train` takes (text, prepared directory, folder, glob, .jsonl).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="Base config YAML the trials' values override [default: the library defaults].")
+              help="Base config YAML the trials' values override [default: the --init_from run's config.yaml, "
+                   "else the library defaults].")
 @click.option("--wandb_project", default="dantinox-eqx", show_default=True, help="W&B project (wandb backend).")
 @click.option("--entity", default=None, help="W&B entity (wandb backend).")
 @click.option("--count", type=int, default=10, show_default=True, help="Trials to run now.")
