@@ -80,9 +80,9 @@ def load_config(path: str | Path | None, values: dict[str, str | None], default:
     A fine-tune keeps its base's shape, so `--init_from RUN` without `--config` starts from the
     base's config (as `--config RUN/config.yaml` does): the packaged default's shape would be
     refused for any base not of that shape (an imported model)."""
-    source = path if path is not None else _init_from_config(values.get("init_from")) or default
-    config = Config.from_yaml(source) if source is not None else Config()
     overrides = given_overrides(values)
+    source = path if path is not None else _init_from_config(overrides.get("init_from")) or default
+    config = Config.from_yaml(source) if source is not None else Config()
     return config.replace(**overrides) if overrides else config
 
 
@@ -91,7 +91,7 @@ def _init_from_config(init_from: str | None) -> Path | None:
     otherwise (a bad `init_from` is then refused by the trainer, naming the field)."""
     from dantinox_eqx.run.layout import CONFIG_FILE
 
-    if not init_from or init_from == "None":
+    if not init_from:
         return None
     found = Path(init_from).expanduser() / CONFIG_FILE
     if not found.is_file():

@@ -176,7 +176,7 @@ class Trainer:
         if saved is not None:
             check_resumable(saved, config, run_dir)
         total = config.total_steps(len(dataset.train))
-        if config.warmup_steps >= total:  # e.g. a short fine-tune under the default warmup of 400
+        if config.warmup_steps >= total:  # e.g. a short fine-tune of an import (the library's warmup of 400)
             _warn(f"warmup_steps: {config.warmup_steps} is not below the run's {total} steps, so the lr rises to "
                   f"{config.lr * total / config.warmup_steps:.2e} at most and never reaches lr={config.lr:g}; "
                   f"set --warmup_steps {max(total // 10, 1)} or so")
